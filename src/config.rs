@@ -1,0 +1,464 @@
+//! Settings: the layers (embedded defaults, run mode, file, environment), the original's
+//! environment variables, and the validation that stops a bad config before it serves.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+/// The defaults compiled into the binary, so a fresh clone runs with no set-up.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// The production layer, also compiled in so `RUN_MODE=production` works from any directory.
+pub const PRODUCTION_TOML: &str = include_str!("../config/production.toml");
+
+/// A config that cannot be served, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("config: RUN_MODE={mode}: no file config/{mode}.toml")]
+    UnknownMode { mode: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub media: MediaSettings,
+    pub backends: BackendSettings,
+    pub store: StoreSettings,
+    pub security: SecuritySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub filter: String,
+    pub format: LogFormat,
+    pub mask_callers: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MediaSettings {
+    pub max_calls: usize,
+    pub idle_timeout_ms: u64,
+    pub max_message_bytes: usize,
+    pub all_backends_gone_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackendSettings {
+    pub default: Vec<String>,
+    pub queue_frames: usize,
+    pub connect_timeout_ms: u64,
+    pub reconnect_max_tries: u32,
+    pub reconnect_window_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub hosts_allowlist: Vec<String>,
+    pub hosts_format: WireFormat,
+    #[serde(default)]
+    pub table: BTreeMap<String, BackendSpec>,
+}
+
+/// One row of the backend table.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackendSpec {
+    pub url: String,
+    #[serde(default)]
+    pub format: WireFormat,
+    /// Overrides `backends.queue_frames` for this backend.
+    pub queue_frames: Option<usize>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a backend wants the call's messages (SPEC section 3).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    /// Twilio's messages forwarded byte for byte.
+    #[default]
+    Twilio,
+    /// The original's `{"event":"media","media":"<base64>"}` form.
+    Compact,
+}
+
+impl WireFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireFormat::Twilio => "twilio",
+            WireFormat::Compact => "compact",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoreSettings {
+    pub kind: StoreKind,
+    pub execution_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Memory,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct SecuritySettings {
+    pub api_key: String,
+    pub metrics_require_api_key: bool,
+}
+
+impl std::fmt::Debug for SecuritySettings {
+    // Secrets never reach a log line, not even through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecuritySettings")
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() { "" } else { "<set>" },
+            )
+            .field("metrics_require_api_key", &self.metrics_require_api_key)
+            .finish()
+    }
+}
+
+/// Where the layers come from; the environment is passed in so tests need not touch the
+/// process environment.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// `RUN_MODE`: selects `config/{mode}.toml`.
+    pub run_mode: Option<String>,
+    /// `--config FILE`.
+    pub file: Option<PathBuf>,
+    /// Environment variables (`CALL_PROXY__*` and the original's names).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// The sources a process sees: `RUN_MODE` and the whole environment.
+    pub fn from_process(file: Option<PathBuf>) -> Self {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Sources {
+            run_mode: env.get("RUN_MODE").filter(|m| !m.is_empty()).cloned(),
+            file,
+            env,
+        }
+    }
+}
+
+/// The original Node.js service's environment variables, mapped onto our keys.
+const LEGACY_ENV: &[(&str, &str)] = &[
+    ("AUDIO_PROXY_PORT", "server.port"),
+    ("SERVER_API_KEY", "security.api_key"),
+];
+
+impl Settings {
+    /// Builds the layered settings and validates them.
+    pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+
+        if let Some(mode) = &sources.run_mode {
+            let on_disk = Path::new("config").join(format!("{mode}.toml"));
+            builder = if on_disk.is_file() {
+                builder.add_source(File::from(on_disk).format(FileFormat::Toml))
+            } else if mode == "production" {
+                builder.add_source(File::from_str(PRODUCTION_TOML, FileFormat::Toml))
+            } else if mode == "default" {
+                builder
+            } else {
+                return Err(ConfigError::UnknownMode { mode: mode.clone() });
+            };
+        }
+        if let Some(file) = &sources.file {
+            builder = builder.add_source(File::from(file.clone()).format(FileFormat::Toml));
+        }
+        let prefixed: config::Map<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("CALL_PROXY__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("CALL_PROXY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("backends.default")
+                .with_list_parse_key("backends.hosts_allowlist")
+                .source(Some(prefixed)),
+        );
+        for (var, key) in LEGACY_ENV {
+            if let Some(value) = sources.env.get(*var).filter(|v| !v.is_empty()) {
+                builder = builder.set_override(*key, value.as_str())?;
+            }
+        }
+
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The embedded defaults alone: what tests start from.
+    pub fn defaults() -> Settings {
+        Settings::load(&Sources::default()).expect("embedded defaults are valid")
+    }
+
+    /// Checks everything a running service would trip over later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.media.max_calls == 0 {
+            return Err(invalid("media.max_calls", "must be at least 1"));
+        }
+        if self.media.idle_timeout_ms == 0 {
+            return Err(invalid("media.idle_timeout_ms", "must be at least 1"));
+        }
+        if self.media.max_message_bytes < 1024 {
+            return Err(invalid(
+                "media.max_message_bytes",
+                "must be at least 1024 (a Twilio media message is about 300 bytes)",
+            ));
+        }
+        if self.backends.queue_frames == 0 {
+            return Err(invalid("backends.queue_frames", "must be at least 1"));
+        }
+        if self.backends.connect_timeout_ms == 0 {
+            return Err(invalid("backends.connect_timeout_ms", "must be at least 1"));
+        }
+        if self.store.execution_ttl_ms < 3 {
+            return Err(invalid("store.execution_ttl_ms", "must be at least 3"));
+        }
+        for (id, spec) in &self.backends.table {
+            let key = format!("backends.table.{id}");
+            if !is_valid_backend_id(id) {
+                return Err(invalid(
+                    key,
+                    "backend ids are lowercase letters, digits, '-' and '_'",
+                ));
+            }
+            if !spec.enabled {
+                continue;
+            }
+            parse_backend_url(&spec.url).map_err(|m| invalid(format!("{key}.url"), m))?;
+            if spec.queue_frames == Some(0) {
+                return Err(invalid(format!("{key}.queue_frames"), "must be at least 1"));
+            }
+        }
+        for (i, id) in self.backends.default.iter().enumerate() {
+            match self.backends.table.get(id) {
+                Some(spec) if spec.enabled => {}
+                Some(_) => {
+                    return Err(invalid(
+                        format!("backends.default[{i}]"),
+                        format!("backend `{id}` is disabled"),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        format!("backends.default[{i}]"),
+                        format!("no backend `{id}` in backends.table"),
+                    ))
+                }
+            }
+        }
+        for (i, host) in self.backends.hosts_allowlist.iter().enumerate() {
+            if host.trim().is_empty() || host.contains('/') {
+                return Err(invalid(
+                    format!("backends.hosts_allowlist[{i}]"),
+                    "must be a bare host name or IP address",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let host = self
+            .server
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let ip: std::net::IpAddr = host.parse().map_err(|_| {
+            invalid(
+                "server.host",
+                format!("`{}` is not an IP address", self.server.host),
+            )
+        })?;
+        Ok(SocketAddr::new(ip, self.server.port))
+    }
+
+    /// The enabled backends of the table.
+    pub fn backend(&self, id: &str) -> Option<&BackendSpec> {
+        self.backends.table.get(id).filter(|b| b.enabled)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.media.idle_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_timeout_ms)
+    }
+}
+
+pub fn is_valid_backend_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Accepts `ws://host[:port]/path`; answers why not otherwise.
+pub fn parse_backend_url(url: &str) -> Result<(), String> {
+    let rest = if let Some(rest) = url.strip_prefix("ws://") {
+        rest
+    } else if url.starts_with("wss://") {
+        return Err("wss:// backends are not supported yet: use ws:// on a private network".into());
+    } else {
+        return Err(format!("`{url}` is not a ws:// URL"));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("`{url}` has no host"));
+    }
+    tokio_tungstenite::tungstenite::http::Uri::try_from(url)
+        .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_env(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    #[test]
+    fn embedded_defaults_serve_the_local_demo() {
+        let s = Settings::defaults();
+        assert_eq!(s.listen_addr().unwrap().to_string(), "0.0.0.0:8999");
+        assert_eq!(s.backends.default, vec!["speaker".to_string()]);
+        assert_eq!(s.backends.queue_frames, 250);
+        assert_eq!(s.backend("speaker").unwrap().format, WireFormat::Compact);
+    }
+
+    #[test]
+    fn environment_overrides_files_and_the_originals_names_work() {
+        let s = Settings::load(&with_env(&[
+            ("CALL_PROXY__MEDIA__MAX_CALLS", "7"),
+            (
+                "CALL_PROXY__BACKENDS__HOSTS_ALLOWLIST",
+                "10.0.0.1,backend.internal",
+            ),
+            ("AUDIO_PROXY_PORT", "9100"),
+            ("SERVER_API_KEY", "k1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.media.max_calls, 7);
+        assert_eq!(s.server.port, 9100);
+        assert_eq!(s.security.api_key, "k1");
+        assert_eq!(
+            s.backends.hosts_allowlist,
+            vec!["10.0.0.1".to_string(), "backend.internal".to_string()]
+        );
+    }
+
+    #[test]
+    fn production_mode_allows_no_hosts_and_drops_the_demo_speaker() {
+        let s = Settings::load(&Sources {
+            run_mode: Some("production".into()),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert!(s.backends.hosts_allowlist.is_empty());
+        assert!(s.backends.default.is_empty());
+        assert!(s.backend("speaker").is_none());
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("CALL_PROXY__BACKENDS__DEFAULT", "nope")],
+                "backends.default[0]",
+            ),
+            (
+                &[("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", "http://x/")],
+                "backends.table.speaker.url",
+            ),
+            (
+                &[("CALL_PROXY__SERVER__HOST", "example.com")],
+                "server.host",
+            ),
+            (&[("CALL_PROXY__MEDIA__MAX_CALLS", "0")], "media.max_calls"),
+            (
+                &[("CALL_PROXY__BACKENDS__QUEUE_FRAMES", "0")],
+                "backends.queue_frames",
+            ),
+        ];
+        for (env, key) in cases {
+            let err = Settings::load(&with_env(env)).unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+        let err = Settings::load(&with_env(&[("AUDIO_PROXY_PORT", "eighty")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn unknown_run_mode_is_refused() {
+        let err = Settings::load(&Sources {
+            run_mode: Some("staging-typo".into()),
+            ..Sources::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("config/staging-typo.toml"));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let s = Settings::load(&with_env(&[("SERVER_API_KEY", "hunter2")])).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

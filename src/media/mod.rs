@@ -1,0 +1,210 @@
+//! One call's audio path, and the hub that admits calls, lists them and drains them at
+//! shutdown. `session` owns the Twilio socket and the call's life, `route` picks the backends,
+//! `fanout` runs each backend link, `wire` shapes what each backend receives.
+
+pub mod fanout;
+pub mod route;
+pub mod session;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::metrics::{BackendLabel, Metrics};
+use crate::store::StateStore;
+use fanout::LinkShared;
+
+/// Everything the media path shares between calls.
+pub struct MediaHub {
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn StateStore>,
+    calls: DashMap<u64, Arc<CallInfo>>,
+    live: AtomicUsize,
+    next_id: AtomicU64,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// A live call as `/calls` shows it.
+pub struct CallInfo {
+    pub call_sid: String,
+    pub stream_sid: String,
+    pub caller: Option<String>,
+    pub execution_id: Option<String>,
+    pub started_at: SystemTime,
+    pub links: Vec<Arc<LinkShared>>,
+}
+
+#[derive(Serialize)]
+pub struct CallSnapshot {
+    pub call_sid: String,
+    pub stream_sid: String,
+    pub caller: Option<String>,
+    pub execution_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+#[derive(Serialize)]
+pub struct BackendSnapshot {
+    pub name: String,
+    pub format: &'static str,
+    pub state: &'static str,
+    pub frames_sent: u64,
+    pub frames_dropped: u64,
+    pub frames_queued: usize,
+    pub reconnects: u32,
+}
+
+/// A place among the live calls, held from the upgrade to the end of the session.
+pub struct Admission {
+    hub: Arc<MediaHub>,
+    id: u64,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.hub.calls.remove(&self.id);
+        self.hub.live.fetch_sub(1, Ordering::AcqRel);
+        self.hub.metrics.live_calls.dec();
+    }
+}
+
+impl MediaHub {
+    pub fn new(
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn StateStore>,
+    ) -> Arc<Self> {
+        Arc::new(MediaHub {
+            settings,
+            metrics,
+            store,
+            calls: DashMap::new(),
+            live: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Takes a place for a new stream, or `None` when `media.max_calls` are live or the
+    /// service is shutting down.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        let max = self.settings.media.max_calls;
+        let taken = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return None;
+        }
+        self.metrics.live_calls.inc();
+        Some(Admission {
+            hub: self.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    pub fn live_calls(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    fn register(&self, admission: &Admission, info: Arc<CallInfo>) {
+        self.calls.insert(admission.id, info);
+    }
+
+    /// Runs a future as part of the media path, so shutdown waits for it.
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(fut);
+    }
+
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Tells every session to end (each sends `stop` to its backends and closes its Twilio
+    /// socket), then waits for them up to `deadline`. Answers whether everything finished.
+    pub async fn shut_down(&self, deadline: Duration) -> bool {
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// The live calls that have started, oldest first.
+    pub fn snapshot(&self) -> Vec<CallSnapshot> {
+        let mut calls: Vec<CallSnapshot> = self
+            .calls
+            .iter()
+            .map(|entry| {
+                let c = entry.value();
+                CallSnapshot {
+                    call_sid: c.call_sid.clone(),
+                    stream_sid: c.stream_sid.clone(),
+                    caller: c.caller.clone(),
+                    execution_id: c.execution_id.clone(),
+                    started_at: c
+                        .started_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    backends: c
+                        .links
+                        .iter()
+                        .map(|l| BackendSnapshot {
+                            name: l.name.clone(),
+                            format: l.format.as_str(),
+                            state: l.state().as_str(),
+                            frames_sent: l.sent.load(Ordering::Relaxed),
+                            frames_dropped: l.dropped.load(Ordering::Relaxed),
+                            frames_queued: l.queue.len(),
+                            reconnects: l.reconnects.load(Ordering::Relaxed),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        calls.sort_by_key(|c| c.started_at);
+        calls
+    }
+
+    /// Sets the queued-frames gauge from the live calls; called before each scrape so the
+    /// per-frame path never touches a shared gauge.
+    pub fn refresh_queue_gauges(&self) {
+        let mut totals: std::collections::HashMap<String, i64> = Default::default();
+        for entry in self.calls.iter() {
+            for link in &entry.value().links {
+                *totals.entry(link.metrics_label.clone()).or_default() += link.queue.len() as i64;
+            }
+        }
+        self.metrics.frames_queued.clear();
+        for (backend, n) in totals {
+            self.metrics
+                .frames_queued
+                .get_or_create(&BackendLabel { backend })
+                .set(n);
+        }
+    }
+}

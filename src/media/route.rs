@@ -1,0 +1,298 @@
+//! Which backends a call's audio goes to, decided once at `start` (SPEC section 3):
+//! `backendIds` from the table, else allowlisted `backendHosts`, else the configured default.
+
+use crate::config::{BackendSettings, WireFormat};
+use crate::twilio::messages::Start;
+
+/// One backend link to open for the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The backend id, or `host:port` for a `backendHosts` entry: names it in logs, `/calls`
+    /// and (through `metrics_label`) metrics.
+    pub name: String,
+    /// Metrics label: the id, or `host:<host>` so that ports cannot blow up label cardinality.
+    pub metrics_label: String,
+    pub url: String,
+    pub format: WireFormat,
+    pub queue_frames: usize,
+}
+
+/// Where the targets came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    BackendIds,
+    BackendHosts,
+    Default,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub source: Source,
+    pub targets: Vec<Target>,
+    /// Entries named by the stream but not used, each with the reason; logged and counted.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("no backend for this stream: it names none and backends.default is empty")]
+    NoBackend,
+    #[error("none of the backends the stream names can be used: {}", .0.join("; "))]
+    NoneUsable(Vec<String>),
+}
+
+/// Chooses the call's backends from its `start` message.
+pub fn choose(start: &Start, backends: &BackendSettings) -> Result<Route, RouteError> {
+    if let Some(ids) = start.param("backendIds").map(parse_list) {
+        if !ids.is_empty() {
+            let mut skipped = Vec::new();
+            let mut targets: Vec<Target> = Vec::new();
+            for id in ids {
+                match backends.table.get(&id).filter(|b| b.enabled) {
+                    Some(spec) => {
+                        if targets.iter().all(|t| t.name != id) {
+                            targets.push(Target {
+                                metrics_label: id.clone(),
+                                url: spec.url.clone(),
+                                format: spec.format,
+                                queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
+                                name: id,
+                            });
+                        }
+                    }
+                    None => skipped.push(format!("unknown backend id `{id}`")),
+                }
+            }
+            return finish(Source::BackendIds, targets, skipped);
+        }
+    }
+    if let Some(hosts) = start.param("backendHosts").map(parse_list) {
+        if !hosts.is_empty() {
+            let mut skipped = Vec::new();
+            let mut targets: Vec<Target> = Vec::new();
+            for entry in hosts {
+                match host_target(&entry, backends) {
+                    Ok(t) if targets.iter().any(|o| o.name == t.name) => {}
+                    Ok(t) => targets.push(t),
+                    Err(why) => skipped.push(why),
+                }
+            }
+            return finish(Source::BackendHosts, targets, skipped);
+        }
+    }
+    if backends.default.is_empty() {
+        return Err(RouteError::NoBackend);
+    }
+    let targets = backends
+        .default
+        .iter()
+        .filter_map(|id| {
+            backends
+                .table
+                .get(id)
+                .filter(|b| b.enabled)
+                .map(|s| (id, s))
+        })
+        .map(|(id, spec)| Target {
+            name: id.clone(),
+            metrics_label: id.clone(),
+            url: spec.url.clone(),
+            format: spec.format,
+            queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
+        })
+        .collect();
+    finish(Source::Default, targets, Vec::new())
+}
+
+fn finish(source: Source, targets: Vec<Target>, skipped: Vec<String>) -> Result<Route, RouteError> {
+    if targets.is_empty() {
+        return Err(if skipped.is_empty() {
+            RouteError::NoBackend
+        } else {
+            RouteError::NoneUsable(skipped)
+        });
+    }
+    Ok(Route {
+        source,
+        targets,
+        skipped,
+    })
+}
+
+/// Studio passes lists as JSON array strings (`["a","b"]`); people type comma lists.
+pub fn parse_list(raw: &str) -> Vec<String> {
+    let raw = raw.trim();
+    if raw.starts_with('[') {
+        if let Ok(items) = serde_json::from_str::<Vec<serde_json::Value>>(raw) {
+            return items
+                .into_iter()
+                .filter_map(|v| match v {
+                    serde_json::Value::String(s) => Some(s.trim().to_string()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+    }
+    raw.split(',')
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A `host:port` entry, checked against the allowlist. Anything else in the entry (a scheme,
+/// a path, credentials) is refused rather than guessed at.
+fn host_target(entry: &str, backends: &BackendSettings) -> Result<Target, String> {
+    let (host, port) = split_host_port(entry)
+        .ok_or_else(|| format!("backendHosts entry `{entry}` is not host:port"))?;
+    let allowed = backends.hosts_allowlist.iter().any(|a| {
+        a.trim_start_matches('[')
+            .trim_end_matches(']')
+            .eq_ignore_ascii_case(host)
+    });
+    if !allowed {
+        return Err(format!(
+            "backendHosts entry `{entry}`: host `{host}` is not on backends.hosts_allowlist"
+        ));
+    }
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(Target {
+        metrics_label: format!("host:{}", host.to_ascii_lowercase()),
+        url: format!("ws://{authority}/media"),
+        name: authority,
+        format: backends.hosts_format,
+        queue_frames: backends.queue_frames,
+    })
+}
+
+fn split_host_port(entry: &str) -> Option<(&str, u16)> {
+    let entry = entry.trim();
+    let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+        let (host, rest) = rest.split_once(']')?;
+        (host, rest.strip_prefix(':')?)
+    } else {
+        entry.rsplit_once(':')?
+    };
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    valid_host.then_some((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use std::collections::BTreeMap;
+
+    fn start(params: &[(&str, &str)]) -> Start {
+        Start {
+            sequence_number: "1".into(),
+            stream_sid: "MZ1".into(),
+            account_sid: "AC1".into(),
+            call_sid: "CA1".into(),
+            tracks: vec!["inbound".into()],
+            media_format: None,
+            custom_parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn backends() -> BackendSettings {
+        let mut b = Settings::defaults().backends;
+        let mut rec = b.table["speaker"].clone();
+        rec.url = "ws://10.1.1.1:9000/rec".into();
+        rec.format = WireFormat::Twilio;
+        b.table.insert("rec".into(), rec);
+        b
+    }
+
+    #[test]
+    fn backend_ids_win_and_accept_json_or_comma_lists() {
+        for raw in [
+            r#"["rec","speaker"]"#,
+            "rec, speaker",
+            r#"["rec","speaker","rec"]"#,
+        ] {
+            let route = choose(
+                &start(&[("backendIds", raw), ("backendHosts", r#"["127.0.0.1:1"]"#)]),
+                &backends(),
+            )
+            .unwrap();
+            assert_eq!(route.source, Source::BackendIds);
+            let names: Vec<_> = route.targets.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(names, ["rec", "speaker"], "{raw}");
+            assert_eq!(route.targets[0].format, WireFormat::Twilio);
+        }
+    }
+
+    #[test]
+    fn unknown_ids_are_skipped_and_all_unknown_is_refused() {
+        let route = choose(&start(&[("backendIds", r#"["rec","ghost"]"#)]), &backends()).unwrap();
+        assert_eq!(route.targets.len(), 1);
+        assert!(route.skipped[0].contains("ghost"));
+        let err = choose(&start(&[("backendIds", r#"["ghost"]"#)]), &backends()).unwrap_err();
+        assert!(matches!(err, RouteError::NoneUsable(_)));
+        assert!(err.to_string().contains("unknown backend id `ghost`"));
+    }
+
+    #[test]
+    fn hosts_are_allowlisted() {
+        let route = choose(
+            &start(&[(
+                "backendHosts",
+                r#"["127.0.0.1:8888","169.254.169.254:80","localhost:9","[::1]:7"]"#,
+            )]),
+            &backends(),
+        )
+        .unwrap();
+        let urls: Vec<_> = route.targets.iter().map(|t| t.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "ws://127.0.0.1:8888/media",
+                "ws://localhost:9/media",
+                "ws://[::1]:7/media"
+            ]
+        );
+        assert_eq!(route.targets[0].format, WireFormat::Compact);
+        assert_eq!(route.targets[0].metrics_label, "host:127.0.0.1");
+        assert!(route.skipped[0].contains("169.254.169.254"));
+
+        for bad in [
+            r#"["169.254.169.254:80"]"#,
+            r#"["127.0.0.1"]"#,
+            r#"["ws://127.0.0.1:80/x"]"#,
+            r#"["user@127.0.0.1:80"]"#,
+            r#"["127.0.0.1:80/path"]"#,
+            r#"["127.0.0.1:0"]"#,
+        ] {
+            assert!(
+                choose(&start(&[("backendHosts", bad)]), &backends()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_backends_and_none_at_all() {
+        let route = choose(&start(&[("backendIds", "[]")]), &backends()).unwrap();
+        assert_eq!(route.source, Source::Default);
+        assert_eq!(route.targets[0].name, "speaker");
+        let mut none = backends();
+        none.default.clear();
+        assert_eq!(
+            choose(&start(&[]), &none).unwrap_err(),
+            RouteError::NoBackend
+        );
+    }
+}

@@ -1,0 +1,554 @@
+//! One Twilio media stream, from the upgrade to the close: reads Twilio's messages, opens the
+//! backend links at `start`, pushes every frame to each link's queue, and ends the call
+//! cleanly whatever ends it (Twilio's `stop`, a dropped socket, idleness, every backend gone,
+//! shutdown). The session never waits on a backend.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes as WsText};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{debug, error, info, warn, Span};
+
+use super::fanout::{self, Frame, Kind, Link, Policy};
+use super::route::{self, Route};
+use super::wire;
+use super::{Admission, CallInfo, MediaHub};
+use crate::config::WireFormat;
+use crate::logging::mask_caller;
+use crate::metrics::{Outcome, Rejection};
+use crate::twilio::messages::{self, Event, Start};
+
+/// WebSocket close codes (RFC 6455 section 7.4.1).
+mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// What ended the call, and what the Twilio side is told.
+struct End {
+    outcome: Outcome,
+    /// The close frame to send to Twilio; `None` when its socket is already gone.
+    close: Option<(u16, String)>,
+}
+
+impl End {
+    fn new(outcome: Outcome, code: u16, reason: impl Into<String>) -> Self {
+        End {
+            outcome,
+            close: Some((code, reason.into())),
+        }
+    }
+}
+
+/// What the session does after one message.
+enum Step {
+    Continue,
+    End(End),
+}
+
+/// The call once `start` has been routed.
+struct Streaming {
+    start: Box<Start>,
+    links: Vec<Link>,
+    /// Compact backends carry one track: the call's first (the caller's voice).
+    compact_track: String,
+    any_compact: bool,
+    any_twilio: bool,
+    execution_id: Option<String>,
+    started: Instant,
+}
+
+struct Session {
+    hub: Arc<MediaHub>,
+    admission: Admission,
+    streaming: Option<Streaming>,
+    links_changed: Arc<Notify>,
+    frames_in: u64,
+    frames_in_reported: u64,
+    /// Reasons already logged for this call: each is logged once and counted always, so a
+    /// misbehaving peer cannot flood the log at 50 messages a second.
+    logged: u32,
+}
+
+/// Runs the session for an accepted upgrade. Generic over the socket so tests can drive it
+/// with anything that speaks axum's WebSocket messages.
+pub async fn run<S>(hub: Arc<MediaHub>, admission: Admission, mut socket: S)
+where
+    S: Stream<Item = Result<WsMessage, axum::Error>>
+        + Sink<WsMessage, Error = axum::Error>
+        + Unpin
+        + Send,
+{
+    let settings = hub.settings.clone();
+    let mut session = Session {
+        hub: hub.clone(),
+        admission,
+        streaming: None,
+        links_changed: Arc::new(Notify::new()),
+        frames_in: 0,
+        frames_in_reported: 0,
+        logged: 0,
+    };
+
+    let idle_timeout = settings.idle_timeout();
+    let tick_every = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let execution_refresh = Duration::from_millis(settings.store.execution_ttl_ms / 3);
+    let grace = Duration::from_millis(settings.media.all_backends_gone_grace_ms);
+
+    let shutdown = hub.shutdown_token().clone();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let links_changed = session.links_changed.clone();
+    let mut changed = Box::pin(links_changed.notified());
+    let mut gone_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+
+    let mut last_activity = Instant::now();
+    let mut frames_at_tick = 0u64;
+    let mut messages = 0u64;
+    let mut refreshed = Instant::now();
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = &mut cancelled => {
+                break End::new(Outcome::shutdown, close::GOING_AWAY, "service shutting down");
+            }
+            incoming = socket.next() => {
+                messages += 1;
+                let step = match incoming {
+                    None => {
+                        debug!("Twilio closed the socket");
+                        Step::End(End { outcome: Outcome::twilio_closed, close: None })
+                    }
+                    Some(Ok(WsMessage::Text(text))) => session.on_text(text).await,
+                    Some(Ok(WsMessage::Binary(_))) => {
+                        warn!(fault = "twilio", "binary frame on a media stream; closing");
+                        Step::End(End::new(
+                            Outcome::protocol_error,
+                            close::UNSUPPORTED,
+                            "binary frames are not part of the Media Streams protocol",
+                        ))
+                    }
+                    Some(Ok(WsMessage::Close(_))) => {
+                        Step::End(End { outcome: Outcome::twilio_closed, close: None })
+                    }
+                    Some(Ok(_)) => Step::Continue,
+                    Some(Err(e)) => Step::End(read_error(e, settings.media.max_message_bytes)),
+                };
+                if let Step::End(end) = step {
+                    break end;
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if messages != frames_at_tick {
+                    frames_at_tick = messages;
+                    last_activity = now;
+                } else if now.duration_since(last_activity) >= idle_timeout {
+                    warn!(fault = "twilio", idle_ms = idle_timeout.as_millis() as u64, "stream idle; closing");
+                    break End::new(Outcome::idle_timeout, close::NORMAL, "idle timeout: no message received");
+                }
+                session.report_frames();
+                if now.duration_since(refreshed) >= execution_refresh {
+                    refreshed = now;
+                    session.refresh_execution().await;
+                }
+            }
+            _ = &mut changed => {
+                changed = Box::pin(links_changed.notified());
+                if gone_timer.is_none() && session.all_links_gone() {
+                    warn!(grace_ms = grace.as_millis() as u64, fault = "backend", "every backend is gone; closing the stream after the grace period");
+                    gone_timer = Some(Box::pin(tokio::time::sleep(grace)));
+                }
+            }
+            _ = async { gone_timer.as_mut().expect("guarded").await }, if gone_timer.is_some() => {
+                break End::new(Outcome::backends_gone, close::INTERNAL, "every backend of this call is gone");
+            }
+        }
+    };
+    session.finish(end, &mut socket).await;
+}
+
+fn read_error(e: axum::Error, limit: usize) -> End {
+    let inner = e.into_inner();
+    if let Some(tungstenite::Error::Capacity(cap)) = inner.downcast_ref::<tungstenite::Error>() {
+        warn!(fault = "twilio", error = %cap, limit, "message over the size limit; closing");
+        return End::new(
+            Outcome::protocol_error,
+            close::TOO_BIG,
+            format!("message over the {limit}-byte limit"),
+        );
+    }
+    info!(fault = "twilio", error = %inner, "Twilio socket failed");
+    End {
+        outcome: Outcome::twilio_closed,
+        close: None,
+    }
+}
+
+impl Session {
+    async fn on_text(&mut self, text: WsText) -> Step {
+        let event = match messages::parse(text.as_str()) {
+            Ok(event) => event,
+            Err(e) => {
+                self.reject(Rejection::malformed_json, &e);
+                return Step::Continue;
+            }
+        };
+        match event {
+            Event::Media(media) => {
+                self.frames_in += 1;
+                let Some(call) = &self.streaming else {
+                    self.reject(Rejection::media_before_start, "media before start");
+                    return Step::Continue;
+                };
+                if !payload_is_base64(&media.payload) {
+                    self.reject(Rejection::invalid_payload, "media payload is not base64");
+                    return Step::Continue;
+                }
+                let now = Instant::now();
+                let twilio = call
+                    .any_twilio
+                    .then(|| wire::forward(Bytes::from(text.clone())));
+                let compact = (call.any_compact && media.track == call.compact_track)
+                    .then(|| wire::compact_media(&media.payload));
+                for link in &call.links {
+                    let message = match link.shared.format {
+                        WireFormat::Twilio => twilio.clone(),
+                        WireFormat::Compact => compact.clone(),
+                    };
+                    if let Some(message) = message {
+                        link.push(Frame {
+                            kind: Kind::Media,
+                            message,
+                            received: now,
+                        });
+                    }
+                }
+                Step::Continue
+            }
+            Event::Start(start) => {
+                if self.streaming.is_some() {
+                    self.reject(
+                        Rejection::duplicate_start,
+                        "second start on one stream ignored",
+                    );
+                    return Step::Continue;
+                }
+                self.on_start(start, Bytes::from(text)).await
+            }
+            Event::Dtmf(_) | Event::Mark(_) => {
+                if let Some(call) = &self.streaming {
+                    let message = wire::forward(Bytes::from(text));
+                    call.push_control(Kind::Control, |format| {
+                        (format == WireFormat::Twilio).then(|| message.clone())
+                    });
+                }
+                Step::Continue
+            }
+            Event::Stop(_) => {
+                if let Some(call) = &self.streaming {
+                    let message = wire::forward(Bytes::from(text));
+                    call.push_control(Kind::Stop, |format| {
+                        Some(match format {
+                            WireFormat::Twilio => message.clone(),
+                            WireFormat::Compact => wire::compact_stop(),
+                        })
+                    });
+                }
+                Step::End(End::new(
+                    Outcome::completed,
+                    close::NORMAL,
+                    "stream stopped",
+                ))
+            }
+            Event::Connected(c) => {
+                debug!(protocol = %c.protocol, version = %c.version, "Twilio connected");
+                Step::Continue
+            }
+            Event::Unknown(name) => {
+                self.reject(
+                    Rejection::unknown_event,
+                    format!("unknown event `{name}` skipped"),
+                );
+                Step::Continue
+            }
+        }
+    }
+
+    async fn on_start(&mut self, start: Box<Start>, raw: Bytes) -> Step {
+        let span = Span::current();
+        span.record("call_sid", start.call_sid.as_str());
+        span.record("stream_sid", start.stream_sid.as_str());
+        let caller = start
+            .param("callerId")
+            .or_else(|| start.param("from"))
+            .map(str::to_string);
+        if let Some(caller) = &caller {
+            span.record(
+                "caller",
+                mask_caller(caller, self.hub.settings.log.mask_callers).as_ref(),
+            );
+        }
+
+        let route = match route::choose(&start, &self.hub.settings.backends) {
+            Ok(route) => route,
+            Err(e) => {
+                error!(fault = "twilio", error = %e, "stream refused");
+                if let route::RouteError::NoneUsable(entries) = &e {
+                    for _ in entries {
+                        self.hub.metrics.rejected(Rejection::backend_entry);
+                    }
+                }
+                return Step::End(End::new(
+                    Outcome::refused_no_backend,
+                    close::POLICY,
+                    e.to_string(),
+                ));
+            }
+        };
+        let Route {
+            source,
+            targets,
+            skipped,
+        } = route;
+        for why in &skipped {
+            warn!(fault = "twilio", "{why}");
+            self.hub.metrics.rejected(Rejection::backend_entry);
+        }
+
+        let backends = &self.hub.settings.backends;
+        let policy = Policy {
+            connect_timeout: Duration::from_millis(backends.connect_timeout_ms),
+            reconnect_max_tries: backends.reconnect_max_tries,
+            reconnect_window: Duration::from_millis(backends.reconnect_window_ms),
+            max_message_bytes: self.hub.settings.media.max_message_bytes,
+        };
+        let links: Vec<Link> = targets
+            .iter()
+            .map(|t| {
+                fanout::spawn(
+                    t,
+                    wire::start(t.format, &raw),
+                    policy.clone(),
+                    self.hub.metrics.link(&t.metrics_label),
+                    self.links_changed.clone(),
+                    self.hub.tracker(),
+                )
+            })
+            .collect();
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        info!(backends = ?names, source = ?source, tracks = ?start.tracks, "stream started");
+
+        let execution_id = start.param("executionId").map(str::to_string);
+        self.hub.register(
+            &self.admission,
+            Arc::new(CallInfo {
+                call_sid: start.call_sid.clone(),
+                stream_sid: start.stream_sid.clone(),
+                caller,
+                execution_id: execution_id.clone(),
+                started_at: SystemTime::now(),
+                links: links.iter().map(|l| l.shared.clone()).collect(),
+            }),
+        );
+        let compact_track = start
+            .tracks
+            .first()
+            .map(|t| t.trim_end_matches("_track").to_string())
+            .unwrap_or_else(|| "inbound".to_string());
+        self.streaming = Some(Streaming {
+            any_compact: links.iter().any(|l| l.shared.format == WireFormat::Compact),
+            any_twilio: links.iter().any(|l| l.shared.format == WireFormat::Twilio),
+            compact_track,
+            links,
+            start,
+            execution_id,
+            started: Instant::now(),
+        });
+        self.refresh_execution().await;
+        Step::Continue
+    }
+
+    /// Logs a skipped message once per reason per call, and counts every one.
+    fn reject(&mut self, reason: Rejection, detail: impl std::fmt::Display) {
+        self.hub.metrics.rejected(reason);
+        let bit = 1u32 << (reason as u32);
+        if self.logged & bit == 0 {
+            self.logged |= bit;
+            warn!(fault = "twilio", reason = ?reason, "{detail}; skipped (further ones on this call are counted, not logged)");
+        }
+    }
+
+    fn report_frames(&mut self) {
+        let new = self.frames_in - self.frames_in_reported;
+        if new > 0 {
+            self.hub.metrics.frames_in.inc_by(new);
+            self.frames_in_reported = self.frames_in;
+        }
+    }
+
+    fn all_links_gone(&self) -> bool {
+        self.streaming
+            .as_ref()
+            .is_some_and(|c| c.links.iter().all(|l| l.shared.is_gone()))
+    }
+
+    async fn refresh_execution(&self) {
+        let Some(call) = &self.streaming else { return };
+        let Some(execution) = &call.execution_id else {
+            return;
+        };
+        let ttl = Duration::from_millis(self.hub.settings.store.execution_ttl_ms);
+        if let Err(e) = self
+            .hub
+            .store
+            .execution_live(execution, &call.start.stream_sid, ttl)
+            .await
+        {
+            // The call keeps streaming; only the liveness answer suffers.
+            warn!(error = %e, "could not mark the execution live");
+        }
+    }
+
+    /// Ends the call: `stop` to every backend that did not get Twilio's, the Twilio socket
+    /// closed with a reason, backends given a bounded time to take their last frames.
+    async fn finish<S>(mut self, end: End, socket: &mut S)
+    where
+        S: Stream<Item = Result<WsMessage, axum::Error>>
+            + Sink<WsMessage, Error = axum::Error>
+            + Unpin
+            + Send,
+    {
+        self.report_frames();
+        if let Some((code, reason)) = &end.close {
+            let frame = CloseFrame {
+                code: *code,
+                reason: truncate_reason(reason).into(),
+            };
+            let closing = async {
+                socket.send(WsMessage::Close(Some(frame))).await?;
+                // Give the peer a moment to answer the close; never wait on it for long.
+                while let Some(Ok(message)) = socket.next().await {
+                    if matches!(message, WsMessage::Close(_)) {
+                        break;
+                    }
+                }
+                Ok::<_, axum::Error>(())
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(500), closing).await;
+        }
+
+        if let Some(mut call) = self.streaming.take() {
+            if end.outcome != Outcome::completed {
+                let start = &call.start;
+                call.push_control(Kind::Stop, |format| {
+                    Some(wire::synthetic_stop(format, start))
+                });
+            }
+            let drain = Duration::from_millis(self.hub.settings.backends.drain_timeout_ms);
+            let aborts: Vec<_> = call.links.iter().map(|l| l.task.abort_handle()).collect();
+            let writers =
+                futures_util::future::join_all(call.links.iter_mut().map(|l| &mut l.task));
+            if tokio::time::timeout(drain, writers).await.is_err() {
+                warn!(
+                    fault = "backend",
+                    drain_ms = drain.as_millis() as u64,
+                    "a backend did not take the end of the call in time; dropped"
+                );
+                aborts.iter().for_each(|a| a.abort());
+            }
+            if let Some(execution) = &call.execution_id {
+                if let Err(e) = self
+                    .hub
+                    .store
+                    .execution_ended(execution, &call.start.stream_sid)
+                    .await
+                {
+                    warn!(error = %e, "could not mark the execution ended; it expires by itself");
+                }
+            }
+            info!(
+                outcome = ?end.outcome,
+                frames_in = self.frames_in,
+                seconds = call.started.elapsed().as_secs_f32(),
+                "call ended"
+            );
+        } else {
+            info!(outcome = ?end.outcome, "stream ended before start");
+        }
+        self.hub.metrics.call_ended(end.outcome);
+    }
+}
+
+impl Streaming {
+    /// Pushes a control message (never dropped) to every link that wants one in its format.
+    fn push_control(&self, kind: Kind, message_for: impl Fn(WireFormat) -> Option<Message>) {
+        let now = Instant::now();
+        for link in &self.links {
+            if let Some(message) = message_for(link.shared.format) {
+                link.push(Frame {
+                    kind,
+                    message,
+                    received: now,
+                });
+            }
+        }
+    }
+}
+
+/// Checks a payload is base64 without allocating for ordinary (20 ms) frames.
+fn payload_is_base64(payload: &str) -> bool {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let mut buf = [0u8; 1024];
+    if payload.len() / 4 * 3 <= buf.len() {
+        engine.decode_slice(payload, &mut buf).is_ok()
+    } else {
+        engine.decode(payload).is_ok()
+    }
+}
+
+/// Close reasons are limited to 123 bytes by the protocol.
+fn truncate_reason(reason: &str) -> String {
+    if reason.len() <= 123 {
+        return reason.to_string();
+    }
+    let mut end = 120;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &reason[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_check() {
+        assert!(payload_is_base64("AAEC"));
+        assert!(payload_is_base64(&"A".repeat(4000)));
+        assert!(!payload_is_base64("not base64!"));
+        assert!(!payload_is_base64("AAE"));
+    }
+
+    #[test]
+    fn close_reasons_fit_the_protocol() {
+        let long = "é".repeat(100);
+        let r = truncate_reason(&long);
+        assert!(r.len() <= 123);
+        assert!(r.ends_with("..."));
+        assert_eq!(truncate_reason("short"), "short");
+    }
+}

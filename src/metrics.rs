@@ -1,0 +1,201 @@
+//! Every metric the service exports, named in one place, and the Prometheus text encoder.
+//!
+//! Hot-path counters are plain atomics behind `Counter` handles that each call or backend link
+//! fetches once; per-frame work is one relaxed add, never a label lookup.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: Rejection,
+}
+
+/// How a call ended, from the service's point of view.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Twilio sent `stop`.
+    completed,
+    /// The Twilio socket closed or failed without `stop`.
+    twilio_closed,
+    /// The stream sent nothing for the idle timeout.
+    idle_timeout,
+    /// Every backend was gone for good.
+    backends_gone,
+    /// The service shut down while the call was live.
+    shutdown,
+    /// The `start` message could be routed to no backend.
+    refused_no_backend,
+    /// The peer broke the protocol (binary frame, oversized message).
+    protocol_error,
+    /// Over `media.max_calls`: the upgrade was answered 503.
+    refused_capacity,
+}
+
+/// Why a single message from Twilio was skipped.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Rejection {
+    malformed_json,
+    media_before_start,
+    duplicate_start,
+    invalid_payload,
+    unknown_event,
+    backend_entry,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub live_calls: Gauge,
+    pub calls: Family<OutcomeLabel, Counter>,
+    pub frames_in: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub frames_out: Family<BackendLabel, Counter>,
+    pub frames_dropped: Family<BackendLabel, Counter>,
+    /// Refreshed from the live calls at each scrape.
+    pub frames_queued: Family<BackendLabel, Gauge>,
+    pub backend_connects: Family<BackendLabel, Counter>,
+    pub backend_failures: Family<BackendLabel, Counter>,
+    pub backend_reconnects: Family<BackendLabel, Counter>,
+    pub backend_ignored: Family<BackendLabel, Counter>,
+    pub forward_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("call_proxy");
+        let m = Metrics {
+            live_calls: Gauge::default(),
+            calls: Family::default(),
+            frames_in: Counter::default(),
+            rejected: Family::default(),
+            frames_out: Family::default(),
+            frames_dropped: Family::default(),
+            frames_queued: Family::default(),
+            backend_connects: Family::default(),
+            backend_failures: Family::default(),
+            backend_reconnects: Family::default(),
+            backend_ignored: Family::default(),
+            // 0.1 ms .. ~3.3 s
+            forward_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        registry.register("live_calls", "Calls streaming now", m.live_calls.clone());
+        registry.register("calls", "Calls ended, by outcome", m.calls.clone());
+        registry.register(
+            "frames_in",
+            "Media frames received from Twilio",
+            m.frames_in.clone(),
+        );
+        registry.register(
+            "rejected_messages",
+            "Messages from Twilio skipped, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "backend_frames_out",
+            "Messages written to a backend",
+            m.frames_out.clone(),
+        );
+        registry.register(
+            "backend_frames_dropped",
+            "Media frames dropped because a backend's queue was full",
+            m.frames_dropped.clone(),
+        );
+        registry.register(
+            "backend_frames_queued",
+            "Messages waiting in backend queues",
+            m.frames_queued.clone(),
+        );
+        registry.register(
+            "backend_connects",
+            "Successful backend connections",
+            m.backend_connects.clone(),
+        );
+        registry.register(
+            "backend_failures",
+            "Backend connection attempts that failed and connections that broke",
+            m.backend_failures.clone(),
+        );
+        registry.register(
+            "backend_reconnects",
+            "Backend connections made again after a failure during a call",
+            m.backend_reconnects.clone(),
+        );
+        registry.register(
+            "backend_ignored_messages",
+            "Messages from backends that were not forwarded",
+            m.backend_ignored.clone(),
+        );
+        registry.register(
+            "forward_latency_seconds",
+            "Time from a frame's arrival to its write to a backend (oldest frame of each batch)",
+            m.forward_latency.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn call_ended(&self, outcome: Outcome) {
+        self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn rejected(&self, reason: Rejection) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// The handles one backend link updates, fetched once when the link is made.
+    pub fn link(&self, backend: &str) -> LinkMetrics {
+        let label = BackendLabel {
+            backend: backend.to_string(),
+        };
+        LinkMetrics {
+            frames_out: self.frames_out.get_or_create_owned(&label),
+            frames_dropped: self.frames_dropped.get_or_create_owned(&label),
+            connects: self.backend_connects.get_or_create_owned(&label),
+            failures: self.backend_failures.get_or_create_owned(&label),
+            reconnects: self.backend_reconnects.get_or_create_owned(&label),
+            ignored: self.backend_ignored.get_or_create_owned(&label),
+            forward_latency: self.forward_latency.clone(),
+        }
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct LinkMetrics {
+    pub frames_out: Counter,
+    pub frames_dropped: Counter,
+    pub connects: Counter,
+    pub failures: Counter,
+    pub reconnects: Counter,
+    pub ignored: Counter,
+    pub forward_latency: Histogram,
+}
