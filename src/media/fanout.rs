@@ -364,6 +364,7 @@ impl Writer {
         let (mut sink, mut stream) = socket.split();
         sink.send(self.start.clone()).await?;
         self.metrics.frames_out.inc();
+        self.shared.sent.fetch_add(1, Ordering::Relaxed);
         loop {
             while pending.is_empty() {
                 self.shared.queue.take_all(pending);

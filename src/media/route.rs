@@ -37,7 +37,7 @@ pub struct Route {
 pub enum RouteError {
     #[error("no backend for this stream: it names none and backends.default is empty")]
     NoBackend,
-    #[error("none of the backends the stream names can be used: {}", .0.join("; "))]
+    #[error("no usable backend: {}", .0.join("; "))]
     NoneUsable(Vec<String>),
 }
 
@@ -144,17 +144,15 @@ pub fn parse_list(raw: &str) -> Vec<String> {
 /// A `host:port` entry, checked against the allowlist. Anything else in the entry (a scheme,
 /// a path, credentials) is refused rather than guessed at.
 fn host_target(entry: &str, backends: &BackendSettings) -> Result<Target, String> {
-    let (host, port) = split_host_port(entry)
-        .ok_or_else(|| format!("backendHosts entry `{entry}` is not host:port"))?;
+    let (host, port) =
+        split_host_port(entry).ok_or_else(|| format!("`{entry}` is not host:port"))?;
     let allowed = backends.hosts_allowlist.iter().any(|a| {
         a.trim_start_matches('[')
             .trim_end_matches(']')
             .eq_ignore_ascii_case(host)
     });
     if !allowed {
-        return Err(format!(
-            "backendHosts entry `{entry}`: host `{host}` is not on backends.hosts_allowlist"
-        ));
+        return Err(format!("`{entry}` is not on backends.hosts_allowlist"));
     }
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")

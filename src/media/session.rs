@@ -432,6 +432,7 @@ impl Session {
             + Send,
     {
         self.report_frames();
+        self.hub.metrics.call_ended(end.outcome);
         if let Some((code, reason)) = &end.close {
             let frame = CloseFrame {
                 code: *code,
@@ -488,7 +489,6 @@ impl Session {
         } else {
             info!(outcome = ?end.outcome, "stream ended before start");
         }
-        self.hub.metrics.call_ended(end.outcome);
     }
 }
 

@@ -1,0 +1,514 @@
+//! The media path end to end: a real proxy on port 0, real backend WebSocket servers, and a
+//! client playing Twilio's part.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use call_proxy::config::WireFormat;
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn two_backends_get_every_frame_in_order() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut spk = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[
+        ("rec", &rec.url(), WireFormat::Twilio),
+        ("spk", &spk.url(), WireFormat::Compact),
+    ]))
+    .await;
+
+    let mut call = TwilioCall::connect(&proxy, "1").await;
+    call.start(&[("backendIds", r#"["rec","spk"]"#)]).await;
+    let sent: Vec<String> = (0..200).map(payload).collect();
+    for (i, p) in sent.iter().enumerate() {
+        call.media(p).await;
+        if i == 100 {
+            call.send_text(
+                r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"102","dtmf":{"track":"inbound_track","digit":"7"}}"#.into(),
+            )
+            .await;
+        }
+    }
+    call.send_text(
+        r#"{"event":"mark","sequenceNumber":"203","streamSid":"MZ1","mark":{"name":"done"}}"#
+            .into(),
+    )
+    .await;
+    call.stop().await;
+
+    rec.wait_for_stop().await;
+    spk.wait_for_stop().await;
+
+    // Twilio format: the very bytes Twilio sent, in order, control messages in place.
+    let got = rec.texts();
+    assert_eq!(got[0], call.start_text, "start forwarded byte for byte");
+    let media: Vec<&String> = got.iter().filter(|t| event(t) == "media").collect();
+    assert_eq!(media.len(), 200);
+    for (g, s) in media.iter().zip(&call.sent_media) {
+        assert_eq!(*g, s, "media forwarded byte for byte");
+    }
+    let events: Vec<String> = got.iter().map(|t| event(t)).collect();
+    assert_eq!(events[102], "dtmf", "dtmf between frames 100 and 101");
+    assert_eq!(&events[events.len() - 2..], ["mark", "stop"]);
+
+    // Compact format: the original's messages, same audio.
+    let got = spk.texts();
+    assert_eq!(got[0], r#"{"event":"start"}"#);
+    assert_eq!(payloads(&got), sent);
+    assert_eq!(got.last().unwrap(), r#"{"event":"stop"}"#);
+    assert_eq!(got.len(), 202, "no dtmf or mark in compact form");
+
+    assert_eq!(
+        call.closed().await.map(|f| u16::from(f.code)),
+        Some(1000),
+        "the stream is closed normally after stop"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, r#"call_proxy_calls_total{outcome="completed"}"#),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "call_proxy_frames_in_total"), Some(200.0));
+    assert_eq!(
+        metric(&m, r#"call_proxy_backend_frames_out_total{backend="rec"}"#),
+        Some(204.0)
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_backend_costs_the_others_nothing() {
+    let stalled = Backend::start(Behaviour::Stall).await;
+    let mut healthy = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[
+        ("stalled", &stalled.url(), WireFormat::Twilio),
+        ("healthy", &healthy.url(), WireFormat::Twilio),
+    ]))
+    .await;
+
+    let mut call = TwilioCall::connect(&proxy, "2").await;
+    call.start(&[("backendIds", "stalled,healthy")]).await;
+    // Large frames, quickly, so the stalled backend's socket buffers fill within seconds.
+    let frames = 3000;
+    let mut worst_lag = Duration::ZERO;
+    let began = Instant::now();
+    for i in 0..frames {
+        call.media(&sized_payload(i, 6000)).await;
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if i % 500 == 499 {
+            // The healthy backend keeps up while the other is stuck.
+            let sent_at = Instant::now();
+            healthy
+                .wait_for("frames so far", |log| payloads(&texts(log)).len() > i)
+                .await;
+            worst_lag = worst_lag.max(sent_at.elapsed());
+        }
+    }
+    call.stop().await;
+    healthy.wait_for_stop().await;
+    let got = payloads(&healthy.texts());
+    assert_eq!(got.len(), frames, "the healthy backend got every frame");
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, p)| *p == sized_payload(i, 6000)),
+        "in order"
+    );
+    assert!(
+        worst_lag < Duration::from_secs(2),
+        "healthy backend lagged {worst_lag:?} (sending took {:?})",
+        began.elapsed()
+    );
+
+    let calls: serde_json::Value = proxy
+        .get_with_key("/calls", "test-key")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let m = proxy.metrics().await;
+    let dropped = metric(
+        &m,
+        r#"call_proxy_backend_frames_dropped_total{backend="stalled"}"#,
+    )
+    .expect("drops are counted");
+    assert!(
+        dropped > 0.0,
+        "the stalled backend's oldest frames were dropped"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_backend_frames_dropped_total{backend="healthy"}"#
+        ),
+        Some(0.0)
+    );
+    // Memory stays bounded: whatever is still queued fits in the configured queue.
+    if let Some(queued) = metric(&m, r#"call_proxy_backend_frames_queued{backend="stalled"}"#) {
+        assert!(queued <= 251.0, "queued {queued}");
+    }
+    drop(calls);
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_call_is_reconnected_and_the_other_sees_no_gap() {
+    let mut flaky = Backend::start(Behaviour::DropAfter(50)).await;
+    let mut steady = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[
+        ("flaky", &flaky.url(), WireFormat::Twilio),
+        ("steady", &steady.url(), WireFormat::Twilio),
+    ]))
+    .await;
+    let mut call = TwilioCall::connect(&proxy, "3").await;
+    call.start(&[("backendIds", r#"["flaky","steady"]"#)]).await;
+    for i in 0..300 {
+        call.media(&payload(i)).await;
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    call.stop().await;
+    steady.wait_for_stop().await;
+    flaky.wait_for_stop().await;
+
+    assert_eq!(
+        payloads(&steady.texts()),
+        (0..300).map(payload).collect::<Vec<_>>()
+    );
+    assert_eq!(flaky.connections(), 2, "reconnected once");
+    let second = flaky.texts_of(2);
+    assert_eq!(second[0], call.start_text, "start again first");
+    let again = payloads(&second);
+    assert!(!again.is_empty(), "frames after the reconnect");
+    // What it gets after reconnecting is the call's tail, in order, up to the last frame.
+    let first_again: usize = (0..300).position(|i| payload(i) == again[0]).unwrap();
+    assert!(first_again >= 50);
+    assert_eq!(again, (first_again..300).map(payload).collect::<Vec<_>>());
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_backend_reconnects_total{backend="flaky"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn when_every_backend_is_gone_the_stream_is_closed_after_the_grace_period() {
+    let mut s = settings(&[
+        ("a", &dead_url().await, WireFormat::Twilio),
+        ("b", &dead_url().await, WireFormat::Compact),
+    ]);
+    s.backends.reconnect_max_tries = 2;
+    s.backends.reconnect_window_ms = 2000;
+    s.media.all_backends_gone_grace_ms = 700;
+    let proxy = Proxy::start(s).await;
+    let mut call = TwilioCall::connect(&proxy, "4").await;
+    let began = Instant::now();
+    call.start(&[("backendIds", "a,b")]).await;
+    call.media(&payload(0)).await;
+    let frame = call.closed().await.expect("a close frame with a reason");
+    let took = began.elapsed();
+    assert_eq!(u16::from(frame.code), 1011);
+    assert!(frame.reason.contains("backend"), "{}", frame.reason);
+    // Three failed attempts with 100 + 200 ms of backoff, then the grace period.
+    assert!(took >= Duration::from_millis(1000), "closed after {took:?}");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, r#"call_proxy_calls_total{outcome="backends_gone"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"call_proxy_backend_failures_total{backend="a"}"#),
+        Some(3.0)
+    );
+}
+
+/// A healthy call that streams in the background while another call misbehaves; answers
+/// how many of its frames its backend received.
+async fn healthy_call(proxy: &Proxy, backend_id: &str, frames: usize) -> TwilioCall {
+    let mut call = TwilioCall::connect(proxy, "healthy").await;
+    call.start(&[("backendIds", backend_id)]).await;
+    for i in 0..frames {
+        call.media(&payload(i)).await;
+    }
+    call
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_clearly_and_costs_a_healthy_call_nothing() {
+    let mut good = Backend::start(Behaviour::Normal).await;
+    let mut bad = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[
+        ("good", &good.url(), WireFormat::Twilio),
+        ("bad", &bad.url(), WireFormat::Compact),
+    ]);
+    s.media.max_message_bytes = 16 * 1024;
+    let proxy = Proxy::start(s).await;
+
+    let mut healthy = healthy_call(&proxy, "good", 100).await;
+
+    // Skipped and counted, the call goes on: garbage, media before start, a second start,
+    // a payload that is not base64 (the compact backend would have to forward it).
+    let mut call = TwilioCall::connect(&proxy, "bad").await;
+    call.send_text("{not json".into()).await;
+    call.send_text(r#"{"no":"event"}"#.into()).await;
+    call.media(&payload(999)).await;
+    call.start(&[("backendIds", "bad")]).await;
+    call.start(&[("backendIds", "good")]).await;
+    call.media(&payload(1)).await;
+    call.send_text(
+        r#"{"event":"media","sequenceNumber":"9","media":{"track":"inbound","chunk":"9","timestamp":"180","payload":"%%%not base64%%%"},"streamSid":"MZbad"}"#.into(),
+    )
+    .await;
+    call.send_text(r#"{"event":"surprise","streamSid":"MZbad"}"#.into())
+        .await;
+    call.media(&payload(2)).await;
+    for i in 100..150 {
+        healthy.media(&payload(i)).await;
+    }
+    // A binary frame is not Twilio: the stream is closed with a reason.
+    call.ws
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let frame = call.closed().await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 1003);
+    bad.wait_for_stop().await;
+    assert_eq!(
+        payloads(&bad.texts()),
+        [payload(1), payload(2)],
+        "only the good frames"
+    );
+    assert_eq!(bad.texts()[0], r#"{"event":"start"}"#);
+
+    // Oversized message: closed with 1009.
+    let mut call = TwilioCall::connect(&proxy, "big").await;
+    call.start(&[("backendIds", "bad")]).await;
+    call.media(&sized_payload(0, 20_000)).await;
+    let frame = call.closed().await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 1009);
+
+    // Routing the stream nowhere: refused with a reason that names the problem.
+    for (params, needle) in [
+        ([("backendIds", r#"["ghost"]"#)], "ghost"),
+        ([("backendHosts", r#"["169.254.169.254:80"]"#)], "allowlist"),
+        ([("backendIds", "")], "no backend"),
+    ] {
+        let mut call = TwilioCall::connect(&proxy, "nowhere").await;
+        call.start(&params).await;
+        let frame = call.closed().await.expect("close frame");
+        assert_eq!(u16::from(frame.code), 1008);
+        assert!(
+            frame.reason.contains(needle),
+            "{} lacks {needle}",
+            frame.reason
+        );
+    }
+
+    for i in 150..200 {
+        healthy.media(&payload(i)).await;
+    }
+    healthy.stop().await;
+    good.wait_for_stop().await;
+    assert_eq!(
+        payloads(&good.texts()),
+        (0..200).map(payload).collect::<Vec<_>>(),
+        "the healthy call lost nothing"
+    );
+
+    let m = proxy.metrics().await;
+    for (reason, n) in [
+        ("malformed_json", 2.0),
+        ("media_before_start", 1.0),
+        ("duplicate_start", 1.0),
+        ("invalid_payload", 1.0),
+        ("unknown_event", 1.0),
+    ] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!(r#"call_proxy_rejected_messages_total{{reason="{reason}"}}"#)
+            ),
+            Some(n),
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        metric(&m, r#"call_proxy_calls_total{outcome="protocol_error"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_calls_total{outcome="refused_no_backend"}"#
+        ),
+        Some(3.0)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_sends_stop_to_every_backend_and_returns_in_time() {
+    let mut a = Backend::start(Behaviour::Normal).await;
+    let mut b = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[
+        ("a", &a.url(), WireFormat::Twilio),
+        ("b", &b.url(), WireFormat::Compact),
+    ]))
+    .await;
+    let mut calls = Vec::new();
+    for n in 0..3 {
+        let mut call = TwilioCall::connect(&proxy, &format!("sd{n}")).await;
+        call.start(&[("backendIds", "a,b")]).await;
+        for i in 0..20 {
+            call.media(&payload(i)).await;
+        }
+        calls.push(call);
+    }
+    a.wait_for("three calls' frames", |log| {
+        payloads(&texts(log)).len() == 60
+    })
+    .await;
+
+    let took = proxy.shutdown().await;
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    a.wait_for("three stops", |log| {
+        texts(log).iter().filter(|t| event(t) == "stop").count() == 3
+    })
+    .await;
+    b.wait_for("three stops", |log| {
+        texts(log).iter().filter(|t| event(t) == "stop").count() == 3
+    })
+    .await;
+    for t in a.texts().iter().filter(|t| event(t) == "stop") {
+        let v: serde_json::Value = serde_json::from_str(t).unwrap();
+        assert!(
+            v["stop"]["callSid"].as_str().unwrap().starts_with("CAsd"),
+            "{t}"
+        );
+    }
+    for call in &mut calls {
+        let frame = call.closed().await.expect("close frame");
+        assert_eq!(u16::from(frame.code), 1001);
+    }
+}
+
+#[tokio::test]
+async fn execution_is_connected_while_the_stream_lives() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
+    assert_eq!(proxy.get("/executions/FN1/connected").await.status(), 410);
+
+    let mut call = TwilioCall::connect(&proxy, "ex").await;
+    call.start(&[("backendIds", "rec"), ("executionId", "FN1")])
+        .await;
+    call.media(&payload(0)).await;
+    rec.wait_for("a frame", |log| payloads(&texts(log)).len() == 1)
+        .await;
+    let r = proxy.get("/executions/FN1/connected").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["connected"],
+        true
+    );
+    assert_eq!(proxy.get("/executions/FN2/connected").await.status(), 410);
+
+    call.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if proxy.get("/executions/FN1/connected").await.status() == 410 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still connected after the stream ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_stream_is_closed_and_its_backends_get_stop() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
+    s.media.idle_timeout_ms = 400;
+    let proxy = Proxy::start(s).await;
+    let mut call = TwilioCall::connect(&proxy, "idle").await;
+    call.start(&[("backendIds", "rec")]).await;
+    // Active for a while: not idle.
+    for i in 0..10 {
+        call.media(&payload(i)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let began = Instant::now();
+    let frame = call.closed().await.expect("close frame");
+    assert!(frame.reason.contains("idle"), "{}", frame.reason);
+    assert!(began.elapsed() >= Duration::from_millis(250));
+    rec.wait_for_stop().await;
+    assert_eq!(payloads(&rec.texts()).len(), 10);
+}
+
+#[tokio::test]
+async fn calls_beyond_the_cap_get_503() {
+    let rec = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
+    s.media.max_calls = 1;
+    let proxy = Proxy::start(s).await;
+    let mut first = TwilioCall::connect(&proxy, "cap1").await;
+    first.start(&[("backendIds", "rec")]).await;
+    let err = tokio_tungstenite::connect_async(proxy.ws_url())
+        .await
+        .expect_err("second call refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 503);
+            let body = String::from_utf8(resp.body().clone().unwrap_or_default()).unwrap();
+            assert!(body.contains("capacity"), "{body}");
+        }
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+    first.stop().await;
+    first.closed().await;
+    // The place is free again.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tokio_tungstenite::connect_async(proxy.ws_url())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the place was never given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn backend_hosts_on_the_allowlist_get_the_compact_form() {
+    let mut spk = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[])).await;
+    let mut call = TwilioCall::connect(&proxy, "hosts").await;
+    let hosts = format!(r#"["{}","169.254.169.254:80"]"#, spk.addr);
+    call.start(&[("backendHosts", &hosts)]).await;
+    call.media(&payload(0)).await;
+    call.stop().await;
+    spk.wait_for_stop().await;
+    assert_eq!(
+        spk.texts(),
+        [
+            r#"{"event":"start"}"#.to_string(),
+            format!(r#"{{"event":"media","media":"{}"}}"#, payload(0)),
+            r#"{"event":"stop"}"#.to_string()
+        ]
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_rejected_messages_total{reason="backend_entry"}"#
+        ),
+        Some(1.0),
+        "the off-list entry is counted"
+    );
+}
