@@ -1,6 +1,7 @@
 //! Tracing set-up (human or JSON, `RUST_LOG`-style filters) and caller-id masking.
 
 use std::borrow::Cow;
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -13,6 +14,7 @@ pub fn init(settings: &LogSettings) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match settings.format {
         LogFormat::Human => builder.try_init(),

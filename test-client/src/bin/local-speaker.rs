@@ -1,0 +1,68 @@
+//! local-speaker: a backend for the proxy that plays or records what it receives.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use test_client::speaker::{self, Options};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A backend WebSocket server that plays or records call audio"
+)]
+struct Cli {
+    /// Address to listen on (port 0 picks a free one; the first line printed says which).
+    #[arg(long, env = "LOCAL_SPEAKER_LISTEN", default_value = "127.0.0.1:8888")]
+    listen: SocketAddr,
+    /// WebSocket path.
+    #[arg(long, default_value = "/media")]
+    path: String,
+    /// Write each call to DIR/<call sid>.wav (16-bit PCM).
+    #[arg(long)]
+    record_dir: Option<PathBuf>,
+    /// Do not play on the sound card (builds with the `speaker` feature play by default).
+    #[arg(long)]
+    mute: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("local-speaker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Some(dir) = &cli.record_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let play = cfg!(feature = "speaker") && !cli.mute;
+    println!(
+        "local-speaker listening on ws://{}{} ({})",
+        listener.local_addr()?,
+        cli.path,
+        if play {
+            "playing"
+        } else {
+            "not playing: built without the speaker feature or --mute"
+        }
+    );
+    let options = Options {
+        path: cli.path,
+        record_dir: cli.record_dir,
+        play,
+    };
+    tokio::select! {
+        served = speaker::serve(listener, options, |summary| println!("{summary}")) => served,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

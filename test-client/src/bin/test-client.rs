@@ -1,0 +1,152 @@
+//! test-client: plays a WAV to the proxy as Twilio would, once or every N seconds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use test_client::play::{self, CallSpec};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Plays recorded audio to twilio-call-proxy as a Twilio Media Stream"
+)]
+struct Cli {
+    /// The proxy's media endpoint.
+    #[arg(
+        long,
+        env = "TEST_CLIENT_URL",
+        default_value = "ws://127.0.0.1:8999/media"
+    )]
+    url: String,
+    /// 8 kHz mono WAV, mu-law or 16-bit PCM.
+    #[arg(long, default_value = "audio-samples/hello-en-us.wav")]
+    wav: PathBuf,
+    /// Play one call and exit (the default).
+    #[arg(long, conflicts_with = "every")]
+    once: bool,
+    /// Start a call every DURATION (e.g. 10s), as the original test client did.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    every: Option<Duration>,
+    /// With --every: stop after this many calls.
+    #[arg(long, requires = "every")]
+    count: Option<u64>,
+    /// `customParameters.backendIds`: backend ids, comma separated.
+    #[arg(long)]
+    backend_ids: Option<String>,
+    /// `customParameters.backendHosts`: host:port entries, comma separated.
+    #[arg(long)]
+    backend_hosts: Option<String>,
+    /// `customParameters.executionId` (Studio's flow.sid).
+    #[arg(long)]
+    execution_id: Option<String>,
+    /// `customParameters.callerId`.
+    #[arg(long)]
+    caller: Option<String>,
+    /// Any other stream parameter, KEY=VALUE; repeatable.
+    #[arg(long = "param", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+/// Studio passes lists as JSON array strings; the proxy reads those.
+fn json_list(list: &str) -> String {
+    let items: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    serde_json::to_string(&items).unwrap_or_default()
+}
+
+fn resolve_wav(path: PathBuf) -> PathBuf {
+    if path.exists() || path.is_absolute() {
+        return path;
+    }
+    // Run from elsewhere in the workspace: look beside the workspace root too.
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(&path);
+    if beside.exists() {
+        beside
+    } else {
+        path
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("test-client: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let audio = play::load_audio(&resolve_wav(cli.wav.clone()))?;
+    let frames = play::frames(&audio);
+    let mut params = BTreeMap::new();
+    if let Some(ids) = &cli.backend_ids {
+        params.insert("backendIds".to_string(), json_list(ids));
+    }
+    if let Some(hosts) = &cli.backend_hosts {
+        params.insert("backendHosts".to_string(), json_list(hosts));
+    }
+    if let Some(id) = &cli.execution_id {
+        params.insert("executionId".to_string(), id.clone());
+    }
+    if let Some(caller) = &cli.caller {
+        params.insert("callerId".to_string(), caller.clone());
+    }
+    params.extend(cli.params.iter().cloned());
+
+    let mut n = 0u64;
+    loop {
+        let began = tokio::time::Instant::now();
+        let mut spec = CallSpec::new(&cli.url, n);
+        spec.custom_parameters = params.clone();
+        let report = play::play(&spec, &frames)
+            .await
+            .with_context(|| format!("call {}", spec.call_sid))?;
+        let closed = match &report.close {
+            Some((code, reason)) => format!("proxy closed with {code} {reason}"),
+            None => "proxy closed without a close frame".to_string(),
+        };
+        println!(
+            "test-client: call {}: {} frames ({:.2} s of audio) streamed in {:.2} s; {closed}",
+            report.call_sid,
+            report.frames,
+            report.audio.as_secs_f64(),
+            report.took.as_secs_f64()
+        );
+        n += 1;
+        let Some(every) = cli.every else {
+            return Ok(());
+        };
+        if cli.count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+        if report.took > every {
+            bail!(
+                "a call takes longer ({:?}) than --every {:?}",
+                report.took,
+                every
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(began + every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The tools as a developer uses them: real processes, real sockets, the shipped audio.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use call_proxy::audio::{mulaw, wav};
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn sample(name: &str) -> PathBuf {
+    workspace().join("audio-samples").join(name)
+}
+
+/// The source audio as Twilio carries it, padded to whole 20 ms frames with silence.
+fn source_frames(name: &str) -> Vec<u8> {
+    let w = wav::read(&std::fs::read(sample(name)).unwrap()).unwrap();
+    let mut audio = w.to_twilio_mulaw().unwrap();
+    let whole = audio.len().div_ceil(160) * 160;
+    audio.resize(whole, mulaw::SILENCE);
+    audio
+}
+
+/// The service binary, built beside this package's binaries by `cargo test --workspace`;
+/// built here when this package's tests run alone.
+fn call_proxy_bin() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_test-client"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let bin = dir.join(format!("call-proxy{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "twilio-call-proxy", "--bin", "call-proxy"])
+            .current_dir(workspace())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building call-proxy failed");
+    }
+    bin
+}
+
+/// A child process whose output lines arrive on a channel; killed when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("process starts");
+        let (tx, rx) = mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc { child, lines: rx }
+    }
+
+    /// The first output line that `pick` accepts, within `within`.
+    fn line<T>(&self, within: Duration, pick: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(t) = pick(&line) {
+                        return t;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => panic!("no expected line; saw:\n{}", seen.join("\n")),
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn speaker(record_dir: &Path) -> (Proc, String) {
+    let p = Proc::spawn(
+        Command::new(env!("CARGO_BIN_EXE_local-speaker"))
+            .args(["--listen", "127.0.0.1:0", "--record-dir"])
+            .arg(record_dir),
+    );
+    let url = p.line(Duration::from_secs(10), |l| {
+        l.strip_prefix("local-speaker listening on ")
+            .map(|rest| rest.split(' ').next().unwrap().to_string())
+    });
+    (p, url)
+}
+
+fn proxy(speaker_url: &str, format: &str) -> (Proc, String) {
+    let p = Proc::spawn(
+        Command::new(call_proxy_bin())
+            .current_dir(workspace())
+            .env_remove("RUST_LOG")
+            .env_remove("RUN_MODE")
+            .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
+            .env("CALL_PROXY__SERVER__PORT", "0")
+            .env("CALL_PROXY__LOG__FORMAT", "json")
+            .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", speaker_url)
+            .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", format),
+    );
+    let addr = p.line(Duration::from_secs(10), |l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["message"] == "call-proxy listening").then(|| v["addr"].as_str().unwrap().to_string())
+    });
+    (p, format!("ws://{addr}/media"))
+}
+
+fn play(url: &str, wav: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_test-client"))
+        .args(["--once", "--url", url, "--wav"])
+        .arg(sample(wav))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn end_to_end_the_recording_holds_exactly_the_source_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["compact", "twilio"] {
+        let rec = dir.path().join(format);
+        let (speaker, speaker_url) = speaker(&rec);
+        let (mut proxy, url) = proxy(&speaker_url, format);
+
+        let out = play(&url, "testing-123.wav");
+        assert!(
+            out.status.success(),
+            "test-client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let source = source_frames("testing-123.wav");
+        let frames = source.len() / 160;
+        let summary = speaker.line(Duration::from_secs(10), |l| {
+            l.starts_with("call ").then(|| l.to_string())
+        });
+        assert!(
+            summary.contains(&format!(": {frames} frames")) && summary.contains(" 0 gaps"),
+            "{summary}"
+        );
+
+        let files: Vec<PathBuf> = std::fs::read_dir(&rec)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let mut reader = hound::WavReader::open(&files[0]).unwrap();
+        assert_eq!(reader.spec().sample_rate, 8000);
+        assert_eq!(reader.spec().channels, 1);
+        let recorded: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
+        let expected: Vec<i16> = source.iter().map(|&c| mulaw::decode(c)).collect();
+        assert_eq!(recorded.len(), expected.len(), "{format}: sample count");
+        assert!(
+            recorded == expected,
+            "{format}: samples differ from the source"
+        );
+        if format == "twilio" {
+            let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with("CA"), "named after the call sid: {name}");
+        }
+
+        // SIGTERM: the service ends cleanly and promptly.
+        let pid = proxy.child.id().to_string();
+        let began = Instant::now();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = loop {
+            if let Some(s) = proxy.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(8),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit status {status}");
+    }
+}
+
+/// What a stand-in proxy saw of one test-client call.
+struct Received {
+    messages: Vec<(Instant, serde_json::Value)>,
+}
+
+async fn capture_one_call() -> (String, tokio::task::JoinHandle<Received>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/media", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        let mut messages = Vec::new();
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t) => {
+                    messages.push((Instant::now(), serde_json::from_str(t.as_str()).unwrap()))
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        Received { messages }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn test_client_paces_frames_in_real_time_with_twilios_counters() {
+    let (url, received) = capture_one_call().await;
+    let began = Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_test-client"))
+        .args(["--once", "--url", &url, "--wav"])
+        .arg(sample("hello-en-us.wav"))
+        .args(["--backend-ids", "rec,asr", "--execution-id", "FN123"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = began.elapsed();
+    let got = received.await.unwrap().messages;
+
+    let source = source_frames("hello-en-us.wav");
+    let frames = source.len() / 160;
+    let audio = Duration::from_millis(frames as u64 * 20);
+    assert!(
+        took >= audio && took < audio + Duration::from_secs(3),
+        "{audio:?} of audio took {took:?}"
+    );
+
+    let events: Vec<&str> = got
+        .iter()
+        .map(|(_, v)| v["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events[0], "connected");
+    assert_eq!(events[1], "start");
+    assert_eq!(*events.last().unwrap(), "stop");
+    assert_eq!(events.len(), frames + 3);
+
+    let start = &got[1].1;
+    assert_eq!(start["start"]["mediaFormat"]["encoding"], "audio/x-mulaw");
+    assert_eq!(start["start"]["mediaFormat"]["sampleRate"], 8000);
+    assert_eq!(
+        start["start"]["customParameters"]["backendIds"],
+        r#"["rec","asr"]"#
+    );
+    assert_eq!(start["start"]["customParameters"]["executionId"], "FN123");
+
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut audio_back = Vec::new();
+    for (i, (_, v)) in got[1..].iter().enumerate() {
+        assert_eq!(
+            v["sequenceNumber"],
+            (i + 1).to_string(),
+            "sequence numbers count by one"
+        );
+    }
+    for (i, (_, v)) in got[2..got.len() - 1].iter().enumerate() {
+        assert_eq!(v["media"]["chunk"], (i + 1).to_string());
+        assert_eq!(v["media"]["timestamp"], (i * 20).to_string());
+        let payload = b64.decode(v["media"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload.len(), 160, "frame {i}");
+        audio_back.extend(payload);
+    }
+    assert!(
+        audio_back == source,
+        "the audio is the source, header stripped"
+    );
+
+    // Paced, not bursted: the middle frame arrives about half-way through.
+    let first = got[2].0;
+    let middle = got[2 + frames / 2].0;
+    let expected = Duration::from_millis((frames / 2) as u64 * 20);
+    let actual = middle - first;
+    assert!(
+        actual + Duration::from_millis(500) >= expected
+            && actual <= expected + Duration::from_secs(2),
+        "frame {} arrived {actual:?} after the first, expected about {expected:?}",
+        frames / 2
+    );
+}
+
+#[test]
+fn test_client_explains_what_went_wrong() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/media", free.local_addr().unwrap());
+    drop(free);
+    let out = play(&url, "testing-123.wav");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the proxy"), "{err}");
+
+    let out = play(&url, "no-such-file.wav");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-file.wav"));
+}
