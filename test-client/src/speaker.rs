@@ -95,6 +95,8 @@ pub async fn serve(
     }
 }
 
+// The handshake callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
 async fn handle(
     stream: TcpStream,
     n: u64,
@@ -132,10 +134,8 @@ async fn handle(
                     continue;
                 };
                 match v["event"].as_str().unwrap_or("") {
-                    "start" => {
-                        if call.is_none() {
-                            call = Some(Call::start(&v, n, options)?);
-                        }
+                    "start" if call.is_none() => {
+                        call = Some(Call::start(&v, n, options)?);
                     }
                     "media" => {
                         let call = call.get_or_insert_with(|| Call::unannounced(n, options));
