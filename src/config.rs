@@ -40,6 +40,95 @@ pub struct Settings {
     pub backends: BackendSettings,
     pub store: StoreSettings,
     pub security: SecuritySettings,
+    pub twilio: TwilioSettings,
+    pub gate: GateSettings,
+    pub rate_limits: RateLimitSettings,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct TwilioSettings {
+    pub validate_signatures: bool,
+    pub auth_token: String,
+    pub secondary_auth_token: String,
+    pub public_url: String,
+    pub trust_forwarded_headers: bool,
+    pub max_body_bytes: usize,
+    /// HMAC-SHA256 signing keys by id.
+    #[serde(default)]
+    pub signing_keys: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for TwilioSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwilioSettings")
+            .field("validate_signatures", &self.validate_signatures)
+            .field("auth_token", &redacted(&self.auth_token))
+            .field(
+                "secondary_auth_token",
+                &redacted(&self.secondary_auth_token),
+            )
+            .field("public_url", &self.public_url)
+            .field("trust_forwarded_headers", &self.trust_forwarded_headers)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field(
+                "signing_keys",
+                &self.signing_keys.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "<set>"
+    }
+}
+
+#[derive(Clone, Deserialize)]
+pub struct GateSettings {
+    pub max_invalid_attempts: u64,
+    pub attempts_ttl_secs: u64,
+    pub block_ttl_secs: u64,
+    pub pin_provider: PinProviderKind,
+    pub pin_key: String,
+    pub pin_service_url: String,
+    pub pin_service_timeout_ms: u64,
+    /// PIN hash (`hmac-sha256:<hex>`) -> backend ids.
+    #[serde(default)]
+    pub pins: BTreeMap<String, Vec<String>>,
+}
+
+impl std::fmt::Debug for GateSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateSettings")
+            .field("max_invalid_attempts", &self.max_invalid_attempts)
+            .field("attempts_ttl_secs", &self.attempts_ttl_secs)
+            .field("block_ttl_secs", &self.block_ttl_secs)
+            .field("pin_provider", &self.pin_provider)
+            .field("pin_key", &redacted(&self.pin_key))
+            .field("pin_service_url", &self.pin_service_url)
+            .field("pins", &self.pins.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PinProviderKind {
+    Directory,
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub http_per_ip_per_minute: u32,
+    pub http_burst: u32,
+    pub upgrades_per_ip_per_minute: u32,
+    pub upgrades_burst: u32,
+    pub pin_per_caller_per_minute: u32,
+    pub pin_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,17 +226,20 @@ pub enum StoreKind {
 pub struct SecuritySettings {
     pub api_key: String,
     pub metrics_require_api_key: bool,
+    pub require_route_token: bool,
+    pub route_token_secret: String,
+    pub route_token_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for SecuritySettings {
     // Secrets never reach a log line, not even through `{:?}`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecuritySettings")
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() { "" } else { "<set>" },
-            )
+            .field("api_key", &redacted(&self.api_key))
             .field("metrics_require_api_key", &self.metrics_require_api_key)
+            .field("require_route_token", &self.require_route_token)
+            .field("route_token_secret", &redacted(&self.route_token_secret))
+            .field("route_token_ttl_secs", &self.route_token_ttl_secs)
             .finish()
     }
 }
@@ -180,6 +272,13 @@ impl Sources {
 const LEGACY_ENV: &[(&str, &str)] = &[
     ("AUDIO_PROXY_PORT", "server.port"),
     ("SERVER_API_KEY", "security.api_key"),
+    ("TWILIO_AUTH_TOKEN", "twilio.auth_token"),
+    ("VALIDATE_EXTERNAL_CALLS", "twilio.validate_signatures"),
+    ("INVALID_AUTH_ATTEMPTS_ALLOWED", "gate.max_invalid_attempts"),
+    (
+        "INVALID_AUTH_ATTEMPTS_CACHE_TTL_SECONDS",
+        "gate.attempts_ttl_secs",
+    ),
 ];
 
 impl Settings {
@@ -292,6 +391,7 @@ impl Settings {
                 }
             }
         }
+        self.validate_gate()?;
         for (i, host) in self.backends.hosts_allowlist.iter().enumerate() {
             if host.trim().is_empty() || host.contains('/') {
                 return Err(invalid(
@@ -299,6 +399,78 @@ impl Settings {
                     "must be a bare host name or IP address",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_gate(&self) -> Result<(), ConfigError> {
+        let t = &self.twilio;
+        if t.validate_signatures && t.auth_token.is_empty() && t.signing_keys.is_empty() {
+            return Err(invalid(
+                "twilio.auth_token",
+                "required when twilio.validate_signatures is on (set TWILIO_AUTH_TOKEN)",
+            ));
+        }
+        if !t.public_url.is_empty() {
+            let ok = (t.public_url.starts_with("https://") || t.public_url.starts_with("http://"))
+                && !t.public_url.contains(['?', '#']);
+            if !ok {
+                return Err(invalid(
+                    "twilio.public_url",
+                    "must be an http(s):// base URL without query, like https://proxy.example.com",
+                ));
+            }
+        }
+        if t.max_body_bytes < 256 {
+            return Err(invalid("twilio.max_body_bytes", "must be at least 256"));
+        }
+        let g = &self.gate;
+        match g.pin_provider {
+            PinProviderKind::Directory => {
+                if !g.pins.is_empty() && g.pin_key.len() < 16 {
+                    return Err(invalid(
+                        "gate.pin_key",
+                        "required (16 characters or more) to check the PINs in gate.pins",
+                    ));
+                }
+            }
+            PinProviderKind::Http => {
+                let url = &g.pin_service_url;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(
+                        "gate.pin_service_url",
+                        "required as an http(s):// URL when gate.pin_provider = \"http\"",
+                    ));
+                }
+            }
+        }
+        for (hash, ids) in &g.pins {
+            let key = format!("gate.pins.\"{hash}\"");
+            let hex = hash.strip_prefix("hmac-sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    key,
+                    "not a PIN hash: use the line `call-proxy hash-pin` prints",
+                ));
+            }
+            for id in ids {
+                if !self.backends.table.contains_key(id) {
+                    return Err(invalid(key, format!("no backend `{id}` in backends.table")));
+                }
+            }
+        }
+        let s = &self.security;
+        if s.route_token_secret.len() < 16 {
+            return Err(invalid(
+                "security.route_token_secret",
+                "required, 16 characters or more, the same on every instance",
+            ));
+        }
+        if s.route_token_ttl_secs == 0 {
+            return Err(invalid(
+                "security.route_token_ttl_secs",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -391,8 +563,16 @@ mod tests {
             ),
             ("AUDIO_PROXY_PORT", "9100"),
             ("SERVER_API_KEY", "k1"),
+            ("INVALID_AUTH_ATTEMPTS_ALLOWED", "3"),
+            ("INVALID_AUTH_ATTEMPTS_CACHE_TTL_SECONDS", "60"),
+            ("VALIDATE_EXTERNAL_CALLS", "true"),
+            ("TWILIO_AUTH_TOKEN", "tok"),
         ]))
         .unwrap();
+        assert_eq!(s.gate.max_invalid_attempts, 3);
+        assert_eq!(s.gate.attempts_ttl_secs, 60);
+        assert!(s.twilio.validate_signatures);
+        assert_eq!(s.twilio.auth_token, "tok");
         assert_eq!(s.media.max_calls, 7);
         assert_eq!(s.server.port, 9100);
         assert_eq!(s.security.api_key, "k1");
@@ -402,13 +582,42 @@ mod tests {
         );
     }
 
+    fn production(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load(&Sources {
+            run_mode: Some("production".into()),
+            ..with_env(env)
+        })
+    }
+
+    const PRODUCTION_SECRETS: &[(&str, &str)] = &[
+        ("TWILIO_AUTH_TOKEN", "an-auth-token"),
+        ("CALL_PROXY__GATE__PIN_KEY", "a-pin-key-of-some-length"),
+        (
+            "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
+            "a-route-token-secret",
+        ),
+    ];
+
+    #[test]
+    fn production_requires_its_secrets_and_names_each_missing_one() {
+        assert!(production(PRODUCTION_SECRETS).is_ok());
+        for (i, key) in [
+            (0, "twilio.auth_token"),
+            (1, "gate.pin_key"),
+            (2, "security.route_token_secret"),
+        ] {
+            let mut env = PRODUCTION_SECRETS.to_vec();
+            env.remove(i);
+            let err = production(&env).unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+    }
+
     #[test]
     fn production_mode_allows_no_hosts_and_drops_the_demo_speaker() {
-        let s = Settings::load(&Sources {
-            run_mode: Some("production".into()),
-            ..Sources::default()
-        })
-        .unwrap();
+        let s = production(PRODUCTION_SECRETS).unwrap();
+        assert!(s.twilio.validate_signatures);
+        assert!(s.security.require_route_token);
         assert!(s.backends.hosts_allowlist.is_empty());
         assert!(s.backends.default.is_empty());
         assert!(s.backend("speaker").is_none());
@@ -458,7 +667,42 @@ mod tests {
 
     #[test]
     fn secrets_stay_out_of_debug_output() {
-        let s = Settings::load(&with_env(&[("SERVER_API_KEY", "hunter2")])).unwrap();
-        assert!(!format!("{s:?}").contains("hunter2"));
+        let s = Settings::load(&with_env(&[
+            ("SERVER_API_KEY", "hunter2"),
+            ("TWILIO_AUTH_TOKEN", "hunter3"),
+            ("CALL_PROXY__TWILIO__SECONDARY_AUTH_TOKEN", "hunter4"),
+            ("CALL_PROXY__GATE__PIN_KEY", "hunter5-hunter5-hunter5"),
+            (
+                "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
+                "hunter6-hunter6-hunter6",
+            ),
+        ]))
+        .unwrap();
+        let debug = format!("{s:?}");
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5", "hunter6"] {
+            assert!(!debug.contains(secret), "{secret} leaked");
+        }
+    }
+
+    #[test]
+    fn the_pin_directory_is_checked() {
+        let mut s = Settings::defaults();
+        s.gate.pins.insert(
+            format!("hmac-sha256:{}", "ab".repeat(32)),
+            vec!["ghost".into()],
+        );
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no backend `ghost`"));
+        let mut s = Settings::defaults();
+        s.gate.pins.insert("1234".into(), vec!["speaker".into()]);
+        assert!(s.validate().unwrap_err().to_string().contains("hash-pin"));
+        let demo = crate::gate::pins::hash_pin(&Settings::defaults().gate.pin_key, "1234");
+        assert!(
+            Settings::defaults().gate.pins.contains_key(&demo),
+            "demo PIN 1234"
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod audio;
 pub mod config;
+pub mod gate;
 pub mod http;
 pub mod logging;
 pub mod media;
@@ -29,17 +30,22 @@ pub use crate::config::Settings;
 pub use crate::http::AppState;
 
 /// Builds the shared state the settings describe.
-pub fn state(settings: Settings) -> AppState {
+pub fn state(settings: Settings) -> std::io::Result<AppState> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(metrics::Metrics::new());
     let store = store::from_settings(&settings.store);
     let hub = media::MediaHub::new(settings.clone(), metrics.clone(), store.clone());
-    AppState {
+    let gate = gate::Gate::new(settings.clone(), store.clone(), metrics.clone())
+        .map_err(std::io::Error::other)?;
+    let limits = Arc::new(http::rate_limit::Limiters::new(&settings.rate_limits));
+    Ok(AppState {
         settings,
         metrics,
         store,
         hub,
-    }
+        gate: Arc::new(gate),
+        limits,
+    })
 }
 
 /// The router over a state.
@@ -54,8 +60,16 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = state(settings);
+    let state = state(settings)?;
     announce(&state, listener.local_addr()?);
+    let limits = state.limits.clone();
+    let janitor = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            limits.forget_idle();
+        }
+    });
 
     let stop = CancellationToken::new();
     let trigger = stop.clone();
@@ -93,6 +107,7 @@ pub async fn run(
     if tokio::time::timeout(left, server).await.is_err() {
         warn!("HTTP connections still open at the shutdown deadline; exiting anyway");
     }
+    janitor.abort();
     info!(
         took_ms = began.elapsed().as_millis() as u64,
         "shutdown complete"
@@ -109,6 +124,12 @@ fn announce(state: &AppState, addr: SocketAddr) {
         store = ?s.store.kind,
         "call-proxy listening"
     );
+    if !s.twilio.validate_signatures {
+        warn!("Twilio signature validation is OFF (twilio.validate_signatures / VALIDATE_EXTERNAL_CALLS): anyone who can reach this service can use it; fine only for local use");
+    }
+    if !s.security.require_route_token {
+        warn!("streams without a route token are accepted (security.require_route_token is off)");
+    }
     if s.security.api_key.is_empty() {
         warn!("no API key configured (security.api_key / SERVER_API_KEY): /calls and the other operator routes answer 403");
     }

@@ -45,6 +45,8 @@ pub enum Outcome {
     protocol_error,
     /// Over `media.max_calls`: the upgrade was answered 503.
     refused_capacity,
+    /// No valid route token where one is needed.
+    refused_route_token,
 }
 
 /// Why a single message from Twilio was skipped.
@@ -59,8 +61,18 @@ pub enum Rejection {
     backend_entry,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabel {
+    pub scope: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub signature_failures: Family<ScopeLabel, Counter>,
+    pub pin_failures: Counter,
+    pub blocks: Counter,
+    pub rate_limited: Family<ScopeLabel, Counter>,
+    pub route_token_failures: Counter,
     pub live_calls: Gauge,
     pub calls: Family<OutcomeLabel, Counter>,
     pub frames_in: Counter,
@@ -86,6 +98,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("call_proxy");
         let m = Metrics {
+            signature_failures: Family::default(),
+            pin_failures: Counter::default(),
+            blocks: Counter::default(),
+            rate_limited: Family::default(),
+            route_token_failures: Counter::default(),
             live_calls: Gauge::default(),
             calls: Family::default(),
             frames_in: Counter::default(),
@@ -153,11 +170,38 @@ impl Metrics {
             "Time from a frame's arrival to its write to a backend (oldest frame of each batch)",
             m.forward_latency.clone(),
         );
+        registry.register(
+            "signature_failures",
+            "Requests refused for a missing or wrong Twilio signature, by why",
+            m.signature_failures.clone(),
+        );
+        registry.register("pin_failures", "Wrong PINs", m.pin_failures.clone());
+        registry.register("blocks", "Callers blocked", m.blocks.clone());
+        registry.register(
+            "rate_limited",
+            "Requests answered 429, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "route_token_failures",
+            "Streams refused for a missing, forged, expired or exceeded route token",
+            m.route_token_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     pub fn call_ended(&self, outcome: Outcome) {
         self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn signature_failed(&self, scope: &'static str) {
+        self.signature_failures
+            .get_or_create(&ScopeLabel { scope })
+            .inc();
+    }
+
+    pub fn limited(&self, scope: &'static str) {
+        self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
     }
 
     pub fn rejected(&self, reason: Rejection) {

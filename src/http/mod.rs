@@ -1,15 +1,23 @@
-//! The HTTP face of the service: the router, the API-key guard, and the handlers.
+//! The HTTP face of the service: the router, its guards (Twilio signature, API key, rate
+//! limits) and the handlers.
 
 mod api_key;
 mod error;
+mod gate;
 mod handlers;
+pub mod rate_limit;
+mod signature;
 
 use std::sync::Arc;
 
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler;
+use axum::middleware::from_fn_with_state;
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::config::Settings;
+use crate::gate::Gate;
 use crate::media::MediaHub;
 use crate::metrics::Metrics;
 use crate::store::StateStore;
@@ -23,36 +31,54 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn StateStore>,
     pub hub: Arc<MediaHub>,
+    pub gate: Arc<Gate>,
+    pub limits: Arc<rate_limit::Limiters>,
 }
 
 /// The whole HTTP and WebSocket interface (SPEC section 2).
 pub fn router(state: AppState) -> Router {
-    let operator = Router::new()
-        .route("/calls", get(handlers::calls))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            api_key::require,
-        ));
-    let metrics = Router::new().route("/metrics", get(handlers::metrics));
+    let twilio = from_fn_with_state(state.clone(), signature::require);
+    let key = from_fn_with_state(state.clone(), api_key::require);
     let metrics = if state.settings.security.metrics_require_api_key {
-        metrics.route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            api_key::require,
-        ))
+        get(handlers::metrics.layer(key.clone()))
     } else {
-        metrics
+        get(handlers::metrics)
     };
     Router::new()
         .route("/", get(handlers::root))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
-        .route("/media", get(handlers::media))
+        .route("/media", get(handlers::media.layer(twilio.clone())))
         .route(
             "/executions/{execution_id}/connected",
             get(handlers::execution_connected),
         )
-        .merge(operator)
-        .merge(metrics)
+        .route(
+            "/validate-pin",
+            post(gate::validate_pin.layer(twilio.clone())),
+        )
+        .route(
+            "/blocked-callers",
+            get(gate::list_blocked.layer(key.clone())),
+        )
+        .route(
+            "/blocked-callers/",
+            get(gate::empty_caller_status.layer(twilio.clone())),
+        )
+        .route(
+            "/blocked-callers/{caller_id}",
+            get(gate::caller_status.layer(twilio.clone()))
+                .post(gate::block_caller.layer(key.clone()))
+                .delete(gate::unblock_caller.layer(key.clone())),
+        )
+        .route(
+            "/auth-attempts/{caller_id}",
+            get(gate::attempts.layer(key.clone())),
+        )
+        .route("/calls", get(handlers::calls.layer(key)))
+        .route("/metrics", metrics)
         .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(state.settings.twilio.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), rate_limit::per_ip))
         .with_state(state)
 }

@@ -1,7 +1,9 @@
-//! Which backends a call's audio goes to, decided once at `start` (SPEC section 3):
-//! `backendIds` from the table, else allowlisted `backendHosts`, else the configured default.
+//! Which backends a call's audio goes to, decided once at `start` (SPEC section 3): what the
+//! route token allows, else `backendIds` from the table, else allowlisted `backendHosts`, else
+//! the configured default.
 
 use crate::config::{BackendSettings, WireFormat};
+use crate::gate::route_token::Claims;
 use crate::twilio::messages::Start;
 
 /// One backend link to open for the call.
@@ -20,6 +22,7 @@ pub struct Target {
 /// Where the targets came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    RouteToken,
     BackendIds,
     BackendHosts,
     Default,
@@ -39,69 +42,120 @@ pub enum RouteError {
     NoBackend,
     #[error("no usable backend: {}", .0.join("; "))]
     NoneUsable(Vec<String>),
+    #[error("the route token does not allow {0}")]
+    NotAllowed(String),
+    #[error("the route token was issued to another caller")]
+    OtherCaller,
 }
 
-/// Chooses the call's backends from its `start` message.
-pub fn choose(start: &Start, backends: &BackendSettings) -> Result<Route, RouteError> {
+/// Chooses the call's backends from its `start` message and, when the stream carries one, its
+/// verified route token. With a token, the stream may narrow what the token allows (by
+/// naming some of its backends) but never widen it.
+pub fn choose(
+    start: &Start,
+    backends: &BackendSettings,
+    token: Option<&Claims>,
+) -> Result<Route, RouteError> {
+    if let Some(claims) = token {
+        return choose_by_token(start, backends, claims);
+    }
     if let Some(ids) = start.param("backendIds").map(parse_list) {
         if !ids.is_empty() {
-            let mut skipped = Vec::new();
-            let mut targets: Vec<Target> = Vec::new();
-            for id in ids {
-                match backends.table.get(&id).filter(|b| b.enabled) {
-                    Some(spec) => {
-                        if targets.iter().all(|t| t.name != id) {
-                            targets.push(Target {
-                                metrics_label: id.clone(),
-                                url: spec.url.clone(),
-                                format: spec.format,
-                                queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
-                                name: id,
-                            });
-                        }
-                    }
-                    None => skipped.push(format!("unknown backend id `{id}`")),
-                }
-            }
-            return finish(Source::BackendIds, targets, skipped);
+            return by_ids(Source::BackendIds, ids, backends);
         }
     }
     if let Some(hosts) = start.param("backendHosts").map(parse_list) {
         if !hosts.is_empty() {
-            let mut skipped = Vec::new();
-            let mut targets: Vec<Target> = Vec::new();
-            for entry in hosts {
-                match host_target(&entry, backends) {
-                    Ok(t) if targets.iter().any(|o| o.name == t.name) => {}
-                    Ok(t) => targets.push(t),
-                    Err(why) => skipped.push(why),
-                }
-            }
-            return finish(Source::BackendHosts, targets, skipped);
+            return by_hosts(Source::BackendHosts, hosts, backends);
         }
     }
     if backends.default.is_empty() {
         return Err(RouteError::NoBackend);
     }
-    let targets = backends
-        .default
-        .iter()
-        .filter_map(|id| {
-            backends
-                .table
-                .get(id)
-                .filter(|b| b.enabled)
-                .map(|s| (id, s))
-        })
-        .map(|(id, spec)| Target {
-            name: id.clone(),
-            metrics_label: id.clone(),
-            url: spec.url.clone(),
-            format: spec.format,
-            queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
-        })
-        .collect();
-    finish(Source::Default, targets, Vec::new())
+    by_ids(Source::Default, backends.default.clone(), backends)
+}
+
+fn choose_by_token(
+    start: &Start,
+    backends: &BackendSettings,
+    claims: &Claims,
+) -> Result<Route, RouteError> {
+    if let Some(caller) = start.param("callerId") {
+        if caller.trim() != claims.caller.trim() {
+            return Err(RouteError::OtherCaller);
+        }
+    }
+    let narrowed = |param: &str, allowed: &[String]| -> Result<Vec<String>, RouteError> {
+        match start.param(param).map(parse_list).filter(|l| !l.is_empty()) {
+            None => Ok(allowed.to_vec()),
+            Some(asked) => {
+                if let Some(extra) = asked.iter().find(|a| !allowed.contains(a)) {
+                    return Err(RouteError::NotAllowed(format!("`{extra}`")));
+                }
+                Ok(asked)
+            }
+        }
+    };
+    let ids = narrowed("backendIds", &claims.backend_ids)?;
+    let hosts = narrowed("backendHosts", &claims.backend_hosts)?;
+    let by_id = by_ids(Source::RouteToken, ids, backends);
+    let by_host = by_hosts(Source::RouteToken, hosts, backends);
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    for part in [by_id, by_host] {
+        match part {
+            Ok(route) => {
+                targets.extend(route.targets);
+                skipped.extend(route.skipped);
+            }
+            Err(RouteError::NoneUsable(s)) => skipped.extend(s),
+            Err(_) => {}
+        }
+    }
+    finish(Source::RouteToken, targets, skipped)
+}
+
+fn by_ids(
+    source: Source,
+    ids: Vec<String>,
+    backends: &BackendSettings,
+) -> Result<Route, RouteError> {
+    let mut skipped = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
+    for id in ids {
+        match backends.table.get(&id).filter(|b| b.enabled) {
+            Some(spec) => {
+                if targets.iter().all(|t| t.name != id) {
+                    targets.push(Target {
+                        metrics_label: id.clone(),
+                        url: spec.url.clone(),
+                        format: spec.format,
+                        queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
+                        name: id,
+                    });
+                }
+            }
+            None => skipped.push(format!("unknown backend id `{id}`")),
+        }
+    }
+    finish(source, targets, skipped)
+}
+
+fn by_hosts(
+    source: Source,
+    hosts: Vec<String>,
+    backends: &BackendSettings,
+) -> Result<Route, RouteError> {
+    let mut skipped = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
+    for entry in hosts {
+        match host_target(&entry, backends) {
+            Ok(t) if targets.iter().any(|o| o.name == t.name) => {}
+            Ok(t) => targets.push(t),
+            Err(why) => skipped.push(why),
+        }
+    }
+    finish(source, targets, skipped)
 }
 
 fn finish(source: Source, targets: Vec<Target>, skipped: Vec<String>) -> Result<Route, RouteError> {
@@ -205,6 +259,10 @@ mod tests {
         }
     }
 
+    fn pick(start: &Start, backends: &BackendSettings) -> Result<Route, RouteError> {
+        choose(start, backends, None)
+    }
+
     fn backends() -> BackendSettings {
         let mut b = Settings::defaults().backends;
         let mut rec = b.table["speaker"].clone();
@@ -221,7 +279,7 @@ mod tests {
             "rec, speaker",
             r#"["rec","speaker","rec"]"#,
         ] {
-            let route = choose(
+            let route = pick(
                 &start(&[("backendIds", raw), ("backendHosts", r#"["127.0.0.1:1"]"#)]),
                 &backends(),
             )
@@ -235,17 +293,17 @@ mod tests {
 
     #[test]
     fn unknown_ids_are_skipped_and_all_unknown_is_refused() {
-        let route = choose(&start(&[("backendIds", r#"["rec","ghost"]"#)]), &backends()).unwrap();
+        let route = pick(&start(&[("backendIds", r#"["rec","ghost"]"#)]), &backends()).unwrap();
         assert_eq!(route.targets.len(), 1);
         assert!(route.skipped[0].contains("ghost"));
-        let err = choose(&start(&[("backendIds", r#"["ghost"]"#)]), &backends()).unwrap_err();
+        let err = pick(&start(&[("backendIds", r#"["ghost"]"#)]), &backends()).unwrap_err();
         assert!(matches!(err, RouteError::NoneUsable(_)));
         assert!(err.to_string().contains("unknown backend id `ghost`"));
     }
 
     #[test]
     fn hosts_are_allowlisted() {
-        let route = choose(
+        let route = pick(
             &start(&[(
                 "backendHosts",
                 r#"["127.0.0.1:8888","169.254.169.254:80","localhost:9","[::1]:7"]"#,
@@ -275,7 +333,7 @@ mod tests {
             r#"["127.0.0.1:0"]"#,
         ] {
             assert!(
-                choose(&start(&[("backendHosts", bad)]), &backends()).is_err(),
+                pick(&start(&[("backendHosts", bad)]), &backends()).is_err(),
                 "{bad}"
             );
         }
@@ -283,14 +341,57 @@ mod tests {
 
     #[test]
     fn default_backends_and_none_at_all() {
-        let route = choose(&start(&[("backendIds", "[]")]), &backends()).unwrap();
+        let route = pick(&start(&[("backendIds", "[]")]), &backends()).unwrap();
         assert_eq!(route.source, Source::Default);
         assert_eq!(route.targets[0].name, "speaker");
         let mut none = backends();
         none.default.clear();
-        assert_eq!(
-            choose(&start(&[]), &none).unwrap_err(),
-            RouteError::NoBackend
+        assert_eq!(pick(&start(&[]), &none).unwrap_err(), RouteError::NoBackend);
+    }
+
+    fn claims(ids: &[&str], hosts: &[&str]) -> Claims {
+        Claims {
+            caller: "+15551234567".into(),
+            backend_ids: ids.iter().map(|s| s.to_string()).collect(),
+            backend_hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            expires_at: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn a_route_token_decides_and_the_stream_may_only_narrow_it() {
+        let token = claims(&["rec", "speaker"], &["127.0.0.1:9"]);
+        let all = choose(&start(&[]), &backends(), Some(&token)).unwrap();
+        assert_eq!(all.source, Source::RouteToken);
+        let names: Vec<_> = all.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["rec", "speaker", "127.0.0.1:9"]);
+
+        let narrowed = choose(&start(&[("backendIds", "rec")]), &backends(), Some(&token)).unwrap();
+        assert_eq!(narrowed.targets[0].name, "rec");
+
+        let err = choose(
+            &start(&[("backendIds", "rec,admin")]),
+            &backends(),
+            Some(&token),
         );
+        assert_eq!(err.unwrap_err(), RouteError::NotAllowed("`admin`".into()));
+        let err = choose(
+            &start(&[("backendHosts", r#"["127.0.0.1:10"]"#)]),
+            &backends(),
+            Some(&token),
+        );
+        assert!(matches!(err.unwrap_err(), RouteError::NotAllowed(_)));
+        let err = choose(
+            &start(&[("callerId", "+19999999999")]),
+            &backends(),
+            Some(&token),
+        );
+        assert_eq!(err.unwrap_err(), RouteError::OtherCaller);
+        let ok = choose(
+            &start(&[("callerId", "+15551234567")]),
+            &backends(),
+            Some(&token),
+        );
+        assert!(ok.is_ok());
     }
 }

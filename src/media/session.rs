@@ -19,8 +19,10 @@ use super::route::{self, Route};
 use super::wire;
 use super::{Admission, CallInfo, MediaHub};
 use crate::config::WireFormat;
+use crate::gate::route_token;
 use crate::logging::mask_caller;
 use crate::metrics::{Outcome, Rejection};
+use crate::store::unix_now;
 use crate::twilio::messages::{self, Event, Start};
 
 /// WebSocket close codes (RFC 6455 section 7.4.1).
@@ -302,20 +304,60 @@ impl Session {
             );
         }
 
-        let route = match route::choose(&start, &self.hub.settings.backends) {
+        let security = &self.hub.settings.security;
+        let token = match start.param("routeToken") {
+            Some(raw) => match route_token::verify(&security.route_token_secret, raw, unix_now()) {
+                Ok(claims) => Some(claims),
+                Err(e) => {
+                    self.hub.metrics.route_token_failures.inc();
+                    error!(fault = "twilio", error = %e, "stream refused");
+                    return Step::End(End::new(
+                        Outcome::refused_route_token,
+                        close::POLICY,
+                        e.to_string(),
+                    ));
+                }
+            },
+            None if security.require_route_token => {
+                self.hub.metrics.route_token_failures.inc();
+                error!(
+                    fault = "twilio",
+                    "stream refused: no route token and security.require_route_token is on"
+                );
+                return Step::End(End::new(
+                    Outcome::refused_route_token,
+                    close::POLICY,
+                    "a route token from /validate-pin is required",
+                ));
+            }
+            None => None,
+        };
+        if let (Some(claims), None) = (&token, &caller) {
+            span.record(
+                "caller",
+                mask_caller(&claims.caller, self.hub.settings.log.mask_callers).as_ref(),
+            );
+        }
+        let caller = caller.or_else(|| token.as_ref().map(|c| c.caller.clone()));
+
+        let route = match route::choose(&start, &self.hub.settings.backends, token.as_ref()) {
             Ok(route) => route,
             Err(e) => {
-                error!(fault = "twilio", error = %e, "stream refused");
-                if let route::RouteError::NoneUsable(entries) = &e {
-                    for _ in entries {
-                        self.hub.metrics.rejected(Rejection::backend_entry);
+                let outcome = match e {
+                    route::RouteError::NotAllowed(_) | route::RouteError::OtherCaller => {
+                        self.hub.metrics.route_token_failures.inc();
+                        Outcome::refused_route_token
                     }
-                }
-                return Step::End(End::new(
-                    Outcome::refused_no_backend,
-                    close::POLICY,
-                    e.to_string(),
-                ));
+                    route::RouteError::NoneUsable(ref entries) => {
+                        for _ in entries {
+                            self.hub.metrics.rejected(Rejection::backend_entry);
+                        }
+                        Outcome::refused_no_backend
+                    }
+                    route::RouteError::NoBackend => Outcome::refused_no_backend,
+                };
+                error!(fault = "twilio", error = %e, "stream refused");
+                return Step::End(End::new(outcome, close::POLICY, e.to_string()));
             }
         };
         let Route {

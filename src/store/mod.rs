@@ -1,5 +1,6 @@
 //! The service's shared state behind one interface, so the media and gate code never know
-//! which engine holds it. Engines: `memory` (embedded, one instance).
+//! which engine holds it: live executions, failed-PIN attempts and blocked callers.
+//! Engines: `memory` (embedded, one instance).
 
 pub mod memory;
 
@@ -22,8 +23,44 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// A blocked caller. Times are Unix seconds so every engine stores them the same way.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Block {
+    pub caller: String,
+    pub blocked_on: u64,
+    /// `None`: blocked until removed.
+    pub expires_at: Option<u64>,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// State shared by every instance of the service.
 pub trait StateStore: Send + Sync + 'static {
+    /// Counts one failed PIN for the caller and answers the count, atomically (concurrent
+    /// failures all count). The count expires `ttl` after the latest failure.
+    fn record_failure<'a>(&'a self, caller: &'a str, ttl: Duration) -> StoreFuture<'a, u64>;
+
+    /// The caller's failed attempts, if any are counted.
+    fn attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, Option<u64>>;
+
+    fn clear_attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Blocks the caller (for `ttl`, or until removed); an existing block is kept as it is.
+    fn block<'a>(&'a self, caller: &'a str, ttl: Option<Duration>) -> StoreFuture<'a, Block>;
+
+    /// Removes a block and the caller's attempts; answers whether there was a block.
+    fn unblock<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, bool>;
+
+    fn blocked<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, Option<Block>>;
+
+    /// Every caller blocked now.
+    fn blocks(&self) -> StoreFuture<'_, Vec<Block>>;
+
     /// Marks one stream of a Studio execution live until `ttl` from now; called again to
     /// refresh it while the stream lasts.
     fn execution_live<'a>(

@@ -1,3 +1,5 @@
-//! The Twilio protocol alone: Media Streams messages. Imports nothing else of this crate.
+//! The Twilio protocol alone: Media Streams messages and request signatures. Imports nothing
+//! else of this crate.
 
 pub mod messages;
+pub mod signature;

@@ -25,6 +25,7 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
     let mut s = Settings::defaults();
     s.backends.default.clear();
     s.backends.table.clear();
+    s.gate.pins.clear();
     for (id, url, format) in backends {
         s.backends.table.insert(
             id.to_string(),
@@ -42,6 +43,15 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
     s.security.api_key = "test-key".into();
     s.validate().expect("test settings are valid");
     s
+}
+
+/// Adds a PIN to the directory, as `call-proxy hash-pin` would.
+pub fn add_pin(s: &mut Settings, pin: &str, backends: &[&str]) {
+    let hash = call_proxy::gate::pins::hash_pin(&s.gate.pin_key, pin);
+    s.gate
+        .pins
+        .insert(hash, backends.iter().map(|b| b.to_string()).collect());
+    s.validate().expect("valid PIN entry");
 }
 
 pub struct Proxy {

@@ -1,0 +1,191 @@
+//! The caller-gate routes: `/validate-pin`, `/blocked-callers`, `/auth-attempts`. Shapes
+//! follow the original service so its Studio Flow works unchanged.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::gate::{CallerStatus, GateError, PinOutcome};
+use crate::store::Block;
+
+impl From<GateError> for ApiError {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Store(e) => e.into(),
+            GateError::Pins(e) => {
+                tracing::error!(error = %e, "PIN check unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "PIN check unavailable; try again shortly",
+                )
+            }
+        }
+    }
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+}
+
+fn block_json(block: &Block) -> Value {
+    json!({
+        "id": block.caller,
+        "blockedOn": rfc3339(block.blocked_on),
+        "expiresAt": block.expires_at.map(rfc3339),
+        "blocked": true,
+    })
+}
+
+/// A JSON scalar as text: Studio sends digits unquoted when its template is unquoted.
+fn text(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.trim().to_string(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `{"pin","callerId"}` from a JSON or form body.
+fn pin_request(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        let mut pin = String::new();
+        let mut caller = String::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            match k.as_ref() {
+                "pin" => pin = v.trim().to_string(),
+                "callerId" => caller = v.trim().to_string(),
+                _ => {}
+            }
+        }
+        return Ok((pin, caller));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("body must be JSON or a form with pin and callerId: {e}"),
+        )
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body must be an object with pin and callerId",
+        ));
+    }
+    Ok((text(v.get("pin")), text(v.get("callerId"))))
+}
+
+pub async fn validate_pin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()).into_response())?;
+    let (pin, caller) = pin_request(&headers, &body).map_err(IntoResponse::into_response)?;
+    if let Err(limited) = state.limits.check_caller(&caller) {
+        state.metrics.limited("pin_per_caller");
+        return Err(limited.into_response());
+    }
+    let outcome = state
+        .gate
+        .validate_pin(&caller, &pin)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    let body = match outcome {
+        PinOutcome::Granted { grant, route_token } => json!({
+            "authenticated": true,
+            // Strings holding JSON arrays: Studio passes them on as stream parameters.
+            "backendIds": serde_json::to_string(&grant.backend_ids).unwrap_or_default(),
+            "backendHosts": serde_json::to_string(&grant.backend_hosts).unwrap_or_default(),
+            "routeToken": route_token,
+        }),
+        PinOutcome::Blocked => json!({ "authenticated": false, "blocked": true }),
+        PinOutcome::Wrong { attempts, blocked } => json!({
+            "authenticated": false,
+            "blocked": blocked,
+            "attempts": { "id": caller, "attempts": attempts, "blocked": blocked },
+        }),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// The flow's "is this caller blocked?" question: 200 when blocked, 404 when not.
+pub async fn caller_status(
+    State(state): State<AppState>,
+    Path(caller): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(match state.gate.status(&caller).await? {
+        CallerStatus::Withheld if caller.trim().is_empty() => {
+            Json(json!({ "blocked": true })).into_response()
+        }
+        CallerStatus::Withheld => {
+            Json(json!({ "id": caller, "withheld": true, "blocked": true })).into_response()
+        }
+        CallerStatus::Blocked(block) => Json(block_json(&block)).into_response(),
+        CallerStatus::Clear => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "id": caller, "blocked": false, "error": "caller is not blocked" })),
+        )
+            .into_response(),
+    })
+}
+
+/// `/blocked-callers/` with nothing after it: the flow asking about an empty caller id.
+pub async fn empty_caller_status() -> Json<Value> {
+    Json(json!({ "blocked": true }))
+}
+
+pub async fn list_blocked(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let blocks = state.gate.blocks().await?;
+    Ok(Json(
+        json!({ "data": blocks.iter().map(block_json).collect::<Vec<_>>() }),
+    ))
+}
+
+pub async fn block_caller(
+    State(state): State<AppState>,
+    Path(caller): Path<String>,
+) -> Result<Response, ApiError> {
+    if caller.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty caller id"));
+    }
+    let block = state.gate.block(&caller, "blocked by an operator").await?;
+    Ok((StatusCode::CREATED, Json(block_json(&block))).into_response())
+}
+
+pub async fn unblock_caller(
+    State(state): State<AppState>,
+    Path(caller): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.gate.unblock(&caller).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "caller is not blocked",
+        ))
+    }
+}
+
+pub async fn attempts(
+    State(state): State<AppState>,
+    Path(caller): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state.gate.attempts(&caller).await? {
+        Some(n) => Ok(Json(json!({ "attempts": n }))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no failed attempts for this caller",
+        )),
+    }
+}
