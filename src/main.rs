@@ -1,4 +1,5 @@
-//! The `call-proxy` binary: parses the command line, loads settings, starts the service.
+//! The `call-proxy` binary: parses the command line, loads settings, and serves, checks the
+//! config, or hashes a PIN.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,14 @@ enum Command {
     Serve,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Print the `[gate.pins]` line for a PIN, hashed with the configured `gate.pin_key`.
+    /// Without PIN, reads it from standard input (keeps it out of the shell history).
+    HashPin {
+        pin: Option<String>,
+        /// The backend ids the PIN opens, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        backends: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,8 +65,49 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::HashPin { pin, backends } => hash_pin(&settings, pin, &backends),
         Command::Serve => serve(settings),
     }
+}
+
+fn hash_pin(settings: &Settings, pin: Option<String>, backends: &[String]) -> ExitCode {
+    let pin = match pin {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() {
+                eprintln!("call-proxy: no PIN given");
+                return ExitCode::from(2);
+            }
+            line
+        }
+    };
+    let pin = pin.trim();
+    if pin.is_empty()
+        || !pin
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'*' || b == b'#')
+    {
+        eprintln!("call-proxy: a PIN is the keypad digits a caller types (0-9, * and #)");
+        return ExitCode::from(2);
+    }
+    if let Some(unknown) = backends
+        .iter()
+        .find(|b| !settings.backends.table.contains_key(*b))
+    {
+        eprintln!("call-proxy: no backend `{unknown}` in backends.table");
+        return ExitCode::from(2);
+    }
+    if settings.gate.pin_key.len() < 16 {
+        eprintln!("call-proxy: gate.pin_key is not set (16 characters or more)");
+        return ExitCode::from(2);
+    }
+    println!("# under [gate.pins]");
+    println!(
+        "{}",
+        call_proxy::gate::pins::directory_line(&settings.gate.pin_key, pin, backends)
+    );
+    ExitCode::SUCCESS
 }
 
 fn serve(settings: Settings) -> ExitCode {

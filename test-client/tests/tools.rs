@@ -116,16 +116,21 @@ fn speaker(record_dir: &Path) -> (Proc, String) {
 }
 
 fn proxy(speaker_url: &str, format: &str) -> (Proc, String) {
+    let mut cmd = Command::new(call_proxy_bin());
+    cmd.env_remove("RUN_MODE")
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", speaker_url)
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", format);
+    start_proxy(cmd)
+}
+
+fn start_proxy(mut cmd: Command) -> (Proc, String) {
     let p = Proc::spawn(
-        Command::new(call_proxy_bin())
-            .current_dir(workspace())
+        cmd.current_dir(workspace())
             .env_remove("RUST_LOG")
-            .env_remove("RUN_MODE")
             .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
             .env("CALL_PROXY__SERVER__PORT", "0")
-            .env("CALL_PROXY__LOG__FORMAT", "json")
-            .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", speaker_url)
-            .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", format),
+            .env("CALL_PROXY__LOG__FORMAT", "json"),
     );
     let addr = p.line(Duration::from_secs(10), |l| {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
@@ -326,4 +331,84 @@ fn test_client_explains_what_went_wrong() {
     let out = play(&url, "no-such-file.wav");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-file.wav"));
+}
+
+const AUTH_TOKEN: &str = "test-auth-token";
+const PIN_KEY: &str = "test-pin-key-0123456789";
+
+/// The service as production runs it (signatures on, route tokens required), with the
+/// speaker as its one backend and PIN 2468 opening it, from a `--config` file.
+fn production_proxy(speaker_url: &str, dir: &Path) -> (Proc, String) {
+    let config = dir.join("site.toml");
+    let hash = call_proxy::gate::pins::hash_pin(PIN_KEY, "2468");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.table.speaker]\nenabled = true\nurl = \"{speaker_url}\"\nformat = \"twilio\"\n\n[gate.pins]\n\"{hash}\" = [\"speaker\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(call_proxy_bin());
+    cmd.arg("--config")
+        .arg(&config)
+        .env("RUN_MODE", "production")
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("CALL_PROXY__GATE__PIN_KEY", PIN_KEY)
+        .env(
+            "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
+            "test-route-token-secret",
+        );
+    start_proxy(cmd)
+}
+
+fn flow(url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_test-client"))
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .args(["--flow", "--url", url, "--caller", "+15550100000", "--wav"])
+        .arg(sample("testing-123.wav"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_flow_walk_passes_a_production_configured_proxy_and_only_with_the_right_token_and_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (speaker, speaker_url) = speaker(&dir.path().join("rec"));
+    let (_proxy, url) = production_proxy(&speaker_url, dir.path());
+
+    let out = flow(&url, &["--pin", "2468", "--auth-token", AUTH_TOKEN]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "flow failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#"PIN opened ["speaker"]"#), "{stdout}");
+    assert!(stdout.contains("gone after the call"), "{stdout}");
+    let frames = source_frames("testing-123.wav").len() / 160;
+    let summary = speaker.line(Duration::from_secs(10), |l| {
+        l.starts_with("call CA").then(|| l.to_string())
+    });
+    assert!(summary.contains(&format!(": {frames} frames")), "{summary}");
+
+    // Unsigned: refused at the first request.
+    let out = flow(&url, &["--pin", "2468"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("X-Twilio-Signature"));
+    // Signed with another token: refused.
+    let out = flow(&url, &["--pin", "2468", "--auth-token", "not-the-token"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
+    // The wrong PIN: refused, and counted.
+    let out = flow(&url, &["--pin", "1111", "--auth-token", AUTH_TOKEN]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PIN refused") && err.contains(r#""attempts":1"#),
+        "{err}"
+    );
+    // A stream straight to /media without the PIN's route token: the proxy closes it.
+    let out = play(&url, "testing-123.wav");
+    assert!(!out.status.success());
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use test_client::flow::{self as studio, FlowOptions};
 use test_client::play::{self, CallSpec};
 
 #[derive(Parser)]
@@ -48,6 +49,19 @@ struct Cli {
     /// Any other stream parameter, KEY=VALUE; repeatable.
     #[arg(long = "param", value_parser = parse_param)]
     params: Vec<(String, String)>,
+    /// Walk the whole Studio Flow first: blocked check, PIN, then the stream with the
+    /// parameters the PIN returned, polling the execution's liveness.
+    #[arg(long)]
+    flow: bool,
+    /// With --flow: the PIN to enter.
+    #[arg(long, default_value = "1234", requires = "flow")]
+    pin: String,
+    /// Sign every request and the upgrade as Twilio does, with this auth token.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// The URL Twilio calls the proxy on (its twilio.public_url), when signing.
+    #[arg(long)]
+    public_url: Option<String>,
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -111,6 +125,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
     params.extend(cli.params.iter().cloned());
 
+    if cli.flow {
+        return flow(&cli, &frames).await;
+    }
     let mut n = 0u64;
     loop {
         let began = tokio::time::Instant::now();
@@ -149,4 +166,46 @@ async fn run(cli: Cli) -> Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+async fn flow(cli: &Cli, frames: &[Vec<u8>]) -> Result<()> {
+    let caller = cli
+        .caller
+        .clone()
+        .unwrap_or_else(|| "+15550100000".to_string());
+    let execution_id = cli.execution_id.clone().unwrap_or_else(|| {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("FN{stamp:032x}")
+    });
+    let opts = FlowOptions {
+        url: cli.url.clone(),
+        caller,
+        pin: cli.pin.clone(),
+        auth_token: cli.auth_token.clone(),
+        public_url: cli.public_url.clone(),
+        execution_id,
+    };
+    let report = studio::run(&opts, frames).await?;
+    println!(
+        "test-client: flow for {}: PIN opened {}; call {}: {} frames streamed in {:.2} s; \
+         execution connected on {} poll(s), {} after the call",
+        opts.caller,
+        report.backend_ids,
+        report.call.call_sid,
+        report.call.frames,
+        report.call.took.as_secs_f64(),
+        report.connected_polls,
+        if report.disconnected_after {
+            "gone"
+        } else {
+            "STILL CONNECTED"
+        },
+    );
+    if !report.disconnected_after {
+        bail!("the execution still reads as connected after the call ended");
+    }
+    Ok(())
 }
