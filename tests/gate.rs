@@ -64,6 +64,17 @@ fn form_body(params: &[(&str, &str)]) -> String {
     ser.finish()
 }
 
+/// A form post to `/validate-pin` carrying the given signature.
+async fn post_signed(proxy: &Proxy, params: &[(&str, &str)], sig: &str) -> reqwest::Response {
+    post_form(
+        proxy,
+        "/validate-pin",
+        &form_body(params),
+        &[("X-Twilio-Signature", sig)],
+    )
+    .await
+}
+
 fn signed_settings() -> Settings {
     let mut s = settings(&[("rec", "ws://127.0.0.1:9/media", WireFormat::Twilio)]);
     s.twilio.validate_signatures = true;
@@ -167,13 +178,7 @@ async fn repeated_parameters_are_signed_deduplicated_and_sorted() {
         ("tag", "b"),
     ];
     let sig = sha1_sig(PRIMARY, &proxy.url("/validate-pin"), &params);
-    let r = post_form(
-        &proxy,
-        "/validate-pin",
-        &form_body(&params),
-        &[("X-Twilio-Signature", &sig)],
-    )
-    .await;
+    let r = post_signed(&proxy, &params, &sig).await;
     assert_eq!(r.status(), 200);
     // Signing the values in the order sent, without sorting, is not what Twilio does.
     let naive = hmac_b64::<Hmac<sha1::Sha1>>(
@@ -183,13 +188,7 @@ async fn repeated_parameters_are_signed_deduplicated_and_sorted() {
             proxy.url("/validate-pin")
         ),
     );
-    let r = post_form(
-        &proxy,
-        "/validate-pin",
-        &form_body(&params),
-        &[("X-Twilio-Signature", &naive)],
-    )
-    .await;
+    let r = post_signed(&proxy, &params, &naive).await;
     assert_eq!(r.status(), 403);
 }
 
@@ -250,13 +249,7 @@ async fn the_public_url_with_and_without_its_default_port_and_the_wss_upgrade() 
     }
     // The local address is not what Twilio called.
     let sig = sha1_sig(PRIMARY, &proxy.url("/validate-pin"), &params);
-    let r = post_form(
-        &proxy,
-        "/validate-pin",
-        &form_body(&params),
-        &[("X-Twilio-Signature", &sig)],
-    )
-    .await;
+    let r = post_signed(&proxy, &params, &sig).await;
     assert_eq!(r.status(), 403);
 
     // The media upgrade is signed over its wss:// URL, with no parameters.

@@ -72,21 +72,25 @@ pub fn signed_data(url: &str, params: &[(String, String)]) -> String {
     data
 }
 
+fn keyed<M: Mac + KeyInit>(key: &[u8], data: &str) -> M {
+    let mut mac = <M as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data.as_bytes());
+    mac
+}
+
 /// base64 of the HMAC of `data` under `key`.
 pub fn sign(algorithm: Algorithm, key: &[u8], data: &str) -> String {
-    let b64 = &base64::engine::general_purpose::STANDARD;
-    match algorithm {
-        Algorithm::HmacSha1 => {
-            let mut mac = Hmac::<Sha1>::new_from_slice(key).expect("HMAC takes any key length");
-            mac.update(data.as_bytes());
-            b64.encode(mac.finalize().into_bytes())
-        }
-        Algorithm::HmacSha256 => {
-            let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-            mac.update(data.as_bytes());
-            b64.encode(mac.finalize().into_bytes())
-        }
-    }
+    let tag = match algorithm {
+        Algorithm::HmacSha1 => keyed::<Hmac<Sha1>>(key, data)
+            .finalize()
+            .into_bytes()
+            .to_vec(),
+        Algorithm::HmacSha256 => keyed::<Hmac<Sha256>>(key, data)
+            .finalize()
+            .into_bytes()
+            .to_vec(),
+    };
+    base64::engine::general_purpose::STANDARD.encode(tag)
 }
 
 /// Whether `signature` (base64, as sent) is the HMAC of `data` under `key`; constant time.
@@ -95,17 +99,10 @@ pub fn verify(algorithm: Algorithm, key: &[u8], data: &str, signature: &str) -> 
         return false;
     };
     match algorithm {
-        Algorithm::HmacSha1 => {
-            let mut mac = Hmac::<Sha1>::new_from_slice(key).expect("HMAC takes any key length");
-            mac.update(data.as_bytes());
-            mac.verify_slice(&presented).is_ok()
-        }
-        Algorithm::HmacSha256 => {
-            let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-            mac.update(data.as_bytes());
-            mac.verify_slice(&presented).is_ok()
-        }
+        Algorithm::HmacSha1 => keyed::<Hmac<Sha1>>(key, data).verify_slice(&presented),
+        Algorithm::HmacSha256 => keyed::<Hmac<Sha256>>(key, data).verify_slice(&presented),
     }
+    .is_ok()
 }
 
 /// Lowercase hex SHA-256 of a body, as Twilio puts in `bodySHA256`.
