@@ -210,16 +210,39 @@ impl WireFormat {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct StoreSettings {
     pub kind: StoreKind,
     pub execution_ttl_ms: u64,
+    pub path: String,
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    // A Redis URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.redis_url.split_once('@') {
+            Some((_, host)) => format!("redis://<credentials>@{host}"),
+            None => self.redis_url.clone(),
+        };
+        f.debug_struct("StoreSettings")
+            .field("kind", &self.kind)
+            .field("execution_ttl_ms", &self.execution_ttl_ms)
+            .field("path", &self.path)
+            .field("redis_url", &url)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     Memory,
+    Redis,
 }
 
 #[derive(Clone, Deserialize)]
@@ -323,6 +346,25 @@ impl Settings {
                 builder = builder.set_override(*key, value.as_str())?;
             }
         }
+        // The original's switch to Redis: REMOTE_CACHE_ENABLED=true with REDIS_HOST=host[:port].
+        let remote = sources
+            .env
+            .get("REMOTE_CACHE_ENABLED")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+        if remote {
+            builder = builder.set_override("store.kind", "redis")?;
+        }
+        if let Some(host) = sources.env.get("REDIS_HOST").filter(|h| !h.trim().is_empty()) {
+            let host = host.trim();
+            let url = if host.starts_with("redis://") || host.starts_with("rediss://") {
+                host.to_string()
+            } else if host.contains(':') {
+                format!("redis://{host}")
+            } else {
+                format!("redis://{host}:6379")
+            };
+            builder = builder.set_override("store.redis_url", url)?;
+        }
 
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -357,6 +399,23 @@ impl Settings {
         }
         if self.store.execution_ttl_ms < 3 {
             return Err(invalid("store.execution_ttl_ms", "must be at least 3"));
+        }
+        if self.store.kind == StoreKind::Redis {
+            if !self.store.redis_url.starts_with("redis://") {
+                return Err(invalid(
+                    "store.redis_url",
+                    "must be a redis:// URL (REDIS_HOST=host[:port] also works)",
+                ));
+            }
+            if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(['*', '?', '[', ' ']) {
+                return Err(invalid(
+                    "store.key_prefix",
+                    "must be non-empty, without spaces or glob characters",
+                ));
+            }
+        }
+        if self.store.timeout_ms == 0 {
+            return Err(invalid("store.timeout_ms", "must be at least 1"));
         }
         for (id, spec) in &self.backends.table {
             let key = format!("backends.table.{id}");
@@ -570,6 +629,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(s.gate.max_invalid_attempts, 3);
+        assert_eq!(s.store.kind, StoreKind::Memory);
         assert_eq!(s.gate.attempts_ttl_secs, 60);
         assert!(s.twilio.validate_signatures);
         assert_eq!(s.twilio.auth_token, "tok");
@@ -653,6 +713,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn the_originals_redis_switch() {
+        let s = Settings::load(&with_env(&[
+            ("REMOTE_CACHE_ENABLED", "true"),
+            ("REDIS_HOST", "cache.internal"),
+        ]))
+        .unwrap();
+        assert_eq!(s.store.kind, StoreKind::Redis);
+        assert_eq!(s.store.redis_url, "redis://cache.internal:6379");
+        let s = Settings::load(&with_env(&[("REDIS_HOST", "10.0.0.5:6380")])).unwrap();
+        assert_eq!(s.store.kind, StoreKind::Memory, "REDIS_HOST alone does not switch");
+        assert_eq!(s.store.redis_url, "redis://10.0.0.5:6380");
+        let s = Settings::load(&with_env(&[(
+            "CALL_PROXY__STORE__REDIS_URL",
+            "redis://:s3cret@cache:6379",
+        )]))
+        .unwrap();
+        assert!(!format!("{s:?}").contains("s3cret"));
     }
 
     #[test]

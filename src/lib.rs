@@ -33,7 +33,7 @@ pub use crate::http::AppState;
 pub fn state(settings: Settings) -> std::io::Result<AppState> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(metrics::Metrics::new());
-    let store = store::from_settings(&settings.store);
+    let store = store::from_settings(&settings.store).map_err(std::io::Error::other)?;
     let hub = media::MediaHub::new(settings.clone(), metrics.clone(), store.clone());
     let gate = gate::Gate::new(settings.clone(), store.clone(), metrics.clone())
         .map_err(std::io::Error::other)?;

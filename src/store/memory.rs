@@ -1,20 +1,33 @@
-//! The embedded engine: concurrent maps with expiry times, for a single instance.
+//! The embedded engine: concurrent maps with expiry times, for a single instance. Blocks
+//! and attempts go through the journal (when `store.path` is set), so they survive a crash;
+//! live executions are not worth keeping across a restart and stay in memory.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::time::Instant;
+use tracing::{info, warn};
 
-use super::{unix_now, Block, StateStore, StoreFuture};
+use super::journal::{self, Journal, JournalError, Record};
+use super::{unix_now, Block, StateStore, StoreError, StoreFuture};
 
 #[derive(Default)]
-pub struct MemoryStore {
+struct Maps {
     /// Execution id -> its live streams and when each expires unless refreshed.
     executions: DashMap<String, Vec<(String, Instant)>>,
     /// Caller -> failed attempts and when the count expires.
     attempts: DashMap<String, (u64, Instant)>,
     blocks: DashMap<String, Block>,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    maps: Arc<Maps>,
+    /// Held while a change is applied and written, so the file's order is the maps' order.
+    journal: Option<Arc<Mutex<Journal>>>,
 }
 
 fn ready<T: Send + 'static>(value: T) -> StoreFuture<'static, T> {
@@ -26,86 +39,171 @@ fn live(block: &Block, now: u64) -> bool {
 }
 
 impl MemoryStore {
+    /// A store that forgets everything when the process ends.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store whose blocks and attempts are replayed from, and written to, the journal at
+    /// `path`. Damaged records are reported and skipped; the file is rewritten compact.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let now_unix = unix_now();
+        let state = journal::replay(path, now_unix)?;
+        for (line, why) in &state.skipped {
+            warn!(path = %path.display(), line, why = %why, "journal record skipped");
+        }
+        let journal = Journal::compact(path, &state)?;
+        info!(
+            path = %path.display(),
+            records = state.records,
+            blocks = state.blocks.len(),
+            callers_with_attempts = state.attempts.len(),
+            "journal replayed"
+        );
+        let maps = Maps::default();
+        let now = Instant::now();
+        for (caller, block) in state.blocks {
+            maps.blocks.insert(caller, block);
+        }
+        for (caller, (n, expires_at)) in state.attempts {
+            let left = Duration::from_secs(expires_at.saturating_sub(now_unix));
+            maps.attempts.insert(caller, (n, now + left));
+        }
+        Ok(MemoryStore {
+            maps: Arc::new(maps),
+            journal: Some(Arc::new(Mutex::new(journal))),
+        })
+    }
+
+    /// Applies a change, and with a journal writes its record (fsynced) before answering.
+    /// The file work runs on the blocking pool, never on a runtime worker.
+    fn change<T, F>(&self, apply: F) -> StoreFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Maps) -> (T, Option<Record>) + Send + 'static,
+    {
+        let Some(journal) = self.journal.clone() else {
+            return ready(apply(&self.maps).0);
+        };
+        let maps = self.maps.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+                let (value, record) = apply(&maps);
+                if let Some(record) = record {
+                    journal.append(&record).map_err(|e| {
+                        tracing::error!(error = %e, "journal write failed");
+                        StoreError::Unavailable(e.to_string())
+                    })?;
+                }
+                Ok(value)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("journal task failed: {e}")))?
+        })
     }
 }
 
 impl StateStore for MemoryStore {
     fn record_failure<'a>(&'a self, caller: &'a str, ttl: Duration) -> StoreFuture<'a, u64> {
-        let now = Instant::now();
-        // The entry lock makes the read-increment-write atomic per caller.
-        let mut entry = self.attempts.entry(caller.to_string()).or_insert((0, now));
-        if entry.1 <= now {
-            entry.0 = 0;
-        }
-        entry.0 += 1;
-        entry.1 = now + ttl;
-        ready(entry.0)
+        let caller = caller.to_string();
+        self.change(move |maps| {
+            let now = Instant::now();
+            // The entry lock makes the read-increment-write atomic per caller.
+            let mut entry = maps.attempts.entry(caller.clone()).or_insert((0, now));
+            if entry.1 <= now {
+                entry.0 = 0;
+            }
+            entry.0 += 1;
+            entry.1 = now + ttl;
+            let n = entry.0;
+            let record = Record::Attempts {
+                caller,
+                n,
+                expires_at: unix_now() + ttl.as_secs().max(1),
+            };
+            (n, Some(record))
+        })
     }
 
     fn attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, Option<u64>> {
         let now = Instant::now();
-        let n = self.attempts.get(caller).filter(|e| e.1 > now).map(|e| e.0);
-        if n.is_none() {
-            self.attempts.remove_if(caller, |_, e| e.1 <= now);
-        }
+        let n = self
+            .maps
+            .attempts
+            .get(caller)
+            .filter(|e| e.1 > now)
+            .map(|e| e.0);
         ready(n)
     }
 
     fn clear_attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, ()> {
-        self.attempts.remove(caller);
-        ready(())
+        if !self.maps.attempts.contains_key(caller) {
+            // Nothing to forget: no journal write on every good PIN.
+            return ready(());
+        }
+        let caller = caller.to_string();
+        self.change(move |maps| {
+            maps.attempts.remove(&caller);
+            ((), Some(Record::ClearAttempts { caller }))
+        })
     }
 
     fn block<'a>(&'a self, caller: &'a str, ttl: Option<Duration>) -> StoreFuture<'a, Block> {
-        let now = unix_now();
-        let fresh = Block {
-            caller: caller.to_string(),
-            blocked_on: now,
-            expires_at: ttl.map(|t| now + t.as_secs().max(1)),
-        };
-        let block = match self.blocks.entry(caller.to_string()) {
-            Entry::Occupied(e) if live(e.get(), now) => e.get().clone(),
-            Entry::Occupied(mut e) => {
-                e.insert(fresh.clone());
-                fresh
+        let caller = caller.to_string();
+        self.change(move |maps| {
+            let now = unix_now();
+            let fresh = Block {
+                caller: caller.clone(),
+                blocked_on: now,
+                expires_at: ttl.map(|t| now + t.as_secs().max(1)),
+            };
+            match maps.blocks.entry(caller) {
+                Entry::Occupied(e) if live(e.get(), now) => (e.get().clone(), None),
+                Entry::Occupied(mut e) => {
+                    e.insert(fresh.clone());
+                    (fresh.clone(), Some(Record::Block(fresh)))
+                }
+                Entry::Vacant(e) => {
+                    e.insert(fresh.clone());
+                    (fresh.clone(), Some(Record::Block(fresh)))
+                }
             }
-            Entry::Vacant(e) => {
-                e.insert(fresh.clone());
-                fresh
-            }
-        };
-        ready(block)
+        })
     }
 
     fn unblock<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, bool> {
-        let now = unix_now();
-        self.attempts.remove(caller);
-        let was = self
-            .blocks
-            .remove(caller)
-            .is_some_and(|(_, b)| live(&b, now));
-        ready(was)
+        let caller = caller.to_string();
+        self.change(move |maps| {
+            let now = unix_now();
+            let had_attempts = maps.attempts.remove(&caller).is_some();
+            let removed = maps.blocks.remove(&caller);
+            let was = removed.as_ref().is_some_and(|(_, b)| live(b, now));
+            let record = (had_attempts || removed.is_some()).then_some(Record::Unblock { caller });
+            (was, record)
+        })
     }
 
     fn blocked<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, Option<Block>> {
         let now = unix_now();
         let block = self
+            .maps
             .blocks
             .get(caller)
             .filter(|b| live(b, now))
             .map(|b| b.clone());
-        if block.is_none() {
-            self.blocks.remove_if(caller, |_, b| !live(b, now));
-        }
         ready(block)
     }
 
     fn blocks(&self) -> StoreFuture<'_, Vec<Block>> {
         let now = unix_now();
-        self.blocks.retain(|_, b| live(b, now));
-        let mut all: Vec<Block> = self.blocks.iter().map(|b| b.clone()).collect();
+        let mut all: Vec<Block> = self
+            .maps
+            .blocks
+            .iter()
+            .filter(|b| live(b, now))
+            .map(|b| b.clone())
+            .collect();
         all.sort_by(|a, b| {
             a.blocked_on
                 .cmp(&b.blocked_on)
@@ -122,7 +220,11 @@ impl StateStore for MemoryStore {
     ) -> StoreFuture<'a, ()> {
         let now = Instant::now();
         let expires = now + ttl;
-        let mut streams = self.executions.entry(execution_id.to_string()).or_default();
+        let mut streams = self
+            .maps
+            .executions
+            .entry(execution_id.to_string())
+            .or_default();
         streams.retain(|(sid, at)| sid != stream_sid && *at > now);
         streams.push((stream_sid.to_string(), expires));
         ready(())
@@ -134,16 +236,19 @@ impl StateStore for MemoryStore {
         stream_sid: &'a str,
     ) -> StoreFuture<'a, ()> {
         let now = Instant::now();
-        self.executions.remove_if_mut(execution_id, |_, streams| {
-            streams.retain(|(sid, at)| sid != stream_sid && *at > now);
-            streams.is_empty()
-        });
+        self.maps
+            .executions
+            .remove_if_mut(execution_id, |_, streams| {
+                streams.retain(|(sid, at)| sid != stream_sid && *at > now);
+                streams.is_empty()
+            });
         ready(())
     }
 
     fn execution_is_live<'a>(&'a self, execution_id: &'a str) -> StoreFuture<'a, bool> {
         let now = Instant::now();
         let live = self
+            .maps
             .executions
             .get(execution_id)
             .is_some_and(|streams| streams.iter().any(|(_, at)| *at > now));
@@ -185,7 +290,7 @@ mod tests {
         assert!(store.execution_is_live("FN1").await.unwrap());
         store.execution_ended("FN1", "MZ2").await.unwrap();
         assert!(!store.execution_is_live("FN1").await.unwrap());
-        assert!(store.executions.is_empty(), "nothing left behind");
+        assert!(store.maps.executions.is_empty(), "nothing left behind");
     }
 
     #[tokio::test(start_paused = true)]
@@ -261,5 +366,28 @@ mod tests {
         assert!(!store.unblock("+1").await.unwrap());
         assert_eq!(store.blocked("+1").await.unwrap(), None);
         assert_eq!(store.attempts("+1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_journal_brings_blocks_and_attempts_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.log");
+        {
+            let store = MemoryStore::open(&path).unwrap();
+            store.block("+1", None).await.unwrap();
+            store.block("+2", None).await.unwrap();
+            store.unblock("+2").await.unwrap();
+            for _ in 0..3 {
+                store.record_failure("+3", Duration::from_secs(600)).await.unwrap();
+            }
+            store.record_failure("+4", Duration::from_secs(600)).await.unwrap();
+            store.clear_attempts("+4").await.unwrap();
+        }
+        let store = MemoryStore::open(&path).unwrap();
+        assert!(store.blocked("+1").await.unwrap().is_some());
+        assert!(store.blocked("+2").await.unwrap().is_none());
+        assert_eq!(store.attempts("+3").await.unwrap(), Some(3));
+        assert_eq!(store.attempts("+4").await.unwrap(), None);
+        assert_eq!(store.record_failure("+3", Duration::from_secs(600)).await.unwrap(), 4);
     }
 }

@@ -1,8 +1,11 @@
 //! The service's shared state behind one interface, so the media and gate code never know
 //! which engine holds it: live executions, failed-PIN attempts and blocked callers.
-//! Engines: `memory` (embedded, one instance).
+//! Engines: `memory` (embedded, one instance, with a journal file) and `redis` (shared by
+//! every instance).
 
+pub mod journal;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -84,9 +87,14 @@ pub trait StateStore: Send + Sync + 'static {
     fn ping(&self) -> StoreFuture<'_, ()>;
 }
 
-/// Builds the engine the settings name.
-pub fn from_settings(settings: &StoreSettings) -> Arc<dyn StateStore> {
-    match settings.kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-    }
+/// Builds the engine the settings name. Must run inside the tokio runtime (the Redis
+/// connection manager starts its reconnecting task there); Redis itself may still be down.
+pub fn from_settings(settings: &StoreSettings) -> Result<Arc<dyn StateStore>, String> {
+    Ok(match settings.kind {
+        StoreKind::Memory if settings.path.is_empty() => Arc::new(MemoryStore::new()),
+        StoreKind::Memory => Arc::new(
+            MemoryStore::open(std::path::Path::new(&settings.path)).map_err(|e| e.to_string())?,
+        ),
+        StoreKind::Redis => Arc::new(redis::RedisStore::new(settings).map_err(|e| e.to_string())?),
+    })
 }

@@ -127,6 +127,8 @@ fn proxy(speaker_url: &str, format: &str) -> (Proc, String) {
 fn start_proxy(mut cmd: Command) -> (Proc, String) {
     let p = Proc::spawn(
         cmd.current_dir(workspace())
+            // Nothing written into the workspace.
+            .env("CALL_PROXY__STORE__PATH", "")
             .env_remove("RUST_LOG")
             .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
             .env("CALL_PROXY__SERVER__PORT", "0")

@@ -26,6 +26,8 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
     s.backends.default.clear();
     s.backends.table.clear();
     s.gate.pins.clear();
+    // In memory unless a test asks for the journal or Redis.
+    s.store.path.clear();
     for (id, url, format) in backends {
         s.backends.table.insert(
             id.to_string(),

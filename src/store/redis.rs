@@ -1,0 +1,276 @@
+//! The Redis engine: the state every instance behind a load balancer shares.
+//!
+//! Keys, all under `store.key_prefix`:
+//! - `<p>:attempts:<caller>` — failed PINs; INCR and EXPIRE in one MULTI/EXEC round trip;
+//! - `<p>:block:<caller>` — a block as JSON, with EX when it has a TTL;
+//! - `<p>:exec:<execution>` — a sorted set of the execution's live streams, each scored with
+//!   its expiry (ms), the key itself expiring with the last refresh, so a crashed instance's
+//!   calls read as gone once their TTL passes.
+//!
+//! Every command has a deadline; a Redis that is down or slow is `StoreError::Unavailable`
+//! (the gate answers 503), and the connection manager reconnects by itself.
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+
+use super::{unix_now, Block, StateStore, StoreError, StoreFuture};
+use crate::config::StoreSettings;
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl RedisStore {
+    /// Connects lazily: the service starts (and says it is not ready) while Redis is down.
+    pub fn new(settings: &StoreSettings) -> redis::RedisResult<RedisStore> {
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let client = redis::Client::open(settings.redis_url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        Ok(RedisStore {
+            conn: ConnectionManager::new_lazy_with_config(client, config)?,
+            prefix: settings.key_prefix.clone(),
+            timeout,
+        })
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// Runs one round trip under the deadline.
+    async fn call<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    fn decode_block(json: &str) -> Result<Block, StoreError> {
+        serde_json::from_str(json)
+            .map_err(|e| StoreError::Unavailable(format!("unreadable block record: {e}")))
+    }
+}
+
+impl StateStore for RedisStore {
+    fn record_failure<'a>(&'a self, caller: &'a str, ttl: Duration) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let key = self.key("attempts", caller);
+            let mut conn = self.conn.clone();
+            let (n,): (u64,) = self
+                .call(
+                    redis::pipe()
+                        .atomic()
+                        .incr(&key, 1u64)
+                        .expire(&key, ttl.as_secs().max(1) as i64)
+                        .ignore()
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Ok(n)
+        })
+    }
+
+    fn attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.call(conn.get(self.key("attempts", caller))).await
+        })
+    }
+
+    fn clear_attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.call(conn.del::<_, ()>(self.key("attempts", caller)))
+                .await
+        })
+    }
+
+    fn block<'a>(&'a self, caller: &'a str, ttl: Option<Duration>) -> StoreFuture<'a, Block> {
+        Box::pin(async move {
+            let key = self.key("block", caller);
+            let now = unix_now();
+            let fresh = Block {
+                caller: caller.to_string(),
+                blocked_on: now,
+                expires_at: ttl.map(|t| now + t.as_secs().max(1)),
+            };
+            let json = serde_json::to_string(&fresh).expect("blocks serialize");
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(&json).arg("NX");
+            if let Some(t) = ttl {
+                set.arg("EX").arg(t.as_secs().max(1));
+            }
+            let mut conn = self.conn.clone();
+            let created: Option<String> = self.call(set.query_async(&mut conn)).await?;
+            if created.is_some() {
+                return Ok(fresh);
+            }
+            // Already blocked: the existing block stands.
+            let existing: Option<String> = self.call(conn.get(&key)).await?;
+            match existing {
+                Some(json) => Self::decode_block(&json),
+                // It expired between the two commands: this block is the new one.
+                None => {
+                    self.call(conn.set::<_, _, ()>(&key, &json)).await?;
+                    Ok(fresh)
+                }
+            }
+        })
+    }
+
+    fn unblock<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let (blocks, _attempts): (u64, u64) = self
+                .call(
+                    redis::pipe()
+                        .atomic()
+                        .del(self.key("block", caller))
+                        .del(self.key("attempts", caller))
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Ok(blocks > 0)
+        })
+    }
+
+    fn blocked<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, Option<Block>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let json: Option<String> = self.call(conn.get(self.key("block", caller))).await?;
+            json.as_deref().map(Self::decode_block).transpose()
+        })
+    }
+
+    fn blocks(&self) -> StoreFuture<'_, Vec<Block>> {
+        Box::pin(async move {
+            let pattern = format!("{}:block:*", self.prefix);
+            let mut conn = self.conn.clone();
+            let mut cursor = 0u64;
+            let mut keys: Vec<String> = Vec::new();
+            // SCAN, never KEYS: it does not stall a busy Redis.
+            loop {
+                let (next, batch): (u64, Vec<String>) = self
+                    .call(
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(500)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                keys.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            keys.sort();
+            keys.dedup();
+            let mut blocks = Vec::with_capacity(keys.len());
+            for chunk in keys.chunks(500) {
+                let values: Vec<Option<String>> = self
+                    .call(redis::cmd("MGET").arg(chunk).query_async(&mut conn))
+                    .await?;
+                for json in values.into_iter().flatten() {
+                    blocks.push(Self::decode_block(&json)?);
+                }
+            }
+            blocks.sort_by(|a, b| {
+                a.blocked_on
+                    .cmp(&b.blocked_on)
+                    .then_with(|| a.caller.cmp(&b.caller))
+            });
+            Ok(blocks)
+        })
+    }
+
+    fn execution_live<'a>(
+        &'a self,
+        execution_id: &'a str,
+        stream_sid: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let key = self.key("exec", execution_id);
+            let now = now_ms();
+            let ttl_ms = ttl.as_millis().max(1) as u64;
+            let mut conn = self.conn.clone();
+            self.call(
+                redis::pipe()
+                    .atomic()
+                    .zrembyscore(&key, "-inf", now)
+                    .ignore()
+                    .zadd(&key, stream_sid, now + ttl_ms)
+                    .ignore()
+                    .pexpire(&key, ttl_ms as i64)
+                    .ignore()
+                    .query_async::<()>(&mut conn),
+            )
+            .await
+        })
+    }
+
+    fn execution_ended<'a>(
+        &'a self,
+        execution_id: &'a str,
+        stream_sid: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.call(conn.zrem::<_, _, ()>(self.key("exec", execution_id), stream_sid))
+                .await
+        })
+    }
+
+    fn execution_is_live<'a>(&'a self, execution_id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let live: u64 = self
+                .call(conn.zcount(
+                    self.key("exec", execution_id),
+                    format!("({}", now_ms()),
+                    "+inf",
+                ))
+                .await?;
+            Ok(live > 0)
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let pong: String = self.call(redis::cmd("PING").query_async(&mut conn)).await?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(format!("redis answered {pong}")))
+            }
+        })
+    }
+}
