@@ -347,14 +347,17 @@ impl Settings {
             }
         }
         // The original's switch to Redis: REMOTE_CACHE_ENABLED=true with REDIS_HOST=host[:port].
-        let remote = sources
-            .env
-            .get("REMOTE_CACHE_ENABLED")
-            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+        let remote = sources.env.get("REMOTE_CACHE_ENABLED").is_some_and(|v| {
+            matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+        });
         if remote {
             builder = builder.set_override("store.kind", "redis")?;
         }
-        if let Some(host) = sources.env.get("REDIS_HOST").filter(|h| !h.trim().is_empty()) {
+        if let Some(host) = sources
+            .env
+            .get("REDIS_HOST")
+            .filter(|h| !h.trim().is_empty())
+        {
             let host = host.trim();
             let url = if host.starts_with("redis://") || host.starts_with("rediss://") {
                 host.to_string()
@@ -407,7 +410,9 @@ impl Settings {
                     "must be a redis:// URL (REDIS_HOST=host[:port] also works)",
                 ));
             }
-            if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(['*', '?', '[', ' ']) {
+            if self.store.key_prefix.is_empty()
+                || self.store.key_prefix.contains(['*', '?', '[', ' '])
+            {
                 return Err(invalid(
                     "store.key_prefix",
                     "must be non-empty, without spaces or glob characters",
@@ -725,7 +730,11 @@ mod tests {
         assert_eq!(s.store.kind, StoreKind::Redis);
         assert_eq!(s.store.redis_url, "redis://cache.internal:6379");
         let s = Settings::load(&with_env(&[("REDIS_HOST", "10.0.0.5:6380")])).unwrap();
-        assert_eq!(s.store.kind, StoreKind::Memory, "REDIS_HOST alone does not switch");
+        assert_eq!(
+            s.store.kind,
+            StoreKind::Memory,
+            "REDIS_HOST alone does not switch"
+        );
         assert_eq!(s.store.redis_url, "redis://10.0.0.5:6380");
         let s = Settings::load(&with_env(&[(
             "CALL_PROXY__STORE__REDIS_URL",

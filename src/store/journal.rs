@@ -101,13 +101,15 @@ pub fn replay(path: &Path, now: u64) -> Result<Replayed, JournalError> {
         if text.is_empty() {
             continue;
         }
+        if !complete {
+            out.skipped.push((
+                line_no,
+                "last record has no line end (write cut short)".into(),
+            ));
+            continue;
+        }
         let record = match decode(text) {
-            Ok(r) if complete => r,
-            Ok(_) => {
-                out.skipped
-                    .push((line_no, "last record has no line end (write cut short)".into()));
-                continue;
-            }
+            Ok(r) => r,
             Err(why) => {
                 out.skipped.push((line_no, why));
                 continue;
@@ -179,10 +181,7 @@ impl Journal {
                 let _ = d.sync_all();
             }
         }
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(io)?;
+        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
         Ok(Journal {
             file,
             path: path.to_path_buf(),
@@ -233,16 +232,24 @@ mod tests {
             attempts("+3", 1),
             attempts("+3", 2),
             block("+4", None),
-            Record::Unblock { caller: "+4".into() },
+            Record::Unblock {
+                caller: "+4".into(),
+            },
             attempts("+5", 1),
-            Record::ClearAttempts { caller: "+5".into() },
+            Record::ClearAttempts {
+                caller: "+5".into(),
+            },
         ] {
             j.append(&r).unwrap();
         }
         let state = replay(&path, 200).unwrap();
         assert_eq!(state.records, 8);
         assert!(state.skipped.is_empty());
-        assert_eq!(state.blocks.keys().collect::<Vec<_>>(), ["+1"], "+2 expired, +4 unblocked");
+        assert_eq!(
+            state.blocks.keys().collect::<Vec<_>>(),
+            ["+1"],
+            "+2 expired, +4 unblocked"
+        );
         assert_eq!(state.attempts.get("+3"), Some(&(2, 10_000)));
         assert!(!state.attempts.contains_key("+5"));
 
@@ -276,6 +283,7 @@ mod tests {
         assert_eq!(state.skipped[0].0, 2);
         assert!(state.skipped[0].1.contains("checksum"));
         assert_eq!(state.skipped[1].0, 4);
+        assert!(state.skipped[1].1.contains("cut short"));
 
         // Compaction leaves a clean file, and appending after it works.
         let mut j = Journal::compact(&path, &state).unwrap();

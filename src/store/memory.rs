@@ -378,9 +378,15 @@ mod tests {
             store.block("+2", None).await.unwrap();
             store.unblock("+2").await.unwrap();
             for _ in 0..3 {
-                store.record_failure("+3", Duration::from_secs(600)).await.unwrap();
+                store
+                    .record_failure("+3", Duration::from_secs(600))
+                    .await
+                    .unwrap();
             }
-            store.record_failure("+4", Duration::from_secs(600)).await.unwrap();
+            store
+                .record_failure("+4", Duration::from_secs(600))
+                .await
+                .unwrap();
             store.clear_attempts("+4").await.unwrap();
         }
         let store = MemoryStore::open(&path).unwrap();
@@ -388,6 +394,12 @@ mod tests {
         assert!(store.blocked("+2").await.unwrap().is_none());
         assert_eq!(store.attempts("+3").await.unwrap(), Some(3));
         assert_eq!(store.attempts("+4").await.unwrap(), None);
-        assert_eq!(store.record_failure("+3", Duration::from_secs(600)).await.unwrap(), 4);
+        assert_eq!(
+            store
+                .record_failure("+3", Duration::from_secs(600))
+                .await
+                .unwrap(),
+            4
+        );
     }
 }

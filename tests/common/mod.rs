@@ -362,7 +362,11 @@ pub struct TwilioCall {
 
 impl TwilioCall {
     pub async fn connect(proxy: &Proxy, name: &str) -> TwilioCall {
-        let (mut ws, _) = tokio_tungstenite::connect_async(proxy.ws_url())
+        Self::connect_url(&proxy.ws_url(), name).await
+    }
+
+    pub async fn connect_url(ws_url: &str, name: &str) -> TwilioCall {
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
             .await
             .expect("upgrade accepted");
         ws.send(Message::Text(outbound::connected().into()))
@@ -444,5 +448,186 @@ impl TwilioCall {
             tokio::time::timeout(d, self.ws.next()).await,
             Err(_) | Ok(Some(Ok(Message::Ping(_) | Message::Pong(_))))
         )
+    }
+}
+
+/// A real `redis-server` on a free loopback port, stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    /// Starts (or restarts) a server on `port`.
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server not found: scripts/test installs it (apt-get install redis-server)",
+            );
+        let server = RedisServer {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not come up on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as an outage would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Settings that keep state in the given Redis, under a prefix of their own.
+pub fn use_redis(s: &mut Settings, redis: &RedisServer, prefix: &str) {
+    s.store.kind = call_proxy::config::StoreKind::Redis;
+    s.store.redis_url = redis.url();
+    s.store.key_prefix = prefix.to_string();
+    s.store.timeout_ms = 500;
+    s.validate().expect("valid redis settings");
+}
+
+/// The `call-proxy` binary as its own process, on a free port, JSON logs read line by line.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far, so a later wait can find an earlier line.
+    history: std::sync::Mutex<Vec<String>>,
+}
+
+impl ServiceProcess {
+    pub fn spawn(env: &[(&str, &str)]) -> ServiceProcess {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy"));
+        cmd.env_remove("RUST_LOG")
+            .env_remove("RUN_MODE")
+            .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
+            .env("CALL_PROXY__SERVER__PORT", "0")
+            .env("CALL_PROXY__LOG__FORMAT", "json")
+            .env("CALL_PROXY__STORE__PATH", "")
+            .env("SERVER_API_KEY", "test-key")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("call-proxy starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = ServiceProcess {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+            history: Default::default(),
+        };
+        let line = p.wait_for_log("call-proxy listening");
+        p.addr = line["addr"].as_str().unwrap().parse().unwrap();
+        p
+    }
+
+    /// The first JSON log line whose message is `message`.
+    pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
+        let matches = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .filter(|v| v["message"] == message)
+        };
+        let mut history = self.history.lock().unwrap();
+        if let Some(v) = history.iter().find_map(|l| matches(l)) {
+            return v;
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = matches(&line);
+                    history.push(line);
+                    if let Some(v) = found {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("no log line {message:?}; saw:\n{}", history.join("\n")),
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/media", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed, as a crash.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill_9();
     }
 }

@@ -1,0 +1,243 @@
+//! State that survives: the service as real processes, killed with SIGKILL and restarted on
+//! its journal; two instances sharing one real Redis; Redis going away mid-call.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use call_proxy::config::WireFormat;
+use common::*;
+use serde_json::{json, Value};
+
+async fn wrong_pin(base: &str, caller: &str) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/validate-pin"))
+        .json(&json!({"pin": "0000", "callerId": caller}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn status(url: String) -> u16 {
+    reqwest::get(url).await.unwrap().status().as_u16()
+}
+
+async fn attempts(p: &ServiceProcess, caller: &str) -> Option<u64> {
+    let r = reqwest::Client::new()
+        .get(p.url(&format!("/auth-attempts/{caller}")))
+        .header("apiKey", "test-key")
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 404 {
+        return None;
+    }
+    r.json::<Value>().await.unwrap()["attempts"].as_u64()
+}
+
+#[tokio::test]
+async fn blocks_and_attempts_survive_kill_9_and_a_half_written_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("state.log");
+    let journal_s = journal.to_string_lossy().into_owned();
+    let env = [("CALL_PROXY__STORE__PATH", journal_s.as_str())];
+
+    let mut a = ServiceProcess::spawn(&env);
+    let r = reqwest::Client::new()
+        .post(a.url("/blocked-callers/+15550001000"))
+        .header("apiKey", "test-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for _ in 0..3 {
+        wrong_pin(&a.url(""), "+15550002000").await;
+    }
+    a.kill_9();
+
+    let mut b = ServiceProcess::spawn(&env);
+    b.wait_for_log("journal replayed");
+    assert_eq!(
+        status(b.url("/blocked-callers/+15550001000")).await,
+        200,
+        "still blocked"
+    );
+    assert_eq!(attempts(&b, "+15550002000").await, Some(3), "still counted");
+    let v = wrong_pin(&b.url(""), "+15550002000").await;
+    assert_eq!(v["attempts"]["attempts"], 4);
+    b.kill_9();
+
+    // A crash mid-write leaves half a record at the end of the file.
+    let mut text = std::fs::read(&journal).unwrap();
+    text.extend_from_slice(b"7a3f9c1e {\"t\":\"block\",\"caller\":\"+15550003");
+    std::fs::write(&journal, text).unwrap();
+    let c = ServiceProcess::spawn(&env);
+    let skipped = c.wait_for_log("journal record skipped");
+    assert!(
+        skipped["why"].as_str().unwrap().contains("cut short"),
+        "{skipped}"
+    );
+    assert_eq!(status(c.url("/blocked-callers/+15550001000")).await, 200);
+    assert_eq!(attempts(&c, "+15550002000").await, Some(4));
+    assert_eq!(status(c.url("/blocked-callers/+15550003000")).await, 404);
+}
+
+#[tokio::test]
+async fn two_instances_on_one_redis_share_blocks_attempts_and_live_calls() {
+    let redis = RedisServer::start();
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let url = rec.url();
+    let env = [
+        ("CALL_PROXY__STORE__KIND", "redis"),
+        ("CALL_PROXY__STORE__REDIS_URL", redis.url().leak() as &str),
+        ("CALL_PROXY__STORE__EXECUTION_TTL_MS", "1500"),
+        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+        ("CALL_PROXY__BACKENDS__TABLE__REC__FORMAT", "twilio"),
+        ("INVALID_AUTH_ATTEMPTS_ALLOWED", "100"),
+        ("CALL_PROXY__RATE_LIMITS__PIN_PER_CALLER_PER_MINUTE", "0"),
+    ];
+    let mut a = ServiceProcess::spawn(&env);
+    let b = ServiceProcess::spawn(&env);
+
+    // A block made through A is seen by B.
+    let r = reqwest::Client::new()
+        .post(a.url("/blocked-callers/+15551000000"))
+        .header("apiKey", "test-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(status(b.url("/blocked-callers/+15551000000")).await, 200);
+
+    // 50 wrong PINs spread over A and B count 50, concurrently.
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let base = if i % 2 == 0 { a.url("") } else { b.url("") };
+            tokio::spawn(async move { wrong_pin(&base, "+15552000000").await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(attempts(&a, "+15552000000").await, Some(50));
+    assert_eq!(attempts(&b, "+15552000000").await, Some(50));
+
+    // A stream live on A is connected on B, and gone on both soon after it ends.
+    let mut call = TwilioCall::connect_url(&a.ws_url(), "shared").await;
+    call.start(&[("backendIds", "rec"), ("executionId", "FNshared")])
+        .await;
+    call.media(&payload(0)).await;
+    rec.wait_for("a frame", |log| payloads(&texts(log)).len() == 1)
+        .await;
+    assert_eq!(status(b.url("/executions/FNshared/connected")).await, 200);
+    assert_eq!(status(a.url("/executions/FNshared/connected")).await, 200);
+    call.stop().await;
+    call.closed().await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while status(b.url("/executions/FNshared/connected")).await != 410 {
+        assert!(Instant::now() < deadline, "B still sees the ended call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(a.url("/executions/FNshared/connected")).await, 410);
+
+    // A crashes mid-call: the call's entry expires by itself.
+    let mut call = TwilioCall::connect_url(&a.ws_url(), "crash").await;
+    call.start(&[("backendIds", "rec"), ("executionId", "FNcrash")])
+        .await;
+    call.media(&payload(1)).await;
+    rec.wait_for("the second call", |log| payloads(&texts(log)).len() == 2)
+        .await;
+    assert_eq!(status(b.url("/executions/FNcrash/connected")).await, 200);
+    // Alive past one TTL: the refresh keeps it.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        status(b.url("/executions/FNcrash/connected")).await,
+        200,
+        "refreshed"
+    );
+    a.kill_9();
+    let killed = Instant::now();
+    while status(b.url("/executions/FNcrash/connected")).await != 410 {
+        assert!(killed.elapsed() < Duration::from_secs(5), "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed.elapsed() <= Duration::from_millis(2500),
+        "{:?}",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
+    use_redis(&mut s, &redis, "outage");
+    let proxy = Proxy::start(s).await;
+    assert_eq!(proxy.get("/readyz").await.status(), 200);
+
+    let mut call = TwilioCall::connect(&proxy, "outage").await;
+    call.start(&[("backendIds", "rec"), ("executionId", "FNout")])
+        .await;
+    for i in 0..50 {
+        call.media(&payload(i)).await;
+    }
+    rec.wait_for("frames before", |log| payloads(&texts(log)).len() == 50)
+        .await;
+
+    redis.stop();
+    for i in 50..150 {
+        call.media(&payload(i)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(proxy.url("/validate-pin"))
+        .json(&json!({"pin": "1234", "callerId": "+15553000000"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("unavailable"),
+        "{body}"
+    );
+    assert_eq!(
+        proxy.get("/blocked-callers/+15553000000").await.status(),
+        503
+    );
+    assert_eq!(proxy.get("/readyz").await.status(), 503);
+    assert_eq!(proxy.get("/executions/FNout/connected").await.status(), 503);
+    rec.wait_for("frames during the outage", |log| {
+        payloads(&texts(log)).len() == 150
+    })
+    .await;
+
+    let _redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.get("/readyz").await.status() != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(proxy.url("/validate-pin"))
+        .json(&json!({"pin": "0000", "callerId": "+15553000000"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the gate works again without a restart");
+    for i in 150..160 {
+        call.media(&payload(i)).await;
+    }
+    call.stop().await;
+    rec.wait_for_stop().await;
+    assert_eq!(
+        payloads(&rec.texts()),
+        (0..160).map(payload).collect::<Vec<_>>(),
+        "the call lost nothing"
+    );
+}

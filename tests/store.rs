@@ -1,0 +1,239 @@
+//! One suite for every state engine: the embedded memory engine (with and without its
+//! journal) and Redis (a real `redis-server` per test). Whatever the gate and the media path
+//! rely on must hold the same on each.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use call_proxy::config::{Settings, StoreKind};
+use call_proxy::store::{self, StateStore};
+use common::RedisServer;
+
+/// An engine under test, with whatever keeps it alive.
+struct Engine {
+    store: Arc<dyn StateStore>,
+    _redis: Option<RedisServer>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn memory() -> Engine {
+    let mut s = Settings::defaults().store;
+    s.path.clear();
+    Engine {
+        store: store::from_settings(&s).unwrap(),
+        _redis: None,
+        _dir: None,
+    }
+}
+
+fn journaled() -> Engine {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::defaults().store;
+    s.path = dir.path().join("state.log").to_string_lossy().into_owned();
+    Engine {
+        store: store::from_settings(&s).unwrap(),
+        _redis: None,
+        _dir: Some(dir),
+    }
+}
+
+fn redis() -> Engine {
+    let server = RedisServer::start();
+    let mut s = Settings::defaults().store;
+    s.kind = StoreKind::Redis;
+    s.redis_url = server.url();
+    s.key_prefix = "suite".into();
+    Engine {
+        store: store::from_settings(&s).unwrap(),
+        _redis: Some(server),
+        _dir: None,
+    }
+}
+
+async fn attempts_count_clear_and_expire(e: Engine) {
+    let s = e.store;
+    let ttl = Duration::from_secs(60);
+    assert_eq!(s.attempts("+1").await.unwrap(), None);
+    for n in 1..=3 {
+        assert_eq!(s.record_failure("+1", ttl).await.unwrap(), n);
+    }
+    assert_eq!(s.attempts("+1").await.unwrap(), Some(3));
+    assert_eq!(s.attempts("+2").await.unwrap(), None, "per caller");
+    s.clear_attempts("+1").await.unwrap();
+    assert_eq!(s.attempts("+1").await.unwrap(), None);
+    s.clear_attempts("+never").await.unwrap();
+
+    s.record_failure("+3", Duration::from_secs(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(s.attempts("+3").await.unwrap(), None, "expired");
+    assert_eq!(
+        s.record_failure("+3", ttl).await.unwrap(),
+        1,
+        "counted afresh"
+    );
+}
+
+async fn concurrent_failures_each_count(e: Engine) {
+    let s = e.store;
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.record_failure("+4", Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=100).collect::<Vec<u64>>());
+    assert_eq!(s.attempts("+4").await.unwrap(), Some(100));
+}
+
+async fn blocks_hold_list_and_lift(e: Engine) {
+    let s = e.store;
+    assert_eq!(s.blocked("+5").await.unwrap(), None);
+    s.record_failure("+5", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let b = s.block("+5", None).await.unwrap();
+    assert_eq!(b.caller, "+5");
+    assert_eq!(b.expires_at, None);
+    assert_eq!(s.blocked("+5").await.unwrap(), Some(b.clone()));
+    let again = s.block("+5", Some(Duration::from_secs(1))).await.unwrap();
+    assert_eq!(again, b, "an existing block is kept as it is");
+    s.block("+6", None).await.unwrap();
+    let mut listed: Vec<String> = s
+        .blocks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.caller)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["+5", "+6"]);
+    assert!(s.unblock("+5").await.unwrap());
+    assert_eq!(
+        s.attempts("+5").await.unwrap(),
+        None,
+        "unblocking clears attempts"
+    );
+    assert!(!s.unblock("+5").await.unwrap());
+    assert_eq!(s.blocked("+5").await.unwrap(), None);
+
+    let t = s.block("+7", Some(Duration::from_secs(1))).await.unwrap();
+    assert!(t.expires_at.is_some());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        s.blocked("+7").await.unwrap(),
+        None,
+        "a block with a TTL ends"
+    );
+    assert!(s.blocks().await.unwrap().iter().all(|b| b.caller != "+7"));
+}
+
+async fn many_blocks_are_all_listed(e: Engine) {
+    let s = e.store;
+    for i in 0..1200 {
+        s.block(&format!("+1555{i:07}"), None).await.unwrap();
+    }
+    assert_eq!(s.blocks().await.unwrap().len(), 1200);
+}
+
+async fn executions_live_refresh_and_end(e: Engine) {
+    let s = e.store;
+    let ttl = Duration::from_millis(800);
+    assert!(!s.execution_is_live("FN1").await.unwrap());
+    s.execution_live("FN1", "MZ1", ttl).await.unwrap();
+    s.execution_live("FN1", "MZ2", ttl).await.unwrap();
+    assert!(s.execution_is_live("FN1").await.unwrap());
+    s.execution_ended("FN1", "MZ1").await.unwrap();
+    assert!(
+        s.execution_is_live("FN1").await.unwrap(),
+        "MZ2 still streams"
+    );
+    s.execution_ended("FN1", "MZ2").await.unwrap();
+    assert!(!s.execution_is_live("FN1").await.unwrap());
+
+    // Refreshed, it stays; left alone (its instance crashed), it expires.
+    s.execution_live("FN2", "MZ3", ttl).await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.execution_live("FN2", "MZ3", ttl).await.unwrap();
+        assert!(s.execution_is_live("FN2").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!s.execution_is_live("FN2").await.unwrap());
+    s.ping().await.unwrap();
+}
+
+macro_rules! suite {
+    ($($engine:ident),*) => {
+        $(
+            mod $engine {
+                #[tokio::test]
+                async fn attempts_count_clear_and_expire() {
+                    super::attempts_count_clear_and_expire(super::$engine()).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn concurrent_failures_each_count() {
+                    super::concurrent_failures_each_count(super::$engine()).await
+                }
+                #[tokio::test]
+                async fn blocks_hold_list_and_lift() {
+                    super::blocks_hold_list_and_lift(super::$engine()).await
+                }
+                #[tokio::test]
+                async fn many_blocks_are_all_listed() {
+                    super::many_blocks_are_all_listed(super::$engine()).await
+                }
+                #[tokio::test]
+                async fn executions_live_refresh_and_end() {
+                    super::executions_live_refresh_and_end(super::$engine()).await
+                }
+            }
+        )*
+    };
+}
+
+suite!(memory, journaled, redis);
+
+#[tokio::test]
+async fn redis_down_is_unavailable_not_a_hang_and_comes_back() {
+    let mut server = RedisServer::start();
+    let port = server.port;
+    let mut s = Settings::defaults().store;
+    s.kind = StoreKind::Redis;
+    s.redis_url = server.url();
+    s.timeout_ms = 300;
+    let store = store::from_settings(&s).unwrap();
+    store.block("+8", None).await.unwrap();
+    server.stop();
+    let began = std::time::Instant::now();
+    let err = store.blocked("+8").await.unwrap_err();
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    assert!(store.ping().await.is_err());
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "failed fast: {:?}",
+        began.elapsed()
+    );
+
+    let _server = RedisServer::start_on(port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A fresh server: the block is gone with it, but the store works again.
+    assert_eq!(store.blocked("+8").await.unwrap(), None);
+    store.block("+8", None).await.unwrap();
+}
