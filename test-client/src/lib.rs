@@ -1,9 +1,12 @@
 //! Developer tools for twilio-call-proxy, as a library so the binaries stay thin and the
 //! tests can reach the same code: `play` stands in for Twilio's media stream, `flow` for
-//! the Studio Flow around it, `speaker` for a backend.
+//! the Studio Flow around it, `speaker` for a backend, `load` and `loadgen` for many calls
+//! at once.
 
 #![forbid(unsafe_code)]
 
 pub mod flow;
+pub mod load;
+pub mod loadgen;
 pub mod play;
 pub mod speaker;

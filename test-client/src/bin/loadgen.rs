@@ -1,0 +1,77 @@
+//! loadgen: many simulated Twilio calls against the proxy, fanned out to sinks it hosts;
+//! reports loss, added latency, and the proxy's CPU and memory.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use test_client::loadgen::{self, Options};
+
+#[derive(Parser)]
+#[command(version, about = "Load and latency benchmark for twilio-call-proxy")]
+struct Cli {
+    /// The proxy's media endpoint (loopback only: this is a load test).
+    #[arg(long, default_value = "ws://127.0.0.1:8999/media")]
+    url: String,
+    /// Concurrent calls.
+    #[arg(long, default_value_t = 100)]
+    calls: u32,
+    /// Sink backends per call.
+    #[arg(long, default_value_t = 2)]
+    fanout: u32,
+    /// How long every call streams together after the ramp.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Calls are started evenly over this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ramp: Duration,
+    /// The proxy's process id, for its CPU and RSS.
+    #[arg(long)]
+    proxy_pid: Option<u32>,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if !loopback(&cli.url) {
+        anyhow::bail!("loadgen only targets this machine (127.0.0.0/8, localhost, [::1])");
+    }
+    let opts = Options {
+        url: cli.url,
+        calls: cli.calls,
+        fanout: cli.fanout,
+        duration: cli.duration,
+        ramp: cli.ramp,
+        proxy_pid: cli.proxy_pid.map(|p| p.to_string()),
+        progress: !cli.quiet,
+    };
+    let report = loadgen::run(opts, |line| eprintln!("{line}")).await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! The load generator: N Twilio-like calls at real-time pace, each fanned out by the proxy to
+//! K sinks hosted here, with the latency the proxy adds measured on every frame.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use call_proxy::twilio::messages::outbound;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::load::{self, Latency, ProcSample, Sink};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub url: String,
+    pub calls: u32,
+    pub fanout: u32,
+    /// How long all calls stream together, after the ramp.
+    pub duration: Duration,
+    pub ramp: Duration,
+    /// The proxy's pid, for its CPU and memory.
+    pub proxy_pid: Option<String>,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SinkReport {
+    pub port: u16,
+    pub received: u64,
+    pub lost: u64,
+    pub foreign: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcReport {
+    /// Average over the full-load window, percent of one core.
+    pub cpu_percent: f64,
+    pub rss_idle_mib: f64,
+    pub rss_full_mib: f64,
+    pub rss_end_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub calls: u32,
+    pub fanout: u32,
+    pub duration_s: f64,
+    pub ramp_s: f64,
+    pub calls_connected: u32,
+    /// Calls still streaming when the run ended (not closed or refused by the proxy).
+    pub calls_held: u32,
+    pub frames_sent: u64,
+    pub sinks: Vec<SinkReport>,
+    pub frames_lost: u64,
+    pub loss_percent: f64,
+    /// Added latency over the full-load window (ramp excluded).
+    pub latency: Latency,
+    pub latency_all: Latency,
+    pub proxy: Option<ProcReport>,
+    /// Proxy CPU per 1000 frames written to sinks, milliseconds.
+    pub proxy_cpu_ms_per_1000_frames: Option<f64>,
+    /// (RSS at full load - RSS idle) / calls, KiB.
+    pub proxy_rss_kib_per_call: Option<f64>,
+    pub loadgen_cpu_percent: f64,
+}
+
+type CallSink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+
+struct Call {
+    index: u32,
+    stream_sid: String,
+    call_sid: String,
+    sink: CallSink,
+    seq: u64,
+    chunk: u64,
+    closed: Arc<AtomicBool>,
+}
+
+async fn open_call(opts: &Options, index: u32, hosts: &str) -> Result<Call> {
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(&opts.url),
+    )
+    .await
+    .context("upgrade timed out")?
+    .with_context(|| format!("upgrade to {}", opts.url))?;
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        let _ = s.set_nodelay(true);
+    }
+    let (mut sink, mut stream) = ws.split();
+    let stream_sid = format!("MZ{index:032x}");
+    let call_sid = format!("CA{index:032x}");
+    let params = BTreeMap::from([("backendHosts".to_string(), hosts.to_string())]);
+    sink.send(Message::Text(outbound::connected().into()))
+        .await?;
+    sink.send(Message::Text(
+        outbound::start(
+            1,
+            &outbound::StartInfo {
+                account_sid: "AC00000000000000000000000000000000",
+                call_sid: &call_sid,
+                stream_sid: &stream_sid,
+                tracks: &["inbound"],
+                custom_parameters: &params,
+            },
+        )
+        .into(),
+    ))
+    .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    // The proxy says nothing on a healthy call; a close means the call was lost.
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+        flag.store(true, Ordering::Relaxed);
+    });
+    Ok(Call {
+        index,
+        stream_sid,
+        call_sid,
+        sink,
+        seq: 2,
+        chunk: 0,
+        closed,
+    })
+}
+
+impl Call {
+    async fn send_frame(&mut self, origin: Instant, b64: &base64::engine::GeneralPurpose) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.chunk += 1;
+        let sent_us = origin.elapsed().as_micros() as u64;
+        let payload = load::stamped_payload(self.index, self.chunk as u32, sent_us);
+        let text = outbound::media(
+            self.seq,
+            &self.stream_sid,
+            "inbound",
+            self.chunk,
+            (self.chunk - 1) * 20,
+            &b64.encode(payload),
+        );
+        self.seq += 1;
+        self.sink.send(Message::Text(text.into())).await.is_ok()
+    }
+
+    async fn stop(mut self) {
+        let text = outbound::stop(
+            self.seq,
+            "AC00000000000000000000000000000000",
+            &self.call_sid,
+            &self.stream_sid,
+        );
+        let _ = self.sink.send(Message::Text(text.into())).await;
+        let _ = self.sink.close().await;
+    }
+}
+
+/// Runs the load and reports. `on_progress` gets a line a second when asked for.
+pub async fn run(
+    opts: Options,
+    on_progress: impl Fn(String) + Send + Sync + 'static,
+) -> Result<Report> {
+    if opts.calls == 0 || opts.fanout == 0 {
+        bail!("--calls and --fanout must be at least 1");
+    }
+    let origin = Instant::now();
+    let mut sinks: Vec<Arc<Sink>> = Vec::new();
+    for _ in 0..opts.fanout {
+        sinks.push(load::start_sink(origin).await?);
+    }
+    let hosts: Vec<String> = sinks
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let hosts = serde_json::to_string(&hosts)?;
+    let pid = opts.proxy_pid.clone();
+    let proc_idle = pid.as_deref().and_then(load::sample_proc);
+    let self_start = load::sample_proc("self");
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let held = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+
+    // Progress, once a second.
+    let progress = {
+        let (sent, connected, sinks, pid, done) = (
+            sent.clone(),
+            connected.clone(),
+            sinks.clone(),
+            pid.clone(),
+            done.clone(),
+        );
+        let show = opts.progress;
+        tokio::spawn(async move {
+            let mut last = pid.as_deref().and_then(load::sample_proc);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if !show {
+                    continue;
+                }
+                let now = pid.as_deref().and_then(load::sample_proc);
+                let proxy = match (&last, &now) {
+                    (Some(a), Some(b)) => format!(
+                        ", proxy CPU {:.0}% RSS {:.0} MiB",
+                        load::cpu_percent(a, b),
+                        b.rss_kib as f64 / 1024.0
+                    ),
+                    _ => String::new(),
+                };
+                last = now;
+                let received: Vec<String> =
+                    sinks.iter().map(|s| s.received().to_string()).collect();
+                let p99 = sinks
+                    .iter()
+                    .map(|s| Latency::of(&s.latency()).p99_ms)
+                    .fold(0.0, f64::max);
+                on_progress(format!(
+                    "[{:>4.0}s] calls {} up, frames sent {}, received {}, p99 {:.1} ms{proxy}",
+                    origin.elapsed().as_secs_f64(),
+                    connected.load(Ordering::Relaxed),
+                    sent.load(Ordering::Relaxed),
+                    received.join("/"),
+                    p99,
+                ));
+            }
+        })
+    };
+
+    // Calls are driven by a few tasks, each owning a share of them. Every call has a phase
+    // within the 20 ms frame period so frames are spread over time, as real calls are.
+    let drivers = opts.calls.div_ceil(500).clamp(1, 8);
+    let ramp_end = Instant::now() + opts.ramp;
+    let end = ramp_end + opts.duration;
+    let full_load = Arc::new(std::sync::Mutex::new(None::<(ProcSample, Vec<u64>)>));
+    let mut tasks = Vec::new();
+    for d in 0..drivers {
+        let indices: Vec<u32> = (0..opts.calls).filter(|i| i % drivers == d).collect();
+        let (opts, hosts, sent, connected, held) = (
+            opts.clone(),
+            hosts.clone(),
+            sent.clone(),
+            connected.clone(),
+            held.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            drive(
+                &opts, &indices, &hosts, origin, ramp_end, end, &sent, &connected, &held,
+            )
+            .await
+        }));
+    }
+    // Sample the proxy once everything is up: the start of the full-load window.
+    {
+        let (pid, full_load, sinks, connected) = (
+            pid.clone(),
+            full_load.clone(),
+            sinks.clone(),
+            connected.clone(),
+        );
+        let calls = opts.calls as u64;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(ramp_end)).await;
+            // Give the last calls a moment to connect.
+            for _ in 0..50 {
+                if connected.load(Ordering::Relaxed) >= calls {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let sample = pid.as_deref().and_then(load::sample_proc);
+            let received = sinks.iter().map(|s| s.received()).collect();
+            for s in &sinks {
+                s.reset_latency();
+            }
+            if let Some(sample) = sample {
+                *full_load.lock().unwrap() = Some((sample, received));
+            } else {
+                *full_load.lock().unwrap() = Some((
+                    ProcSample {
+                        at: Instant::now(),
+                        cpu_ticks: 0,
+                        rss_kib: 0,
+                    },
+                    received,
+                ));
+            }
+        });
+    }
+    let mut all_latency = load::histogram();
+    for t in tasks {
+        t.await.context("driver task")??;
+    }
+    let proc_end = pid.as_deref().and_then(load::sample_proc);
+    // Let the last frames arrive: wait until the counts stop moving.
+    let mut last: Vec<u64> = sinks.iter().map(|s| s.received()).collect();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now: Vec<u64> = sinks.iter().map(|s| s.received()).collect();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    done.store(true, Ordering::Relaxed);
+    progress.abort();
+    let self_end = load::sample_proc("self");
+
+    let frames_sent = sent.load(Ordering::Relaxed);
+    let mut window = load::histogram();
+    let mut sink_reports = Vec::new();
+    let mut lost_total = 0;
+    for s in &sinks {
+        let received = s.received();
+        let lost = load::loss(frames_sent, received);
+        lost_total += lost;
+        let _ = window.add(s.latency());
+        sink_reports.push(SinkReport {
+            port: s.port,
+            received,
+            lost,
+            foreign: s.foreign(),
+        });
+    }
+    let _ = all_latency.add(&window);
+    let before_window = full_load.lock().unwrap().take();
+    let (proxy, cpu_per_1000, rss_per_call) = match (&proc_idle, &before_window, &proc_end) {
+        (Some(idle), Some((full, received_then)), Some(end)) if full.cpu_ticks > 0 => {
+            let forwarded: u64 = sinks
+                .iter()
+                .zip(received_then)
+                .map(|(s, then)| s.received().saturating_sub(*then))
+                .sum();
+            let cpu_ms =
+                end.cpu_ticks.saturating_sub(full.cpu_ticks) as f64 / load::TICKS_PER_SEC * 1000.0;
+            (
+                Some(ProcReport {
+                    cpu_percent: load::cpu_percent(full, end),
+                    rss_idle_mib: idle.rss_kib as f64 / 1024.0,
+                    rss_full_mib: full.rss_kib as f64 / 1024.0,
+                    rss_end_mib: end.rss_kib as f64 / 1024.0,
+                }),
+                (forwarded > 0).then(|| cpu_ms / (forwarded as f64 / 1000.0)),
+                Some((full.rss_kib as f64 - idle.rss_kib as f64) / opts.calls as f64),
+            )
+        }
+        _ => (None, None, None),
+    };
+    let expected = frames_sent * opts.fanout as u64;
+    Ok(Report {
+        calls: opts.calls,
+        fanout: opts.fanout,
+        duration_s: opts.duration.as_secs_f64(),
+        ramp_s: opts.ramp.as_secs_f64(),
+        calls_connected: connected.load(Ordering::Relaxed) as u32,
+        calls_held: held.load(Ordering::Relaxed) as u32,
+        frames_sent,
+        sinks: sink_reports,
+        frames_lost: lost_total,
+        loss_percent: if expected == 0 {
+            0.0
+        } else {
+            lost_total as f64 * 100.0 / expected as f64
+        },
+        latency: Latency::of(&window),
+        latency_all: Latency::of(&all_latency),
+        proxy,
+        proxy_cpu_ms_per_1000_frames: cpu_per_1000,
+        proxy_rss_kib_per_call: rss_per_call,
+        loadgen_cpu_percent: match (&self_start, &self_end) {
+            (Some(a), Some(b)) => load::cpu_percent(a, b),
+            _ => 0.0,
+        },
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    opts: &Options,
+    indices: &[u32],
+    hosts: &str,
+    origin: Instant,
+    ramp_end: Instant,
+    end: Instant,
+    sent: &AtomicU64,
+    connected: &AtomicU64,
+    held: &AtomicU64,
+) -> Result<()> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // Phase slots: a call with phase p sends on every tick where tick % 20 == p.
+    let mut slots: Vec<Vec<Call>> = (0..20).map(|_| Vec::new()).collect();
+    let start = Instant::now();
+    let per_call = if indices.is_empty() {
+        Duration::ZERO
+    } else {
+        opts.ramp / indices.len() as u32
+    };
+    let mut pending = indices.iter().enumerate().peekable();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        // Open the calls whose turn in the ramp has come.
+        while let Some((k, &index)) = pending.peek() {
+            if now < start + per_call * (*k as u32) && now < ramp_end {
+                break;
+            }
+            match open_call(opts, index, hosts).await {
+                Ok(call) => {
+                    connected.fetch_add(1, Ordering::Relaxed);
+                    slots[(index % 20) as usize].push(call);
+                }
+                Err(e) => eprintln!("loadgen: call {index}: {e:#}"),
+            }
+            pending.next();
+        }
+        for call in slots[(n % 20) as usize].iter_mut() {
+            if call.send_frame(origin, &b64).await {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        n += 1;
+    }
+    for call in slots.into_iter().flatten() {
+        if !call.closed.load(Ordering::Relaxed) {
+            held.fetch_add(1, Ordering::Relaxed);
+        }
+        call.stop().await;
+    }
+    Ok(())
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        out += &format!(
+            "loadgen: {} calls x fan-out {}, {:.0} s at full load (ramp {:.0} s), 50 frames/s per call\n",
+            self.calls, self.fanout, self.duration_s, self.ramp_s
+        );
+        out += &format!(
+            "calls: {} connected, {} held to the end\n",
+            self.calls_connected, self.calls_held
+        );
+        out += &format!("frames sent: {}\n", self.frames_sent);
+        for (i, s) in self.sinks.iter().enumerate() {
+            out += &format!(
+                "  backend {i} (port {}): received {}, lost {}{}\n",
+                s.port,
+                s.received,
+                s.lost,
+                if s.foreign > 0 {
+                    format!(", {} unstamped", s.foreign)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        out += &format!(
+            "loss: {} frames ({:.4} %)\n",
+            self.frames_lost, self.loss_percent
+        );
+        let l = &self.latency;
+        out += &format!(
+            "added latency at full load: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)\n",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples
+        );
+        if let Some(p) = &self.proxy {
+            out += &format!(
+                "proxy: CPU {:.1} % of one core; RSS idle {:.1} MiB, full load {:.1} MiB, end {:.1} MiB\n",
+                p.cpu_percent, p.rss_idle_mib, p.rss_full_mib, p.rss_end_mib
+            );
+        }
+        if let Some(c) = self.proxy_cpu_ms_per_1000_frames {
+            out += &format!("proxy CPU per 1000 frames delivered: {c:.2} ms\n");
+        }
+        if let Some(m) = self.proxy_rss_kib_per_call {
+            out += &format!("proxy memory per live call: {m:.1} KiB\n");
+        }
+        out += &format!(
+            "loadgen itself: CPU {:.1} % of one core\n",
+            self.loadgen_cpu_percent
+        );
+        out
+    }
+}
