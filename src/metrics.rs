@@ -7,7 +7,11 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,7 +89,7 @@ pub struct Metrics {
     pub backend_failures: Family<BackendLabel, Counter>,
     pub backend_reconnects: Family<BackendLabel, Counter>,
     pub backend_ignored: Family<BackendLabel, Counter>,
-    pub forward_latency: Histogram,
+    pub forward_latency: LatencyHistogram,
 }
 
 impl Default for Metrics {
@@ -114,8 +118,7 @@ impl Metrics {
             backend_failures: Family::default(),
             backend_reconnects: Family::default(),
             backend_ignored: Family::default(),
-            // 0.1 ms .. ~3.3 s
-            forward_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            forward_latency: LatencyHistogram::default(),
             registry: Registry::default(),
         };
         registry.register("live_calls", "Calls streaming now", m.live_calls.clone());
@@ -241,5 +244,101 @@ pub struct LinkMetrics {
     pub failures: Counter,
     pub reconnects: Counter,
     pub ignored: Counter,
-    pub forward_latency: Histogram,
+    pub forward_latency: LatencyHistogram,
+}
+
+/// Upper bounds of the latency buckets, in seconds: 0.1 ms doubling to about 3.3 s.
+const LATENCY_BOUNDS: [f64; 16] = [
+    0.000_1, 0.000_2, 0.000_4, 0.000_8, 0.001_6, 0.003_2, 0.006_4, 0.012_8, 0.025_6, 0.051_2,
+    0.102_4, 0.204_8, 0.409_6, 0.819_2, 1.638_4, 3.276_8,
+];
+
+/// A histogram of plain atomics. The client library's histogram takes a lock on every
+/// observation, shared by every backend writer; this one never locks, so the writers of
+/// different calls do not queue behind each other on the forwarding path.
+#[derive(Clone, Default, Debug)]
+pub struct LatencyHistogram {
+    inner: Arc<LatencyInner>,
+}
+
+#[derive(Default, Debug)]
+struct LatencyInner {
+    /// One more than the bounds: the last counts everything above them.
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.inner.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .sum_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.inner.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_histogram_encodes_cumulative_buckets() {
+        let m = Metrics::new();
+        for ms in [0.05, 1.0, 1.0, 10_000.0] {
+            m.forward_latency
+                .observe(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let text = m.encode();
+        let line = |series: &str| {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+                .to_string()
+        };
+        assert!(line(r#"call_proxy_forward_latency_seconds_bucket{le="0.0001"}"#).ends_with(" 1"));
+        assert!(line(r#"call_proxy_forward_latency_seconds_bucket{le="0.0016"}"#).ends_with(" 3"));
+        assert!(line(r#"call_proxy_forward_latency_seconds_bucket{le="+Inf"}"#).ends_with(" 4"));
+        assert!(line("call_proxy_forward_latency_seconds_count").ends_with(" 4"));
+        let sum: f64 = line("call_proxy_forward_latency_seconds_sum")
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 10.00205).abs() < 1e-6, "{sum}");
+    }
 }

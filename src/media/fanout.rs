@@ -399,9 +399,7 @@ impl Writer {
             }
             sink.flush().await?;
             if let Some(t) = oldest {
-                self.metrics
-                    .forward_latency
-                    .observe(t.elapsed().as_secs_f64());
+                self.metrics.forward_latency.observe(t.elapsed());
             }
             self.metrics.frames_out.inc_by(written);
             self.shared.sent.fetch_add(written, Ordering::Relaxed);
