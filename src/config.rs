@@ -369,7 +369,13 @@ impl Settings {
             builder = builder.set_override("store.redis_url", url)?;
         }
 
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        // `CALL_PROXY__BACKENDS__DEFAULT=` (set to nothing) means an empty list.
+        settings.backends.default.retain(|id| !id.trim().is_empty());
+        settings
+            .backends
+            .hosts_allowlist
+            .retain(|h| !h.trim().is_empty());
         settings.validate()?;
         Ok(settings)
     }
@@ -718,6 +724,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_environment_list_is_an_empty_list() {
+        let s = Settings::load(&with_env(&[
+            ("CALL_PROXY__BACKENDS__DEFAULT", ""),
+            ("CALL_PROXY__BACKENDS__HOSTS_ALLOWLIST", ""),
+        ]))
+        .unwrap();
+        assert!(s.backends.default.is_empty());
+        assert!(s.backends.hosts_allowlist.is_empty());
     }
 
     #[test]

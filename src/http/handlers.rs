@@ -64,6 +64,7 @@ pub async fn media(
         caller = tracing::field::Empty,
     );
     Ok(upgrade
+        .read_buffer_size(crate::media::READ_CHUNK)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_failed_upgrade(|e| tracing::warn!(error = %e, "media upgrade failed"))

@@ -343,6 +343,7 @@ impl Writer {
 
     async fn connect(&self) -> Result<BackendSocket, LinkError> {
         let config = WebSocketConfig::default()
+            .read_buffer_size(super::READ_CHUNK)
             .max_message_size(Some(self.policy.max_message_bytes))
             .max_frame_size(Some(self.policy.max_message_bytes));
         let connecting =

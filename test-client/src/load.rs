@@ -140,7 +140,13 @@ pub async fn start_sink(origin: Instant) -> std::io::Result<Arc<Sink>> {
             let _ = stream.set_nodelay(true);
             let sink = shared.clone();
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                // Small reads: tungstenite zeroes its whole read buffer on each one, and
+                // loadgen must stay lighter than what it measures.
+                let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(4096);
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+                else {
                     return;
                 };
                 // Recorded locally and merged now and then, so connections never contend.

@@ -8,7 +8,14 @@
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+
+/// The same read size as the proxy (see its `media::READ_CHUNK`): tungstenite zeroes a
+/// whole read buffer per read, and a fair baseline should not pay for the default 128 KiB.
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -28,7 +35,7 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn relay(stream: TcpStream) {
-    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config())).await else {
         return;
     };
     let (_tx, mut rx) = ws.split();
@@ -47,8 +54,12 @@ async fn relay(stream: TcpStream) {
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default();
             for host in hosts {
-                if let Ok((ws, _)) =
-                    tokio_tungstenite::connect_async(format!("ws://{host}/media")).await
+                if let Ok((ws, _)) = tokio_tungstenite::connect_async_with_config(
+                    format!("ws://{host}/media"),
+                    Some(config()),
+                    true,
+                )
+                .await
                 {
                     let (tx, rx) = mpsc::channel(250);
                     tokio::spawn(write(ws, rx));

@@ -67,7 +67,11 @@ async fn run(cli: Cli) -> Result<()> {
         proxy_pid: cli.proxy_pid.map(|p| p.to_string()),
         progress: !cli.quiet,
     };
+    let url = opts.url.clone();
     let report = loadgen::run(opts, |line| eprintln!("{line}")).await?;
+    if report.calls_connected == 0 {
+        anyhow::bail!("no call could connect to {url}");
+    }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
