@@ -269,18 +269,50 @@ struct LatencyInner {
     count: AtomicU64,
 }
 
+fn bucket_of(elapsed: std::time::Duration) -> usize {
+    let secs = elapsed.as_secs_f64();
+    LATENCY_BOUNDS
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(LATENCY_BOUNDS.len())
+}
+
+/// Observations gathered by one writer, to be added to the shared histogram in one go.
+#[derive(Default, Debug)]
+pub struct LatencyBatch {
+    buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    sum_ns: u64,
+    count: u64,
+}
+
+impl LatencyBatch {
+    pub fn record(&mut self, elapsed: std::time::Duration) {
+        self.buckets[bucket_of(elapsed)] += 1;
+        self.sum_ns += elapsed.as_nanos() as u64;
+        self.count += 1;
+    }
+}
+
 impl LatencyHistogram {
     pub fn observe(&self, elapsed: std::time::Duration) {
-        let secs = elapsed.as_secs_f64();
-        let i = LATENCY_BOUNDS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BOUNDS.len());
-        self.inner.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .sum_ns
-            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
-        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        let mut one = LatencyBatch::default();
+        one.record(elapsed);
+        self.absorb(&mut one);
+    }
+
+    /// Adds a batch and empties it.
+    pub fn absorb(&self, batch: &mut LatencyBatch) {
+        if batch.count == 0 {
+            return;
+        }
+        for (shared, n) in self.inner.buckets.iter().zip(batch.buckets.iter()) {
+            if *n > 0 {
+                shared.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+        self.inner.sum_ns.fetch_add(batch.sum_ns, Ordering::Relaxed);
+        self.inner.count.fetch_add(batch.count, Ordering::Relaxed);
+        *batch = LatencyBatch::default();
     }
 
     pub fn count(&self) -> u64 {

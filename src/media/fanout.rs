@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -17,7 +18,7 @@ use tracing::{info, warn, Instrument};
 
 use super::route::Target;
 use crate::config::WireFormat;
-use crate::metrics::LinkMetrics;
+use crate::metrics::{LatencyBatch, LinkMetrics};
 
 /// What kind of message a queued frame is: only media may be dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +43,9 @@ pub struct Frame {
 /// pointer moves, and the writer takes everything queued in one lock.
 pub struct Queue {
     state: Mutex<QueueState>,
-    wake: Notify,
+    /// The writer's waker. Lock-free on both sides, unlike a `Notify`, whose waiter list
+    /// takes a lock on every wait and every wake.
+    waker: AtomicWaker,
     capacity: usize,
 }
 
@@ -67,7 +70,7 @@ impl Queue {
     pub fn new(capacity: usize) -> Self {
         Queue {
             state: Mutex::new(QueueState::default()),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
             capacity,
         }
     }
@@ -96,7 +99,7 @@ impl Queue {
             }
             q.items.push_back(frame);
         }
-        self.wake.notify_one();
+        self.waker.wake();
         result
     }
 
@@ -109,6 +112,24 @@ impl Queue {
         } else {
             into.append(&mut q.items);
         }
+    }
+
+    /// Ready once something is queued (immediately if something already is).
+    fn ready(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.waker.register(cx.waker());
+            let queued = !self
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .items
+                .is_empty();
+            if queued {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -158,6 +179,8 @@ impl LinkState {
         }
     }
 }
+
+const BACKEND_READ_CHUNK: usize = 512;
 
 /// How hard a link tries (from `backends.*`).
 #[derive(Debug, Clone)]
@@ -342,8 +365,10 @@ impl Writer {
     }
 
     async fn connect(&self) -> Result<BackendSocket, LinkError> {
+        // Backends seldom say anything, and every idle wait makes a read attempt, which zeroes
+        // this much buffer first: keep it small.
         let config = WebSocketConfig::default()
-            .read_buffer_size(super::READ_CHUNK)
+            .read_buffer_size(BACKEND_READ_CHUNK)
             .max_message_size(Some(self.policy.max_message_bytes))
             .max_frame_size(Some(self.policy.max_message_bytes));
         let connecting =
@@ -359,22 +384,35 @@ impl Writer {
     /// written (Ok) or the connection fails (Err).
     async fn pump(
         &self,
-        socket: BackendSocket,
+        mut socket: BackendSocket,
         pending: &mut VecDeque<Frame>,
     ) -> Result<(), LinkError> {
-        let (mut sink, mut stream) = socket.split();
-        sink.send(self.start.clone()).await?;
-        self.metrics.frames_out.inc();
-        self.shared.sent.fetch_add(1, Ordering::Relaxed);
+        // One socket, not split: reading (while idle) and writing (after) never overlap, so
+        // no lock is needed between two halves.
+        socket.send(self.start.clone()).await?;
+        let mut meter = Meter::default();
+        meter.written(1, &self.shared);
+        let result = self.forward(&mut socket, pending, &mut meter).await;
+        meter.flush(&self.metrics);
+        result
+    }
+
+    async fn forward(
+        &self,
+        socket: &mut BackendSocket,
+        pending: &mut VecDeque<Frame>,
+        meter: &mut Meter,
+    ) -> Result<(), LinkError> {
         loop {
             while pending.is_empty() {
                 self.shared.queue.take_all(pending);
                 if !pending.is_empty() {
                     break;
                 }
+                meter.flush_if_due(&self.metrics);
                 tokio::select! {
-                    _ = self.shared.queue.wake.notified() => {}
-                    incoming = stream.next() => match incoming {
+                    _ = self.shared.queue.ready() => {}
+                    incoming = socket.next() => match incoming {
                         None => return Err(LinkError::Closed(None)),
                         Some(Err(e)) => return Err(e.into()),
                         Some(Ok(Message::Close(frame))) => {
@@ -392,24 +430,60 @@ impl Writer {
             let mut stop = false;
             while let Some(frame) = pending.pop_front() {
                 stop = frame.kind == Kind::Stop;
-                sink.feed(frame.message).await?;
+                socket.feed(frame.message).await?;
                 written += 1;
                 if stop {
                     break;
                 }
             }
-            sink.flush().await?;
+            socket.flush().await?;
             if let Some(t) = oldest {
-                self.metrics.forward_latency.observe(t.elapsed());
+                meter.latency.record(t.elapsed());
             }
-            self.metrics.frames_out.inc_by(written);
-            self.shared.sent.fetch_add(written, Ordering::Relaxed);
+            meter.written(written, &self.shared);
             if stop {
+                meter.flush(&self.metrics);
                 // A polite close; a backend that does not answer it is not waited on long.
-                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
                 return Ok(());
             }
         }
+    }
+}
+
+/// A writer's counts, added to the shared metrics a few times a second rather than per
+/// frame: the metrics are shared by every call's writers, and updating them per frame made
+/// the cores fight over the same cache lines.
+#[derive(Default)]
+struct Meter {
+    frames: u64,
+    latency: LatencyBatch,
+    last_flush: Option<Instant>,
+}
+
+impl Meter {
+    /// `sent` (what `/calls` shows) is the link's own counter, so it stays exact.
+    fn written(&mut self, n: u64, shared: &LinkShared) {
+        self.frames += n;
+        shared.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn flush_if_due(&mut self, metrics: &LinkMetrics) {
+        let due = self
+            .last_flush
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
+        if due {
+            self.flush(metrics);
+        }
+    }
+
+    fn flush(&mut self, metrics: &LinkMetrics) {
+        self.last_flush = Some(Instant::now());
+        if self.frames > 0 {
+            metrics.frames_out.inc_by(self.frames);
+            self.frames = 0;
+        }
+        metrics.forward_latency.absorb(&mut self.latency);
     }
 }
 
