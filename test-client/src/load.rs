@@ -63,9 +63,10 @@ pub fn stamp_of(bytes: &[u8]) -> Option<Stamp> {
     })
 }
 
-/// A latency histogram in microseconds, 1 µs to 60 s, 3 significant figures.
+/// A latency histogram in microseconds, 1 µs to 60 s, 2 significant figures (1 % precision:
+/// plenty for milliseconds, and small enough that merging hundreds of them stays cheap).
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds")
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -172,7 +173,8 @@ pub async fn start_sink(origin: Instant) -> std::io::Result<Arc<Sink>> {
                             sink.foreign.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    if unmerged >= 500 || last_merge.elapsed() > Duration::from_millis(500) {
+                    // Merging walks the whole histogram: rarely, not per frame.
+                    if unmerged >= 5_000 || last_merge.elapsed() > Duration::from_secs(2) {
                         sink.merge(&mut local, &mut unmerged);
                         last_merge = Instant::now();
                     }
@@ -276,10 +278,11 @@ mod tests {
         }
         let l = Latency::of(&h);
         assert_eq!(l.samples, 1000);
-        assert!((l.p50_ms - 5.0).abs() < 0.02, "{l:?}");
-        assert!((l.p90_ms - 9.0).abs() < 0.02, "{l:?}");
-        assert!((l.p99_ms - 9.9).abs() < 0.02, "{l:?}");
-        assert!((l.max_ms - 10.0).abs() < 0.02, "{l:?}");
+        // Within the histogram's 1 % precision.
+        assert!((l.p50_ms - 5.0).abs() <= 0.05, "{l:?}");
+        assert!((l.p90_ms - 9.0).abs() <= 0.09, "{l:?}");
+        assert!((l.p99_ms - 9.9).abs() <= 0.099, "{l:?}");
+        assert!((l.max_ms - 10.0).abs() <= 0.1, "{l:?}");
         assert_eq!(Latency::of(&histogram()).samples, 0);
     }
 
