@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every figure in BENCHMARKS.md, in one go (about 35 minutes on the 2-core machine).
+# Raw loadgen reports (JSON, one per line, prefixed with the target) go to bench/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/results
+mkdir -p "$out"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+
+echo "== 1000 calls x fan-out 2, 60 s"
+bench/run.sh 1000 2 60s 20s | tee "$out/$stamp-1000x2.jsonl"
+echo "== 500 calls x fan-out 2, 60 s"
+bench/run.sh 500 2 60s 20s | tee "$out/$stamp-500x2.jsonl"
+echo "== knee, fan-out 1 2 4"
+bench/knee.sh "1 2 4" 200 100 1500 30s 10s | tee "$out/$stamp-knee.txt"
+echo "== soak: 500 calls x fan-out 2, 10 minutes, proxy only"
+TARGETS=proxy bench/run.sh 500 2 600s 20s | tee "$out/$stamp-soak.jsonl"
