@@ -204,11 +204,7 @@ impl StateStore for MemoryStore {
             .filter(|b| live(b, now))
             .map(|b| b.clone())
             .collect();
-        all.sort_by(|a, b| {
-            a.blocked_on
-                .cmp(&b.blocked_on)
-                .then_with(|| a.caller.cmp(&b.caller))
-        });
+        super::sort_blocks(&mut all);
         ready(all)
     }
 

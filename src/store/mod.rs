@@ -35,6 +35,15 @@ pub struct Block {
     pub expires_at: Option<u64>,
 }
 
+/// The order every engine lists blocks in: oldest first, then by caller.
+pub fn sort_blocks(blocks: &mut [Block]) {
+    blocks.sort_by(|a, b| {
+        a.blocked_on
+            .cmp(&b.blocked_on)
+            .then_with(|| a.caller.cmp(&b.caller))
+    });
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -201,11 +201,7 @@ impl StateStore for RedisStore {
                     blocks.push(Self::decode_block(&json)?);
                 }
             }
-            blocks.sort_by(|a, b| {
-                a.blocked_on
-                    .cmp(&b.blocked_on)
-                    .then_with(|| a.caller.cmp(&b.caller))
-            });
+            super::sort_blocks(&mut blocks);
             Ok(blocks)
         })
     }
