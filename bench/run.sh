@@ -2,7 +2,8 @@
 # One benchmark point: loadgen against the proxy, then against the bare relay, same load.
 #   bench/run.sh CALLS FANOUT DURATION [RAMP]      e.g. bench/run.sh 1000 2 60s 20s
 # Release builds; everything on 127.0.0.1; each process stops by itself.
-# Prints each target's loadgen report as one JSON line, prefixed with the target's name.
+# Prints each target's loadgen report as one JSON line, prefixed with the target's name;
+# the proxy's own log goes to target/bench-proxy.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calls=${1:-500}
@@ -33,7 +34,7 @@ for target in $targets; do
       CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE=0 \
       CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE=0 \
       CALL_PROXY__STORE__PATH= CALL_PROXY__LOG__FILTER=warn \
-        "$bin/call-proxy" 2>/tmp/bench-proxy.log &
+        "$bin/call-proxy" 2>target/bench-proxy.log &
       pid=$!
       url=ws://127.0.0.1:18999/media
       ;;
