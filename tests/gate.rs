@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use call_proxy::config::{Settings, WireFormat};
@@ -746,9 +746,9 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
 #[tokio::test]
 async fn rate_limits_answer_429_and_recover() {
     let mut s = pin_settings();
-    s.rate_limits.http_per_ip_per_minute = 120; // one every 0.5 s
+    s.rate_limits.http_per_ip_per_minute = 60; // one a second once the burst is spent
     s.rate_limits.http_burst = 3;
-    s.rate_limits.upgrades_per_ip_per_minute = 120;
+    s.rate_limits.upgrades_per_ip_per_minute = 60;
     s.rate_limits.upgrades_burst = 2;
     let proxy = Proxy::start(s).await;
     for _ in 0..3 {
@@ -761,7 +761,7 @@ async fn rate_limits_answer_429_and_recover() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(retry, 1, "one token a second");
     assert!(r.json::<Value>().await.unwrap()["error"].is_string());
 
     // Upgrades have their own budget.
@@ -789,7 +789,6 @@ async fn pin_attempts_are_limited_per_caller() {
     };
     assert_eq!(send("+15556660000").await.unwrap().status(), 200);
     assert_eq!(send("+15556660000").await.unwrap().status(), 200);
-    let began = Instant::now();
     let r = send("+15556660000").await.unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
@@ -808,7 +807,6 @@ async fn pin_attempts_are_limited_per_caller() {
         attempts["attempts"], 2,
         "the limited attempt was not counted"
     );
-    assert!(began.elapsed() < Duration::from_secs(1));
     let m = proxy.metrics().await;
     assert_eq!(
         metric(

@@ -163,8 +163,9 @@ async fn two_instances_on_one_redis_share_blocks_attempts_and_live_calls() {
         assert!(killed.elapsed() < Duration::from_secs(5), "never expired");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The TTL is 1.5 s; the rest is slack for a busy machine.
     assert!(
-        killed.elapsed() <= Duration::from_millis(2500),
+        killed.elapsed() <= Duration::from_millis(3500),
         "{:?}",
         killed.elapsed()
     );
