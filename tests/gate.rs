@@ -352,6 +352,16 @@ fn pin_settings() -> Settings {
     s
 }
 
+/// `GET /auth-attempts/{caller}` with the key, as JSON.
+async fn attempts_of(proxy: &Proxy, caller: &str) -> Value {
+    proxy
+        .get_with_key(&format!("/auth-attempts/{caller}"), "test-key")
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn validate(proxy: &Proxy, caller: &str, pin: &str) -> Value {
     let r = client()
         .post(proxy.url("/validate-pin"))
@@ -386,24 +396,14 @@ async fn a_hundred_concurrent_wrong_pins_count_a_hundred() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
-    let attempts: Value = proxy
-        .get_with_key("/auth-attempts/+15550007777", "test-key")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let attempts = attempts_of(&proxy, "+15550007777").await;
     assert_eq!(attempts["attempts"], 100);
     let status = proxy.get("/blocked-callers/+15550007777").await;
     assert_eq!(status.status(), 200, "blocked after the 100th");
     // Blocked: even the right PIN is refused, and not counted.
     let v = validate(&proxy, "+15550007777", "1234").await;
     assert_eq!(v, json!({"authenticated": false, "blocked": true}));
-    let attempts: Value = proxy
-        .get_with_key("/auth-attempts/+15550007777", "test-key")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let attempts = attempts_of(&proxy, "+15550007777").await;
     assert_eq!(attempts["attempts"], 100);
 }
 
@@ -797,12 +797,7 @@ async fn pin_attempts_are_limited_per_caller() {
         200,
         "another caller"
     );
-    let attempts: Value = proxy
-        .get_with_key("/auth-attempts/+15556660000", "test-key")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let attempts = attempts_of(&proxy, "+15556660000").await;
     assert_eq!(
         attempts["attempts"], 2,
         "the limited attempt was not counted"
