@@ -174,6 +174,13 @@ pub struct BackendSettings {
     pub table: BTreeMap<String, BackendSpec>,
 }
 
+impl BackendSettings {
+    /// A backend of the table, unless it is switched off.
+    pub fn enabled(&self, id: &str) -> Option<&BackendSpec> {
+        self.table.get(id).filter(|b| b.enabled)
+    }
+}
+
 /// One row of the backend table.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BackendSpec {
@@ -562,7 +569,7 @@ impl Settings {
 
     /// The enabled backends of the table.
     pub fn backend(&self, id: &str) -> Option<&BackendSpec> {
-        self.backends.table.get(id).filter(|b| b.enabled)
+        self.backends.enabled(id)
     }
 
     pub fn idle_timeout(&self) -> Duration {

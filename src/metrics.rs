@@ -314,10 +314,6 @@ impl LatencyHistogram {
         self.inner.count.fetch_add(batch.count, Ordering::Relaxed);
         *batch = LatencyBatch::default();
     }
-
-    pub fn count(&self) -> u64 {
-        self.inner.count.load(Ordering::Relaxed)
-    }
 }
 
 impl TypedMetric for LatencyHistogram {

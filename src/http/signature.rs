@@ -80,10 +80,8 @@ pub async fn require(
     // A body that is not a form is signed only through its hash in the URL: check it, or
     // anyone holding one signed URL could send any body with it.
     if !form && !bytes.is_empty() {
-        let query = parts.uri.query().unwrap_or("");
-        let claimed = form_urlencoded::parse(query.as_bytes())
-            .find(|(k, _)| k == "bodySHA256")
-            .map(|(_, v)| v.to_ascii_lowercase());
+        let url = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+        let claimed = signature::body_sha256_param(url).map(|v| v.to_ascii_lowercase());
         let actual = signature::body_sha256(&bytes);
         match claimed {
             None => {

@@ -133,14 +133,6 @@ impl MediaHub {
         self.calls.insert(admission.id, info);
     }
 
-    /// Runs a future as part of the media path, so shutdown waits for it.
-    pub fn spawn<F>(&self, fut: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.tracker.spawn(fut);
-    }
-
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
     }

@@ -123,7 +123,7 @@ fn by_ids(
     let mut skipped = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
     for id in ids {
-        match backends.table.get(&id).filter(|b| b.enabled) {
+        match backends.enabled(&id) {
             Some(spec) => {
                 if targets.iter().all(|t| t.name != id) {
                     targets.push(Target {
