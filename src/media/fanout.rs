@@ -411,6 +411,8 @@ impl Writer {
                 }
                 meter.flush_if_due(&self.metrics);
                 tokio::select! {
+                    // Frames first; the backend seldom says anything.
+                    biased;
                     _ = self.shared.queue.ready() => {}
                     incoming = socket.next() => match incoming {
                         None => return Err(LinkError::Closed(None)),

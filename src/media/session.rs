@@ -108,7 +108,10 @@ where
     let execution_refresh = Duration::from_millis(settings.store.execution_ttl_ms / 3);
     let grace = Duration::from_millis(settings.media.all_backends_gone_grace_ms);
 
-    let shutdown = hub.shutdown_token().clone();
+    // A child of the service's token: waiting on the shared token itself would take its
+    // lock (and its waiter list's) on every poll of every session, a lock all cores contend
+    // for on every frame; the child's are this session's alone.
+    let shutdown = hub.shutdown_token().child_token();
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     let links_changed = session.links_changed.clone();

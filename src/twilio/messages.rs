@@ -117,8 +117,9 @@ struct Envelope<'a> {
     event: Text<'a>,
     #[serde(borrow, default)]
     sequence_number: Option<Text<'a>>,
-    #[serde(default)]
-    stream_sid: Option<String>,
+    // Borrowed: every media frame carries it, and it is only kept from `start`.
+    #[serde(borrow, default)]
+    stream_sid: Option<Text<'a>>,
     #[serde(default)]
     protocol: Option<String>,
     #[serde(default)]
@@ -227,8 +228,8 @@ pub fn parse(text: &str) -> Result<Event<'_>, ParseError> {
                 event: "start",
                 field: "start",
             })?;
-            let stream_sid = env
-                .stream_sid
+            let stream_sid = cow(env.stream_sid)
+                .map(Cow::into_owned)
                 .or(body.stream_sid)
                 .filter(|s| !s.is_empty())
                 .ok_or(ParseError::Missing {

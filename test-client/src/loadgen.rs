@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use call_proxy::twilio::messages::outbound;
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -73,16 +72,22 @@ pub struct Report {
     pub loadgen_cpu_percent: f64,
 }
 
-type CallSink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+type CallSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How often (in frames) a call looks for a close from the proxy: once a second.
+const CLOSE_CHECK_EVERY: u64 = 50;
 
 struct Call {
     index: u32,
     stream_sid: String,
     call_sid: String,
-    sink: CallSink,
+    /// One socket, not split: the driver writes and, now and then, looks for a close without
+    /// waiting. A reader task per call and the lock between split halves cost more than the
+    /// proxy's work on small loads.
+    socket: CallSocket,
     seq: u64,
     chunk: u64,
-    closed: Arc<AtomicBool>,
+    closed: bool,
 }
 
 async fn open_call(opts: &Options, index: u32, hosts: &str) -> Result<Call> {
@@ -96,51 +101,58 @@ async fn open_call(opts: &Options, index: u32, hosts: &str) -> Result<Call> {
     if let MaybeTlsStream::Plain(s) = ws.get_ref() {
         let _ = s.set_nodelay(true);
     }
-    let (mut sink, mut stream) = ws.split();
+    let mut socket = ws;
     let stream_sid = format!("MZ{index:032x}");
     let call_sid = format!("CA{index:032x}");
     let params = BTreeMap::from([("backendHosts".to_string(), hosts.to_string())]);
-    sink.send(Message::Text(outbound::connected().into()))
+    socket
+        .send(Message::Text(outbound::connected().into()))
         .await?;
-    sink.send(Message::Text(
-        outbound::start(
-            1,
-            &outbound::StartInfo {
-                account_sid: "AC00000000000000000000000000000000",
-                call_sid: &call_sid,
-                stream_sid: &stream_sid,
-                tracks: &["inbound"],
-                custom_parameters: &params,
-            },
-        )
-        .into(),
-    ))
-    .await?;
-    let closed = Arc::new(AtomicBool::new(false));
-    let flag = closed.clone();
-    // The proxy says nothing on a healthy call; a close means the call was lost.
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = stream.next().await {
-            if matches!(m, Message::Close(_)) {
-                break;
-            }
-        }
-        flag.store(true, Ordering::Relaxed);
-    });
+    socket
+        .send(Message::Text(
+            outbound::start(
+                1,
+                &outbound::StartInfo {
+                    account_sid: "AC00000000000000000000000000000000",
+                    call_sid: &call_sid,
+                    stream_sid: &stream_sid,
+                    tracks: &["inbound"],
+                    custom_parameters: &params,
+                },
+            )
+            .into(),
+        ))
+        .await?;
     Ok(Call {
         index,
         stream_sid,
         call_sid,
-        sink,
+        socket,
         seq: 2,
         chunk: 0,
-        closed,
+        closed: false,
     })
 }
 
 impl Call {
+    /// The proxy says nothing on a healthy call: anything but a ping, or an error, or the end
+    /// of the stream means the proxy dropped the call. Looks without waiting.
+    fn check_closed(&mut self) -> bool {
+        while !self.closed {
+            match self.socket.next().now_or_never() {
+                None => break,
+                Some(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Some(_) => self.closed = true,
+            }
+        }
+        self.closed
+    }
+
     async fn send_frame(&mut self, origin: Instant, b64: &base64::engine::GeneralPurpose) -> bool {
-        if self.closed.load(Ordering::Relaxed) {
+        if self.chunk % CLOSE_CHECK_EVERY == 0 && self.check_closed() {
+            return false;
+        }
+        if self.closed {
             return false;
         }
         self.chunk += 1;
@@ -155,7 +167,10 @@ impl Call {
             &b64.encode(payload),
         );
         self.seq += 1;
-        self.sink.send(Message::Text(text.into())).await.is_ok()
+        if self.socket.send(Message::Text(text.into())).await.is_err() {
+            self.closed = true;
+        }
+        !self.closed
     }
 
     async fn stop(mut self) {
@@ -165,8 +180,8 @@ impl Call {
             &self.call_sid,
             &self.stream_sid,
         );
-        let _ = self.sink.send(Message::Text(text.into())).await;
-        let _ = self.sink.close().await;
+        let _ = self.socket.send(Message::Text(text.into())).await;
+        let _ = self.socket.close(None).await;
     }
 }
 
@@ -443,8 +458,8 @@ async fn drive(
         }
         n += 1;
     }
-    for call in slots.into_iter().flatten() {
-        if !call.closed.load(Ordering::Relaxed) {
+    for mut call in slots.into_iter().flatten() {
+        if !call.check_closed() {
             held.fetch_add(1, Ordering::Relaxed);
         }
         call.stop().await;
