@@ -198,6 +198,38 @@ async fn a_backend_killed_mid_call_is_reconnected_and_the_other_sees_no_gap() {
 }
 
 #[tokio::test]
+async fn a_backend_that_talks_and_closes_while_the_call_is_quiet_is_reconnected() {
+    let mut chatty = Backend::start(Behaviour::TalkThenClose).await;
+    let proxy = Proxy::start(settings(&[("chatty", &chatty.url(), WireFormat::Twilio)])).await;
+    let mut call = TwilioCall::connect(&proxy, "quiet").await;
+    call.start(&[("backendIds", r#"["chatty"]"#)]).await;
+    // No media flows yet: only the link's own watch on the backend can notice the close,
+    // which arrives in one segment behind two messages the backend should not have sent.
+    chatty
+        .wait_for("a second connection", |log| {
+            log.iter()
+                .filter(|s| matches!(s, Seen::Connected(_)))
+                .count()
+                == 2
+        })
+        .await;
+    call.media(&payload(0)).await;
+    call.stop().await;
+    chatty.wait_for_stop().await;
+
+    let second = chatty.texts_of(2);
+    assert_eq!(second[0], call.start_text, "start again first");
+    assert_eq!(payloads(&second), vec![payload(0)]);
+    let m = proxy.metrics().await;
+    let series = |name: &str| format!(r#"call_proxy_{name}{{backend="chatty"}}"#);
+    assert_eq!(
+        metric(&m, &series("backend_ignored_messages_total")),
+        Some(2.0)
+    );
+    assert_eq!(metric(&m, &series("backend_reconnects_total")), Some(1.0));
+}
+
+#[tokio::test]
 async fn when_every_backend_is_gone_the_stream_is_closed_after_the_grace_period() {
     let mut s = settings(&[
         ("a", &dead_url().await, WireFormat::Twilio),

@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -141,6 +142,9 @@ pub enum Behaviour {
     Stall,
     /// On its first connection, drops the TCP connection after this many media messages.
     DropAfter(usize),
+    /// On its first connection, answers `start` with two text messages and a close frame,
+    /// written together so they arrive in one segment; reads normally after that.
+    TalkThenClose,
 }
 
 pub struct Backend {
@@ -187,7 +191,7 @@ impl Backend {
                         Behaviour::Stall => {
                             held.lock().await.push(ws);
                         }
-                        Behaviour::Normal | Behaviour::DropAfter(_) => {
+                        Behaviour::Normal | Behaviour::DropAfter(_) | Behaviour::TalkThenClose => {
                             let mut media = 0;
                             while let Some(Ok(m)) = ws.next().await {
                                 match m {
@@ -195,7 +199,14 @@ impl Backend {
                                         if t.as_str().contains(r#""event":"media""#) {
                                             media += 1;
                                         }
+                                        let start = t.as_str().contains(r#""event":"start""#);
                                         let _ = tx.send(Seen::Text(conn, t.to_string()));
+                                        if start
+                                            && conn == 1
+                                            && matches!(behaviour, Behaviour::TalkThenClose)
+                                        {
+                                            talk_then_close(&mut ws).await;
+                                        }
                                     }
                                     Message::Binary(b) => {
                                         let _ = tx.send(Seen::Binary(conn, b.to_vec()));
@@ -280,6 +291,21 @@ impl Backend {
             .filter(|s| matches!(s, Seen::Connected(_)))
             .count()
     }
+}
+
+/// Two messages a backend should not send and a close, in one write.
+async fn talk_then_close<S>(ws: &mut S)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let close = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "back in a moment".into(),
+    };
+    let _ = ws.feed(Message::Text("hello".into())).await;
+    let _ = ws.feed(Message::Text("still here".into())).await;
+    let _ = ws.feed(Message::Close(Some(close))).await;
+    let _ = ws.flush().await;
 }
 
 pub fn texts(log: &[Seen]) -> Vec<String> {
