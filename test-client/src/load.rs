@@ -237,6 +237,20 @@ pub fn sample_proc(pid: &str) -> Option<ProcSample> {
     })
 }
 
+/// The least-squares slope of `y` over `x` (units of y per unit of x); `None` for fewer than
+/// three points or no spread in `x`.
+pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
 /// CPU used between two samples, as a percentage of one core.
 pub fn cpu_percent(from: &ProcSample, to: &ProcSample) -> f64 {
     let secs = to.at.duration_since(from.at).as_secs_f64();
@@ -284,6 +298,23 @@ mod tests {
         assert!((l.p99_ms - 9.9).abs() <= 0.099, "{l:?}");
         assert!((l.max_ms - 10.0).abs() <= 0.1, "{l:?}");
         assert_eq!(Latency::of(&histogram()).samples, 0);
+    }
+
+    #[test]
+    fn slope_of_flat_rising_and_too_few_points() {
+        let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64 * 10.0, 25.0)).collect();
+        assert_eq!(slope(&flat), Some(0.0));
+        // 0.5 MiB every 10 s = 0.05 per second, with noise that averages out.
+        let rising: Vec<(f64, f64)> = (0..10)
+            .map(|i| {
+                let noise = if i % 2 == 0 { 0.1 } else { -0.1 };
+                (i as f64 * 10.0, 20.0 + 0.5 * i as f64 + noise)
+            })
+            .collect();
+        let s = slope(&rising).unwrap();
+        assert!((s - 0.05).abs() < 0.005, "{s}");
+        assert_eq!(slope(&flat[..2]), None);
+        assert_eq!(slope(&[(1.0, 1.0), (1.0, 2.0), (1.0, 3.0)]), None);
     }
 
     #[test]

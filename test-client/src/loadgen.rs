@@ -46,7 +46,15 @@ pub struct ProcReport {
     pub rss_idle_mib: f64,
     pub rss_full_mib: f64,
     pub rss_end_mib: f64,
+    /// RSS every `RSS_EVERY` from the start of the run: seconds since the start, MiB.
+    pub rss_series: Vec<(f64, f64)>,
+    /// Least-squares slope of RSS over the second half of the full-load window, MiB per
+    /// minute: near zero when memory is flat, positive and steady when something leaks.
+    pub rss_slope_mib_per_min: Option<f64>,
 }
+
+/// How often the proxy's RSS is recorded for the report.
+const RSS_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -212,22 +220,34 @@ pub async fn run(
     let held = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
 
+    // The proxy's RSS over the run, for the memory trend.
+    let rss_series = Arc::new(std::sync::Mutex::new(Vec::<(f64, f64)>::new()));
     // Progress, once a second.
     let progress = {
-        let (sent, connected, sinks, pid, done) = (
+        let (sent, connected, sinks, pid, done, rss_series) = (
             sent.clone(),
             connected.clone(),
             sinks.clone(),
             pid.clone(),
             done.clone(),
+            rss_series.clone(),
         );
         let show = opts.progress;
         tokio::spawn(async move {
             let mut last = pid.as_deref().and_then(load::sample_proc);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
+            let mut next_rss = Instant::now();
             while !done.load(Ordering::Relaxed) {
                 tick.tick().await;
+                if Instant::now() >= next_rss {
+                    next_rss += RSS_EVERY;
+                    if let Some(p) = pid.as_deref().and_then(load::sample_proc) {
+                        let at = p.at.duration_since(origin).as_secs_f64();
+                        let mib = p.rss_kib as f64 / 1024.0;
+                        rss_series.lock().unwrap().push((at, mib));
+                    }
+                }
                 if !show {
                     continue;
                 }
@@ -371,6 +391,18 @@ pub async fn run(
                     rss_idle_mib: idle.rss_kib as f64 / 1024.0,
                     rss_full_mib: full.rss_kib as f64 / 1024.0,
                     rss_end_mib: end.rss_kib as f64 / 1024.0,
+                    rss_slope_mib_per_min: {
+                        let series = rss_series.lock().unwrap();
+                        let from = full.at.duration_since(origin).as_secs_f64();
+                        let to = end.at.duration_since(origin).as_secs_f64();
+                        let half: Vec<(f64, f64)> = series
+                            .iter()
+                            .copied()
+                            .filter(|(at, _)| *at >= (from + to) / 2.0 && *at <= to)
+                            .collect();
+                        load::slope(&half).map(|per_s| per_s * 60.0)
+                    },
+                    rss_series: rss_series.lock().unwrap().clone(),
                 }),
                 (forwarded > 0).then(|| cpu_ms / (forwarded as f64 / 1000.0)),
                 Some((full.rss_kib as f64 - idle.rss_kib as f64) / opts.calls as f64),
@@ -506,6 +538,17 @@ impl Report {
                 "proxy: CPU {:.1} % of one core; RSS idle {:.1} MiB, full load {:.1} MiB, end {:.1} MiB\n",
                 p.cpu_percent, p.rss_idle_mib, p.rss_full_mib, p.rss_end_mib
             );
+            if let Some(slope) = p.rss_slope_mib_per_min {
+                let (lo, hi) = p
+                    .rss_series
+                    .iter()
+                    .fold((f64::MAX, 0.0f64), |(lo, hi), (_, m)| {
+                        (lo.min(*m), hi.max(*m))
+                    });
+                out += &format!(
+                    "proxy RSS over the run: {lo:.1}..{hi:.1} MiB; slope over the last half of full load {slope:+.3} MiB/min\n"
+                );
+            }
         }
         if let Some(c) = self.proxy_cpu_ms_per_1000_frames {
             out += &format!("proxy CPU per 1000 frames delivered: {c:.2} ms\n");
