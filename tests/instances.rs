@@ -9,13 +9,17 @@ use call_proxy::config::WireFormat;
 use common::*;
 use serde_json::{json, Value};
 
-async fn wrong_pin(base: &str, caller: &str) -> Value {
-    let r = reqwest::Client::new()
+async fn validate_pin(base: &str, pin: &str, caller: &str) -> reqwest::Response {
+    reqwest::Client::new()
         .post(format!("{base}/validate-pin"))
-        .json(&json!({"pin": "0000", "callerId": caller}))
+        .json(&json!({"pin": pin, "callerId": caller}))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn wrong_pin(base: &str, caller: &str) -> Value {
+    let r = validate_pin(base, "0000", caller).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -195,12 +199,7 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
         call.media(&payload(i)).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let r = reqwest::Client::new()
-        .post(proxy.url("/validate-pin"))
-        .json(&json!({"pin": "1234", "callerId": "+15553000000"}))
-        .send()
-        .await
-        .unwrap();
+    let r = validate_pin(&proxy.url(""), "1234", "+15553000000").await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     assert!(
@@ -224,12 +223,7 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
         assert!(Instant::now() < deadline, "never ready again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = reqwest::Client::new()
-        .post(proxy.url("/validate-pin"))
-        .json(&json!({"pin": "0000", "callerId": "+15553000000"}))
-        .send()
-        .await
-        .unwrap();
+    let r = validate_pin(&proxy.url(""), "0000", "+15553000000").await;
     assert_eq!(r.status(), 200, "the gate works again without a restart");
     for i in 150..160 {
         call.media(&payload(i)).await;

@@ -441,9 +441,7 @@ impl Writer {
             }
         }
     }
-}
 
-impl Writer {
     /// Reads whatever the backend has sent, without waiting: a close or an error ends the
     /// link; anything else is counted and dropped.
     fn read_backend(&self, socket: &mut BackendSocket) -> Result<(), LinkError> {

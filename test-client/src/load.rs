@@ -213,6 +213,12 @@ pub struct ProcSample {
     pub rss_kib: u64,
 }
 
+impl ProcSample {
+    pub fn rss_mib(&self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+}
+
 /// Linux reports CPU time in USER_HZ ticks, 100 per second on every mainstream platform.
 pub const TICKS_PER_SEC: f64 = 100.0;
 

@@ -99,17 +99,16 @@ struct Call {
 }
 
 async fn open_call(opts: &Options, index: u32, hosts: &str) -> Result<Call> {
-    let (ws, _) = tokio::time::timeout(
+    let (mut socket, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(&opts.url),
     )
     .await
     .context("upgrade timed out")?
     .with_context(|| format!("upgrade to {}", opts.url))?;
-    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+    if let MaybeTlsStream::Plain(s) = socket.get_ref() {
         let _ = s.set_nodelay(true);
     }
-    let mut socket = ws;
     let stream_sid = format!("MZ{index:032x}");
     let call_sid = format!("CA{index:032x}");
     let params = BTreeMap::from([("backendHosts".to_string(), hosts.to_string())]);
@@ -157,8 +156,8 @@ impl Call {
     }
 
     async fn send_frame(&mut self, origin: Instant, b64: &base64::engine::GeneralPurpose) -> bool {
-        if self.chunk % CLOSE_CHECK_EVERY == 0 && self.check_closed() {
-            return false;
+        if self.chunk % CLOSE_CHECK_EVERY == 0 {
+            self.check_closed();
         }
         if self.closed {
             return false;
@@ -240,23 +239,21 @@ pub async fn run(
             let mut next_rss = Instant::now();
             while !done.load(Ordering::Relaxed) {
                 tick.tick().await;
-                if Instant::now() >= next_rss {
+                // One reading a second serves both the RSS record and the progress line.
+                let now = pid.as_deref().and_then(load::sample_proc);
+                if let Some(p) = now.filter(|p| p.at >= next_rss) {
                     next_rss += RSS_EVERY;
-                    if let Some(p) = pid.as_deref().and_then(load::sample_proc) {
-                        let at = p.at.duration_since(origin).as_secs_f64();
-                        let mib = p.rss_kib as f64 / 1024.0;
-                        rss_series.lock().unwrap().push((at, mib));
-                    }
+                    let at = p.at.duration_since(origin).as_secs_f64();
+                    rss_series.lock().unwrap().push((at, p.rss_mib()));
                 }
                 if !show {
                     continue;
                 }
-                let now = pid.as_deref().and_then(load::sample_proc);
                 let proxy = match (&last, &now) {
                     (Some(a), Some(b)) => format!(
                         ", proxy CPU {:.0}% RSS {:.0} MiB",
                         load::cpu_percent(a, b),
-                        b.rss_kib as f64 / 1024.0
+                        b.rss_mib()
                     ),
                     _ => String::new(),
                 };
@@ -376,6 +373,7 @@ pub async fn run(
     }
     let _ = all_latency.add(&window);
     let before_window = full_load.lock().unwrap().take();
+    let rss_series = std::mem::take(&mut *rss_series.lock().unwrap());
     let (proxy, cpu_per_1000, rss_per_call) = match (&proc_idle, &before_window, &proc_end) {
         (Some(idle), Some((full, received_then)), Some(end)) if full.cpu_ticks > 0 => {
             let forwarded: u64 = sinks
@@ -388,21 +386,20 @@ pub async fn run(
             (
                 Some(ProcReport {
                     cpu_percent: load::cpu_percent(full, end),
-                    rss_idle_mib: idle.rss_kib as f64 / 1024.0,
-                    rss_full_mib: full.rss_kib as f64 / 1024.0,
-                    rss_end_mib: end.rss_kib as f64 / 1024.0,
+                    rss_idle_mib: idle.rss_mib(),
+                    rss_full_mib: full.rss_mib(),
+                    rss_end_mib: end.rss_mib(),
                     rss_slope_mib_per_min: {
-                        let series = rss_series.lock().unwrap();
                         let from = full.at.duration_since(origin).as_secs_f64();
                         let to = end.at.duration_since(origin).as_secs_f64();
-                        let half: Vec<(f64, f64)> = series
+                        let half: Vec<(f64, f64)> = rss_series
                             .iter()
                             .copied()
                             .filter(|(at, _)| *at >= (from + to) / 2.0 && *at <= to)
                             .collect();
                         load::slope(&half).map(|per_s| per_s * 60.0)
                     },
-                    rss_series: rss_series.lock().unwrap().clone(),
+                    rss_series,
                 }),
                 (forwarded > 0).then(|| cpu_ms / (forwarded as f64 / 1000.0)),
                 Some((full.rss_kib as f64 - idle.rss_kib as f64) / opts.calls as f64),
