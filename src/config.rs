@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, File, FileFormat};
 use serde::Deserialize;
 
 /// The defaults compiled into the binary, so a fresh clone runs with no set-up.
@@ -89,6 +89,10 @@ fn redacted(secret: &str) -> &'static str {
 #[derive(Clone, Deserialize)]
 pub struct GateSettings {
     pub max_invalid_attempts: u64,
+    /// Wrong PINs one client address may send in a window, whatever caller ids it uses;
+    /// 0 switches the limit off.
+    pub max_pin_failures_per_ip: u64,
+    pub pin_failure_window_secs: u64,
     pub attempts_ttl_secs: u64,
     pub block_ttl_secs: u64,
     pub pin_provider: PinProviderKind,
@@ -104,6 +108,8 @@ impl std::fmt::Debug for GateSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GateSettings")
             .field("max_invalid_attempts", &self.max_invalid_attempts)
+            .field("max_pin_failures_per_ip", &self.max_pin_failures_per_ip)
+            .field("pin_failure_window_secs", &self.pin_failure_window_secs)
             .field("attempts_ttl_secs", &self.attempts_ttl_secs)
             .field("block_ttl_secs", &self.block_ttl_secs)
             .field("pin_provider", &self.pin_provider)
@@ -136,6 +142,14 @@ pub struct ServerSettings {
     pub host: String,
     pub port: u16,
     pub shutdown_timeout_ms: u64,
+    /// Request headers must arrive within this; also how long an idle keep-alive lasts.
+    pub header_timeout_ms: u64,
+    /// A request body must arrive within this (else 408).
+    pub body_timeout_ms: u64,
+    pub max_connections: usize,
+    /// Behind `twilio.trust_forwarded_headers`: how many proxies of yours append to
+    /// `X-Forwarded-For`; the client is that many entries from the right.
+    pub trusted_proxy_hops: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +169,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 pub struct MediaSettings {
     pub max_calls: usize,
+    /// A `/media` socket must send `start` within this of the upgrade.
+    pub start_timeout_ms: u64,
+    pub max_backends_per_call: usize,
     pub idle_timeout_ms: u64,
     pub max_message_bytes: usize,
     pub all_backends_gone_grace_ms: u64,
@@ -164,6 +181,10 @@ pub struct MediaSettings {
 pub struct BackendSettings {
     pub default: Vec<String>,
     pub queue_frames: usize,
+    /// Each link's queue in bytes, control frames and the writer's batch included.
+    pub queue_bytes: usize,
+    /// A backend that takes nothing for this long is a failed link.
+    pub write_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub reconnect_max_tries: u32,
     pub reconnect_window_ms: u64,
@@ -298,6 +319,74 @@ impl Sources {
     }
 }
 
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["backends.default", "backends.hosts_allowlist"];
+
+/// The fields of a `backends.table.<id>` row.
+const BACKEND_FIELDS: &[&str] = &["url", "format", "queue_frames", "enabled"];
+
+/// The longest TTL any setting or stored record may have: ten years. Longer ones are refused
+/// at start-up and held to this when read back from storage, so nothing overflows.
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// The longest any `_ms` duration may be: a day.
+const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
+
+/// A key no setting has: refused, naming the nearest one that exists, so a typo can never
+/// leave a security setting silently at its default.
+fn unknown_key(key: &str) -> ConfigError {
+    let (parent, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let siblings: Vec<String> =
+        if parent.starts_with("backends.table.") && !parent[15..].contains('.') {
+            BACKEND_FIELDS.iter().map(|f| f.to_string()).collect()
+        } else {
+            known_keys()
+                .into_iter()
+                .filter_map(|k| match k.rsplit_once('.') {
+                    Some((p, n)) if p == parent => Some(n.to_string()),
+                    None if parent.is_empty() => Some(k),
+                    _ => None,
+                })
+                .collect()
+        };
+    let nearest = siblings
+        .iter()
+        .map(|s| (strsim::damerau_levenshtein(name, s), s))
+        .filter(|(d, s)| *d <= 3.max(s.len() / 4))
+        .min();
+    let message = match nearest {
+        Some((_, s)) if parent.is_empty() => format!("is not a setting; did you mean `{s}`?"),
+        Some((_, s)) => format!("is not a setting; did you mean `{parent}.{s}`?"),
+        None => "is not a setting".to_string(),
+    };
+    invalid(key, message)
+}
+
+/// Every key of the embedded defaults, tables included, as dotted paths.
+fn known_keys() -> Vec<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        if let serde_json::Value::Object(map) = value {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                walk(&path, v, out);
+                out.push(path);
+            }
+        }
+    }
+    let defaults: serde_json::Value = Config::builder()
+        .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+        .build()
+        .and_then(Config::try_deserialize)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    walk("", &defaults, &mut out);
+    out
+}
+
 /// The original Node.js service's environment variables, mapped onto our keys.
 const LEGACY_ENV: &[(&str, &str)] = &[
     ("AUDIO_PROXY_PORT", "server.port"),
@@ -332,22 +421,26 @@ impl Settings {
         if let Some(file) = &sources.file {
             builder = builder.add_source(File::from(file.clone()).format(FileFormat::Toml));
         }
-        let prefixed: config::Map<String, String> = sources
-            .env
-            .iter()
-            .filter(|(k, _)| k.starts_with("CALL_PROXY__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            Environment::with_prefix("CALL_PROXY")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("backends.default")
-                .with_list_parse_key("backends.hosts_allowlist")
-                .source(Some(prefixed)),
-        );
+        // `CALL_PROXY__SECTION__KEY`, each value kept the string it is: the `config` crate's
+        // own environment source guesses types, which turned an API key `000123` into 123
+        // and a long numeric token into a float. Fields that are numbers parse their string.
+        for (var, value) in &sources.env {
+            let Some(path) = var.strip_prefix("CALL_PROXY__") else {
+                continue;
+            };
+            let key = path.to_ascii_lowercase().replace("__", ".");
+            builder = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                builder.set_override(key, items)?
+            } else {
+                builder.set_override(key, value.as_str())?
+            };
+        }
         for (var, key) in LEGACY_ENV {
             if let Some(value) = sources.env.get(*var).filter(|v| !v.is_empty()) {
                 builder = builder.set_override(*key, value.as_str())?;
@@ -376,7 +469,12 @@ impl Settings {
             builder = builder.set_override("store.redis_url", url)?;
         }
 
-        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        let mut unknown = Vec::new();
+        let mut settings: Settings =
+            serde_ignored::deserialize(builder.build()?, |path| unknown.push(path.to_string()))?;
+        if let Some(key) = unknown.first() {
+            return Err(unknown_key(key));
+        }
         // `CALL_PROXY__BACKENDS__DEFAULT=` (set to nothing) means an empty list.
         settings.backends.default.retain(|id| !id.trim().is_empty());
         settings
@@ -395,6 +493,7 @@ impl Settings {
     /// Checks everything a running service would trip over later.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.validate_ranges()?;
         if self.media.max_calls == 0 {
             return Err(invalid("media.max_calls", "must be at least 1"));
         }
@@ -474,6 +573,121 @@ impl Settings {
                 return Err(invalid(
                     format!("backends.hosts_allowlist[{i}]"),
                     "must be a bare host name or IP address",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every number within a range that means something, so no arithmetic on it overflows and
+    /// no "forever" hides behind a wrapped value.
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        let (m, b, g) = (&self.media, &self.backends, &self.gate);
+        let durations_ms = [
+            (
+                "server.shutdown_timeout_ms",
+                self.server.shutdown_timeout_ms,
+            ),
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("media.start_timeout_ms", m.start_timeout_ms),
+            ("media.idle_timeout_ms", m.idle_timeout_ms),
+            (
+                "media.all_backends_gone_grace_ms",
+                m.all_backends_gone_grace_ms,
+            ),
+            ("backends.connect_timeout_ms", b.connect_timeout_ms),
+            ("backends.write_timeout_ms", b.write_timeout_ms),
+            ("backends.reconnect_window_ms", b.reconnect_window_ms),
+            ("backends.drain_timeout_ms", b.drain_timeout_ms),
+            ("store.timeout_ms", self.store.timeout_ms),
+            ("store.execution_ttl_ms", self.store.execution_ttl_ms),
+            ("gate.pin_service_timeout_ms", g.pin_service_timeout_ms),
+        ];
+        for (key, value) in durations_ms {
+            if !(1..=MAX_DURATION_MS).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be from 1 to {MAX_DURATION_MS} (a day), got {value}"),
+                ));
+            }
+        }
+        let ttls = [
+            ("gate.attempts_ttl_secs", g.attempts_ttl_secs, 1),
+            ("gate.block_ttl_secs", g.block_ttl_secs, 0),
+            ("gate.pin_failure_window_secs", g.pin_failure_window_secs, 1),
+            (
+                "security.route_token_ttl_secs",
+                self.security.route_token_ttl_secs,
+                1,
+            ),
+        ];
+        for (key, value, min) in ttls {
+            if !(min..=MAX_TTL_SECS).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be from {min} to {MAX_TTL_SECS} (ten years), got {value}"),
+                ));
+            }
+        }
+        let counts = [
+            (
+                "server.max_connections",
+                self.server.max_connections as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "server.trusted_proxy_hops",
+                self.server.trusted_proxy_hops as u64,
+                1,
+                16,
+            ),
+            ("media.max_calls", m.max_calls as u64, 1, 1_000_000),
+            (
+                "media.max_backends_per_call",
+                m.max_backends_per_call as u64,
+                1,
+                64,
+            ),
+            (
+                "media.max_message_bytes",
+                m.max_message_bytes as u64,
+                1024,
+                16 << 20,
+            ),
+            ("backends.queue_frames", b.queue_frames as u64, 1, 1_000_000),
+            ("backends.queue_bytes", b.queue_bytes as u64, 4096, 1 << 30),
+            (
+                "backends.reconnect_max_tries",
+                u64::from(b.reconnect_max_tries),
+                0,
+                1000,
+            ),
+            (
+                "gate.max_invalid_attempts",
+                g.max_invalid_attempts,
+                0,
+                1_000_000,
+            ),
+            (
+                "gate.max_pin_failures_per_ip",
+                g.max_pin_failures_per_ip,
+                0,
+                1_000_000,
+            ),
+            (
+                "twilio.max_body_bytes",
+                self.twilio.max_body_bytes as u64,
+                256,
+                16 << 20,
+            ),
+        ];
+        for (key, value, min, max) in counts {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be from {min} to {max}, got {value}"),
                 ));
             }
         }
@@ -578,6 +792,14 @@ impl Settings {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.server.shutdown_timeout_ms)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.body_timeout_ms)
     }
 }
 

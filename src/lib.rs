@@ -24,7 +24,7 @@ use std::time::Instant;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use crate::config::Settings;
 pub use crate::http::AppState;
@@ -55,21 +55,19 @@ pub fn app(state: AppState) -> Router {
 
 /// Serves until `shutdown` completes, then ends every live call cleanly (each backend gets
 /// `stop`, each Twilio socket a close frame) within `server.shutdown_timeout_ms`.
+///
+/// Returns only once the calls are drained (or the deadline passed): a binary that exits when
+/// `run` returns never cuts a call off without its `stop`.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = state(settings)?;
-    announce(&state, listener.local_addr()?);
-    let limits = state.limits.clone();
-    let janitor = tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-        loop {
-            every.tick().await;
-            limits.forget_idle();
-        }
-    });
+    let local_addr = listener.local_addr()?;
+    state.hub.set_local_addr(local_addr);
+    announce(&state, local_addr);
+    let background = spawn_background(&state);
 
     let stop = CancellationToken::new();
     let trigger = stop.clone();
@@ -78,20 +76,34 @@ pub async fn run(
         trigger.cancel();
     });
 
-    let server = axum::serve(
+    let limits = http::server::ConnectionLimits {
+        header_timeout: state.settings.header_timeout(),
+        max_connections: state.settings.server.max_connections,
+    };
+    let mut server = tokio::spawn(http::server::serve(
         listener,
-        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
+        app(state.clone()),
+        limits,
+        state.metrics.clone(),
+        stop.clone(),
+    ));
 
-    tokio::select! {
-        result = &mut server => {
-            // The server only ends by itself on an accept-loop failure.
-            return result.map_err(std::io::Error::other)?;
-        }
-        _ = stop.cancelled() => {}
+    // The server stops accepting once `stop` is cancelled and may finish before this task
+    // looks again (it does not wait for upgraded sockets): whichever is seen first, the
+    // calls are drained below. Only an accept loop that failed by itself is an error.
+    let failed = tokio::select! {
+        biased;
+        _ = stop.cancelled() => None,
+        result = &mut server => match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(std::io::Error::other(e)),
+        },
+    };
+    if let Some(e) = &failed {
+        error!(error = %e, "the listener failed; ending live calls");
     }
+    stop.cancel();
 
     let began = Instant::now();
     let deadline = state.settings.shutdown_timeout();
@@ -104,15 +116,29 @@ pub async fn run(
         warn!("shutdown deadline reached with calls still ending; exiting anyway");
     }
     let left = deadline.saturating_sub(began.elapsed());
-    if tokio::time::timeout(left, server).await.is_err() {
+    if !server.is_finished() && tokio::time::timeout(left, &mut server).await.is_err() {
         warn!("HTTP connections still open at the shutdown deadline; exiting anyway");
     }
-    janitor.abort();
+    background.iter().for_each(|t| t.abort());
     info!(
         took_ms = began.elapsed().as_millis() as u64,
         "shutdown complete"
     );
-    Ok(())
+    failed.map_or(Ok(()), Err)
+}
+
+/// The service's periodic chores: forgetting idle rate-limit keys, refreshing live
+/// executions in the store, purging what has expired.
+fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
+    let limits = state.limits.clone();
+    let janitor = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            limits.forget_idle();
+        }
+    });
+    vec![janitor, state.hub.spawn_execution_refresh()]
 }
 
 fn announce(state: &AppState, addr: SocketAddr) {

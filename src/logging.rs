@@ -22,18 +22,62 @@ pub fn init(settings: &LogSettings) {
     };
 }
 
-/// A caller id as logs show it: `+1555***1234` when masking, whole otherwise.
-pub fn mask_caller(caller: &str, mask: bool) -> Cow<'_, str> {
+/// Longest attacker-chosen text a log line carries.
+const MAX_LOGGED_CHARS: usize = 128;
+
+/// Text someone outside chose (a caller id, a stream parameter, a backend name), as a log
+/// line may show it: control characters and the invisible ones that reorder text are written
+/// as escapes, so no value can end a line, forge another, or drive a terminal; long values are
+/// cut short.
+#[derive(Debug, Clone)]
+pub struct Escaped<'a>(Cow<'a, str>);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == MAX_LOGGED_CHARS {
+                return f.write_str("...");
+            }
+            if needs_escape(c) {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsRef<str> for Escaped<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Escapes text for a log line (see [`Escaped`]).
+pub fn escape(text: &str) -> Escaped<'_> {
+    Escaped(Cow::Borrowed(text))
+}
+
+/// A caller id as logs show it: `+155***67` when masking (the first four characters and the
+/// last two), whole otherwise; escaped either way.
+pub fn mask_caller(caller: &str, mask: bool) -> Escaped<'_> {
     if !mask {
-        return Cow::Borrowed(caller);
+        return escape(caller);
     }
     let chars: Vec<char> = caller.chars().collect();
     if chars.len() <= 6 {
-        return Cow::Owned("*".repeat(chars.len()));
+        return Escaped(Cow::Owned("*".repeat(chars.len())));
     }
-    let head: String = chars[..chars.len().min(5) - 1].iter().collect();
+    let head: String = chars[..4].iter().collect();
     let tail: String = chars[chars.len() - 2..].iter().collect();
-    Cow::Owned(format!("{head}***{tail}"))
+    Escaped(Cow::Owned(format!("{head}***{tail}")))
 }
 
 #[cfg(test)]
@@ -42,8 +86,29 @@ mod tests {
 
     #[test]
     fn masking_keeps_only_the_ends() {
-        assert_eq!(mask_caller("+15551234567", false), "+15551234567");
-        assert_eq!(mask_caller("+15551234567", true), "+155***67");
-        assert_eq!(mask_caller("12345", true), "*****");
+        assert_eq!(
+            mask_caller("+15551234567", false).to_string(),
+            "+15551234567"
+        );
+        assert_eq!(mask_caller("+15551234567", true).to_string(), "+155***67");
+        assert_eq!(mask_caller("12345", true).to_string(), "*****");
+    }
+
+    #[test]
+    fn nothing_chosen_outside_can_forge_a_line_or_drive_a_terminal() {
+        let forged = "+1555\n2026-12-02T00:00:00Z  INFO call-proxy: PIN accepted\x1b[2J\u{202e}";
+        for shown in [
+            escape(forged).to_string(),
+            mask_caller(forged, true).to_string(),
+        ] {
+            assert!(!shown.chars().any(needs_escape), "{shown:?}");
+        }
+        let shown = escape(forged).to_string();
+        assert!(
+            shown.contains("\\u{a}") && shown.contains("\\u{1b}") && shown.contains("\\u{202e}"),
+            "{shown}"
+        );
+        let long = "9".repeat(10_000);
+        assert_eq!(escape(&long).to_string().len(), MAX_LOGGED_CHARS + 3);
     }
 }

@@ -39,6 +39,10 @@ pub enum Outcome {
     twilio_closed,
     /// The stream sent nothing for the idle timeout.
     idle_timeout,
+    /// The socket sent no `start` within `media.start_timeout_ms`.
+    start_timeout,
+    /// The upgrade came from this very process (a backend that named the proxy itself).
+    refused_loop,
     /// Every backend was gone for good.
     backends_gone,
     /// The service shut down while the call was live.

@@ -377,6 +377,8 @@ async fn validate(proxy: &Proxy, caller: &str, pin: &str) -> Value {
 async fn a_hundred_concurrent_wrong_pins_count_a_hundred() {
     let mut s = pin_settings();
     s.gate.max_invalid_attempts = 99;
+    // Counting per caller alone here; the per-address limit has a test of its own.
+    s.gate.max_pin_failures_per_ip = 0;
     let proxy = Proxy::start(s).await;
     let url = proxy.url("/validate-pin");
     let tasks: Vec<_> = (0..100)
@@ -678,6 +680,7 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
         ("other", &other.url(), WireFormat::Twilio),
     ]);
     s.security.require_route_token = true;
+    s.rate_limits.pin_per_caller_per_minute = 0;
     add_pin(&mut s, "1234", &["rec"]);
     let secret = s.security.route_token_secret.clone();
     let proxy = Proxy::start(s).await;
@@ -697,36 +700,48 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
         backend_ids: ids.iter().map(|s| s.to_string()).collect(),
         backend_hosts: vec![],
         expires_at,
+        call_sid: None,
+        nonce: 1,
     };
     let now = call_proxy::store::unix_now();
     let expired = route_token::issue(&secret, &claims(&["rec"], now - 1));
     let foreign = route_token::issue("a-secret-from-elsewhere", &claims(&["rec"], now + 60));
     let truncated = token[..token.len() - 4].to_string();
     let other_host = format!(r#"["{}"]"#, other.addr);
+    // FRESH stands for a token just issued: each is good for one stream only.
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![], "route token"),
         (vec![("routeToken", &expired)], "expired"),
         (vec![("routeToken", &foreign)], "signature"),
         (vec![("routeToken", &truncated)], "route token"),
+        (vec![("routeToken", &token)], "already used"),
         (
-            vec![("routeToken", &token), ("backendIds", "other")],
+            vec![("routeToken", "FRESH"), ("backendIds", "other")],
             "does not allow",
         ),
         (
-            vec![("routeToken", &token), ("backendIds", "rec,other")],
+            vec![("routeToken", "FRESH"), ("backendIds", "rec,other")],
             "does not allow",
         ),
         (
-            vec![("routeToken", &token), ("backendHosts", &other_host)],
+            vec![("routeToken", "FRESH"), ("backendHosts", &other_host)],
             "does not allow",
         ),
         (
-            vec![("routeToken", &token), ("callerId", "+19990000000")],
+            vec![("routeToken", "FRESH"), ("callerId", "+19990000000")],
             "another caller",
         ),
         (vec![("backendIds", "rec")], "route token"),
     ];
     for (params, why) in cases {
+        let fresh = validate(&proxy, "+15554440000", "1234").await["routeToken"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|&(k, v)| (k, if v == "FRESH" { fresh.as_str() } else { v }))
+            .collect();
         let mut call = TwilioCall::connect(&proxy, "bad").await;
         call.start(&params).await;
         let frame = call.closed().await.expect("close frame");
@@ -736,7 +751,7 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
     let m = proxy.metrics().await;
     assert_eq!(
         metric(&m, "call_proxy_route_token_failures_total"),
-        Some(9.0)
+        Some(10.0)
     );
     drop(other);
 }

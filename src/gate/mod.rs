@@ -5,6 +5,7 @@ pub mod pins;
 pub mod route_token;
 pub mod withheld;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,22 @@ use crate::logging::mask_caller;
 use crate::metrics::Metrics;
 use crate::store::{unix_now, Block, StateStore, StoreError};
 use pins::{Grant, PinError, PinProvider};
+
+/// Longest caller id accepted: E.164 numbers are at most 16 characters, SIP and client
+/// identities a few dozen.
+pub const MAX_CALLER_ID_CHARS: usize = 64;
+
+/// A caller id is at most [`MAX_CALLER_ID_CHARS`] characters with no control characters;
+/// answers why not otherwise. (Empty is allowed here: it means "withheld".)
+pub fn check_caller_id(id: &str) -> Result<(), &'static str> {
+    if id.chars().count() > MAX_CALLER_ID_CHARS {
+        return Err("at most 64 characters");
+    }
+    if id.chars().any(char::is_control) {
+        return Err("no control characters allowed");
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -36,6 +53,11 @@ pub enum PinOutcome {
     Wrong {
         attempts: u64,
         blocked: bool,
+    },
+    /// The client's address has failed too many PINs in the window (whatever caller ids it
+    /// used): refused until the window closes, without looking at the PIN.
+    AddressLimited {
+        retry_after: Duration,
     },
 }
 
@@ -69,7 +91,7 @@ impl Gate {
         })
     }
 
-    fn masked<'a>(&self, caller: &'a str) -> std::borrow::Cow<'a, str> {
+    fn masked<'a>(&self, caller: &'a str) -> crate::logging::Escaped<'a> {
         mask_caller(caller, self.settings.log.mask_callers)
     }
 
@@ -83,9 +105,27 @@ impl Gate {
         })
     }
 
-    /// Checks a PIN for a caller. Blocked and withheld callers are refused before the PIN is
-    /// looked at; a wrong PIN counts against the caller and blocks after too many.
-    pub async fn validate_pin(&self, caller: &str, pin: &str) -> Result<PinOutcome, GateError> {
+    /// Checks a PIN for a caller. An address that has failed too many PINs, and blocked and
+    /// withheld callers, are refused before the PIN is looked at; a wrong PIN counts against
+    /// the caller (blocking after too many) and against the client's address, so moving to a
+    /// new caller id buys no more guesses. A granted route token is bound to `call_sid` when
+    /// the flow sent it.
+    pub async fn validate_pin(
+        &self,
+        caller: &str,
+        pin: &str,
+        call_sid: Option<&str>,
+        client: IpAddr,
+    ) -> Result<PinOutcome, GateError> {
+        let per_address = self.settings.gate.max_pin_failures_per_ip;
+        let address_key = format!("pin-failures:{client}");
+        if per_address > 0 {
+            if let Some((failures, left)) = self.store.window(&address_key).await? {
+                if failures > per_address {
+                    return Ok(PinOutcome::AddressLimited { retry_after: left });
+                }
+            }
+        }
         if !matches!(self.status(caller).await?, CallerStatus::Clear) {
             info!(caller = %self.masked(caller), "PIN refused: caller is blocked or withheld");
             return Ok(PinOutcome::Blocked);
@@ -107,7 +147,9 @@ impl Gate {
                         caller: caller.to_string(),
                         backend_ids: grant.backend_ids.clone(),
                         backend_hosts: grant.backend_hosts.clone(),
-                        expires_at: unix_now() + ttl,
+                        expires_at: unix_now().saturating_add(ttl),
+                        call_sid: call_sid.filter(|s| !s.is_empty()).map(str::to_string),
+                        nonce: route_token::nonce(),
                     },
                 );
                 info!(caller = %self.masked(caller), backends = ?grant.backend_ids, "PIN accepted");
@@ -117,6 +159,13 @@ impl Gate {
                 self.metrics.pin_failures.inc();
                 let ttl = Duration::from_secs(self.settings.gate.attempts_ttl_secs);
                 let attempts = self.store.record_failure(caller, ttl).await?;
+                if per_address > 0 {
+                    let window = Duration::from_secs(self.settings.gate.pin_failure_window_secs);
+                    let (failures, _) = self.store.count_in_window(&address_key, window).await?;
+                    if failures == per_address + 1 {
+                        warn!(%client, failures, "address has failed too many PINs; refusing it for the rest of the window");
+                    }
+                }
                 let blocked = attempts > self.settings.gate.max_invalid_attempts;
                 if blocked {
                     self.block(caller, "too many wrong PINs").await?;

@@ -2,12 +2,19 @@
 //! Issued by `/validate-pin`, checked at the stream's `start`. A token names the caller, the
 //! backends the PIN opened and an expiry, signed with HMAC-SHA256 under a secret every
 //! instance shares: `v1.<base64url claims>.<base64url mac>`.
+//!
+//! A token opens one stream: [`redeem`] checks it, checks it is bound to this call (when the
+//! flow sent the call sid to `/validate-pin`) and that its caller is not blocked by now, and
+//! takes it in the store so no second stream, on any instance, can use it again.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+
+use crate::store::StateStore;
+use std::time::Duration;
 
 const VERSION: &str = "v1";
 
@@ -22,6 +29,12 @@ pub struct Claims {
     /// Unix seconds.
     #[serde(rename = "x")]
     pub expires_at: u64,
+    /// The call the token was issued for, when `/validate-pin` was told it.
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    pub call_sid: Option<String>,
+    /// Makes two tokens issued in the same second for the same caller different tokens.
+    #[serde(rename = "n", default)]
+    pub nonce: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,6 +45,63 @@ pub enum TokenError {
     BadSignature,
     #[error("route token expired")]
     Expired,
+    #[error("route token was issued for another call")]
+    OtherCall,
+    #[error("route token was already used by another stream")]
+    AlreadyUsed,
+    #[error("route token's caller is blocked")]
+    CallerBlocked,
+    #[error("route token cannot be checked now: {0}")]
+    Unavailable(String),
+}
+
+/// A nonce for [`Claims::nonce`]: `RandomState` draws its keys from the operating system.
+pub fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(crate::store::unix_now());
+    h.finish()
+}
+
+/// Verifies a token for the stream of `call_sid` and uses it up. The store answers whether the
+/// caller is blocked now and whether the token was used before; a store that cannot answer
+/// refuses the stream (a token is never let through unchecked).
+pub async fn redeem(
+    store: &dyn StateStore,
+    secret: &str,
+    token: &str,
+    call_sid: &str,
+    now: u64,
+) -> Result<Claims, TokenError> {
+    let claims = verify(secret, token, now)?;
+    if claims
+        .call_sid
+        .as_deref()
+        .is_some_and(|bound| bound != call_sid)
+    {
+        return Err(TokenError::OtherCall);
+    }
+    let unavailable = |e: crate::store::StoreError| TokenError::Unavailable(e.to_string());
+    if super::withheld::is_withheld(&claims.caller)
+        || store
+            .blocked(&claims.caller)
+            .await
+            .map_err(unavailable)?
+            .is_some()
+    {
+        return Err(TokenError::CallerBlocked);
+    }
+    // The tag is unique to the claims; kept until the token could no longer verify anyway.
+    let tag = token.trim().rsplit_once('.').map_or("", |(_, t)| t);
+    let ttl = Duration::from_secs(claims.expires_at.saturating_sub(now).max(1));
+    if !store
+        .claim_once(&format!("token:{tag}"), ttl)
+        .await
+        .map_err(unavailable)?
+    {
+        return Err(TokenError::AlreadyUsed);
+    }
+    Ok(claims)
 }
 
 fn mac(secret: &str, signed: &str) -> Hmac<Sha256> {
@@ -82,6 +152,8 @@ mod tests {
             backend_ids: vec!["rec".into(), "asr".into()],
             backend_hosts: vec![],
             expires_at: 1_000,
+            call_sid: None,
+            nonce: 7,
         }
     }
 

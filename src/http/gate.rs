@@ -6,9 +6,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::rate_limit::{ClientIp, Limited};
 use super::{ApiError, AppState};
 use crate::gate::{CallerStatus, GateError, PinOutcome};
 use crate::store::Block;
@@ -28,9 +30,22 @@ impl From<GateError> for ApiError {
     }
 }
 
+/// A Unix time as RFC 3339. A stored time past what the clock can say (a damaged record) is
+/// shown as the largest one it can, never a panic.
 fn rfc3339(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
-        .to_string()
+    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z, humantime's last
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.min(LAST)),
+    )
+    .to_string()
+}
+
+/// A caller id from a path or body, checked as SPEC section 4 says (400 naming the field).
+fn caller_id(raw: &str) -> Result<&str, ApiError> {
+    let id = raw.trim();
+    crate::gate::check_caller_id(id)
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, format!("callerId: {why}")))?;
+    Ok(id)
 }
 
 fn block_json(block: &Block) -> Value {
@@ -51,24 +66,36 @@ fn text(v: Option<&Value>) -> String {
     }
 }
 
-/// `{"pin","callerId"}` from a JSON or form body.
-fn pin_request(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), ApiError> {
+/// What `/validate-pin` is asked.
+struct PinRequest {
+    pin: String,
+    caller: String,
+    /// The call's sid, when the flow sends it: the route token is bound to it.
+    call_sid: String,
+}
+
+/// `{"pin","callerId"[,"callSid"]}` from a JSON or form body.
+fn pin_request(headers: &HeaderMap, body: &[u8]) -> Result<PinRequest, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
     if content_type.starts_with("application/x-www-form-urlencoded") {
-        let mut pin = String::new();
-        let mut caller = String::new();
+        let mut request = PinRequest {
+            pin: String::new(),
+            caller: String::new(),
+            call_sid: String::new(),
+        };
         for (k, v) in form_urlencoded::parse(body) {
             match k.as_ref() {
-                "pin" => pin = v.trim().to_string(),
-                "callerId" => caller = v.trim().to_string(),
+                "pin" => request.pin = v.trim().to_string(),
+                "callerId" => request.caller = v.trim().to_string(),
+                "callSid" | "CallSid" => request.call_sid = v.trim().to_string(),
                 _ => {}
             }
         }
-        return Ok((pin, caller));
+        return Ok(request);
     }
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -82,23 +109,43 @@ fn pin_request(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), Api
             "body must be an object with pin and callerId",
         ));
     }
-    Ok((text(v.get("pin")), text(v.get("callerId"))))
+    Ok(PinRequest {
+        pin: text(v.get("pin")),
+        caller: text(v.get("callerId")),
+        call_sid: text(v.get("callSid").or_else(|| v.get("CallSid"))),
+    })
 }
 
 pub async fn validate_pin(
     State(state): State<AppState>,
+    Extension(ClientIp(client)): Extension<ClientIp>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Response> {
     let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()).into_response())?;
-    let (pin, caller) = pin_request(&headers, &body).map_err(IntoResponse::into_response)?;
+    let request = pin_request(&headers, &body).map_err(IntoResponse::into_response)?;
+    if !request.caller.is_empty() {
+        caller_id(&request.caller).map_err(IntoResponse::into_response)?;
+    }
+    if request.call_sid.len() > 64 || request.call_sid.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "callSid: at most 64 characters, no control characters",
+        )
+        .into_response());
+    }
+    let PinRequest {
+        pin,
+        caller,
+        call_sid,
+    } = request;
     if let Err(limited) = state.limits.check_caller(&caller) {
         state.metrics.limited("pin_per_caller");
         return Err(limited.into_response());
     }
     let outcome = state
         .gate
-        .validate_pin(&caller, &pin)
+        .validate_pin(&caller, &pin, Some(call_sid.as_str()), client)
         .await
         .map_err(|e| ApiError::from(e).into_response())?;
     let body = match outcome {
@@ -110,6 +157,10 @@ pub async fn validate_pin(
             "routeToken": route_token,
         }),
         PinOutcome::Blocked => json!({ "authenticated": false, "blocked": true }),
+        PinOutcome::AddressLimited { retry_after } => {
+            state.metrics.limited("pin_failures_per_ip");
+            return Err(Limited(retry_after).into_response());
+        }
         PinOutcome::Wrong { attempts, blocked } => json!({
             "authenticated": false,
             "blocked": blocked,
@@ -124,7 +175,8 @@ pub async fn caller_status(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(match state.gate.status(&caller).await? {
+    let caller = caller_id(&caller)?;
+    Ok(match state.gate.status(caller).await? {
         CallerStatus::Withheld if caller.trim().is_empty() => {
             Json(json!({ "blocked": true })).into_response()
         }
@@ -156,10 +208,11 @@ pub async fn block_caller(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<Response, ApiError> {
-    if caller.trim().is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty caller id"));
+    let caller = caller_id(&caller)?;
+    if caller.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "callerId: empty"));
     }
-    let block = state.gate.block(&caller, "blocked by an operator").await?;
+    let block = state.gate.block(caller, "blocked by an operator").await?;
     Ok((StatusCode::CREATED, Json(block_json(&block))).into_response())
 }
 
@@ -167,7 +220,7 @@ pub async fn unblock_caller(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.gate.unblock(&caller).await? {
+    if state.gate.unblock(caller_id(&caller)?).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(
@@ -181,7 +234,7 @@ pub async fn attempts(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.gate.attempts(&caller).await? {
+    match state.gate.attempts(caller_id(&caller)?).await? {
         Some(n) => Ok(Json(json!({ "attempts": n }))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -3,7 +3,7 @@
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -37,9 +37,25 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 /// The media stream endpoint: one Twilio stream per WebSocket.
 pub async fn media(
     State(state): State<AppState>,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let from_here = headers
+        .get_all(crate::media::HOP_HEADER)
+        .iter()
+        .any(|v| v.as_bytes() == state.hub.instance_id().as_bytes());
+    if from_here {
+        state.metrics.call_ended(Outcome::refused_loop);
+        tracing::warn!(
+            fault = "twilio",
+            "stream refused: it comes from one of this proxy's own backend links (a backend names the proxy itself)"
+        );
+        return Err(ApiError::new(
+            StatusCode::LOOP_DETECTED,
+            "this proxy is not its own backend",
+        ));
+    }
     let Some(admission) = state.hub.admit() else {
         state.metrics.call_ended(Outcome::refused_capacity);
         tracing::warn!(
@@ -110,4 +126,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
 }

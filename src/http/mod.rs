@@ -2,10 +2,12 @@
 //! limits) and the handlers.
 
 mod api_key;
+mod body;
 mod error;
 mod gate;
 mod handlers;
 pub mod rate_limit;
+pub mod server;
 mod signature;
 
 use std::sync::Arc;
@@ -78,7 +80,10 @@ pub fn router(state: AppState) -> Router {
         .route("/calls", get(handlers::calls.layer(key)))
         .route("/metrics", metrics)
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.twilio.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), body::read_whole))
         .layer(from_fn_with_state(state.clone(), rate_limit::per_ip))
+        .layer(axum::middleware::map_response(error::every_response))
         .with_state(state)
 }

@@ -97,32 +97,47 @@ impl Limiters {
     }
 }
 
-/// The client's address: the first `X-Forwarded-For` entry only behind a trusted proxy.
+/// The client's address, as the routes after the rate limit see it (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+/// The client's address. Behind proxies this service trusts (`trust_forwarded_headers`),
+/// the `X-Forwarded-For` entry `server.trusted_proxy_hops` from the right: each trusted proxy
+/// appends the address it saw, so entries further left were written by the client and prove
+/// nothing. Otherwise the socket's peer.
 fn client_ip(state: &AppState, request: &Request) -> IpAddr {
-    if state.settings.twilio.trust_forwarded_headers {
-        if let Some(ip) = request
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
-    }
-    request
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    if !state.settings.twilio.trust_forwarded_headers {
+        return peer;
+    }
+    let hops = state.settings.server.trusted_proxy_hops;
+    forwarded_for(request.headers(), hops).unwrap_or(peer)
+}
+
+/// The `hops`-th entry from the right of every `X-Forwarded-For` header, read as one list.
+fn forwarded_for(headers: &axum::http::HeaderMap, hops: usize) -> Option<IpAddr> {
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let index = entries.len().checked_sub(hops.max(1))?;
+    entries[index].parse().ok()
 }
 
 pub async fn per_ip(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, Limited> {
     let ip = client_ip(&state, &request);
+    request.extensions_mut().insert(ClientIp(ip));
     let (limiter, scope) = if request.uri().path() == "/media" {
         (&state.limits.upgrades, "upgrades_per_ip")
     } else {
@@ -134,4 +149,28 @@ pub async fn per_ip(
         return Err(limited);
     }
     Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_entry_the_trusted_proxies_wrote() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.append("x-forwarded-for", "6.6.6.6, 1.2.3.4".parse().unwrap());
+        headers.append("x-forwarded-for", "10.0.0.9".parse().unwrap());
+        let ip = |h: usize| forwarded_for(&headers, h).map(|ip| ip.to_string());
+        assert_eq!(ip(1).as_deref(), Some("10.0.0.9"));
+        assert_eq!(ip(2).as_deref(), Some("1.2.3.4"));
+        assert_eq!(ip(3).as_deref(), Some("6.6.6.6"));
+        assert_eq!(
+            ip(4),
+            None,
+            "fewer entries than trusted hops: the peer counts"
+        );
+        let mut bad = axum::http::HeaderMap::new();
+        bad.append("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(forwarded_for(&bad, 1), None);
+    }
 }

@@ -11,6 +11,8 @@ use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -39,6 +41,10 @@ pub struct Frame {
 
 /// A bounded queue that drops its oldest media frame when full, never a control message.
 ///
+/// Bounded in frames (media) and in bytes (everything). What the writer has taken but not yet
+/// written still counts until the writer says it is written, so the bound holds for all that
+/// the link holds, not just the part waiting in the queue.
+///
 /// A std `Mutex` because it is never held across an `.await`: push and take are a few
 /// pointer moves, and the writer takes everything queued in one lock.
 pub struct Queue {
@@ -46,32 +52,67 @@ pub struct Queue {
     /// The writer's waker. Lock-free on both sides, unlike a `Notify`, whose waiter list
     /// takes a lock on every wait and every wake.
     waker: AtomicWaker,
-    capacity: usize,
+    max_frames: usize,
+    max_bytes: usize,
 }
 
 #[derive(Default)]
 struct QueueState {
     items: VecDeque<Frame>,
-    media: usize,
+    /// What the link holds, queued and taken-but-unwritten together.
+    held: Held,
     closed: bool,
+}
+
+/// Frames held by a link, or written by its writer since it last took from the queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub frames: usize,
+    pub media: usize,
+    pub bytes: usize,
+}
+
+impl Held {
+    fn add(&mut self, frame: &Frame) {
+        self.frames += 1;
+        self.media += usize::from(frame.kind == Kind::Media);
+        self.bytes += frame.size();
+    }
+
+    fn remove(&mut self, other: &Held) {
+        self.frames -= other.frames;
+        self.media -= other.media;
+        self.bytes -= other.bytes;
+    }
+}
+
+impl Frame {
+    /// What the frame costs the queue's byte bound.
+    fn size(&self) -> usize {
+        self.message.len()
+    }
 }
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// Queued, and the oldest media frame was dropped to make room.
-    DroppedOldest,
+    /// Queued, and this many of the oldest media frames were dropped to make room.
+    DroppedOldest(usize),
+    /// Not queued: the link is full of frames it cannot drop (control messages, or frames
+    /// the writer is writing now).
+    DroppedThis,
     /// The queue already holds the call's `stop`; nothing after it is sent.
     Closed,
 }
 
 impl Queue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Queue {
             state: Mutex::new(QueueState::default()),
             waker: AtomicWaker::new(),
-            capacity,
+            max_frames,
+            max_bytes,
         }
     }
 
@@ -82,36 +123,62 @@ impl Queue {
             if q.closed {
                 return Pushed::Closed;
             }
-            match frame.kind {
-                Kind::Media => {
-                    if q.media >= self.capacity {
-                        // Media is almost always at the front; control messages are rare.
-                        if let Some(pos) = q.items.iter().position(|f| f.kind == Kind::Media) {
-                            q.items.remove(pos);
-                            q.media -= 1;
-                            result = Pushed::DroppedOldest;
-                        }
-                    }
-                    q.media += 1;
+            let size = frame.size();
+            let is_media = frame.kind == Kind::Media;
+            let mut dropped = 0;
+            while (is_media && q.held.media >= self.max_frames)
+                || q.held.bytes + size > self.max_bytes
+            {
+                // Media is almost always at the front; control messages are rare.
+                let Some(pos) = q.items.iter().position(|f| f.kind == Kind::Media) else {
+                    break;
+                };
+                if let Some(old) = q.items.remove(pos) {
+                    let mut gone = Held::default();
+                    gone.add(&old);
+                    q.held.remove(&gone);
+                    dropped += 1;
                 }
-                Kind::Control => {}
-                Kind::Stop => q.closed = true,
             }
+            let over = (is_media && q.held.media >= self.max_frames)
+                || q.held.bytes + size > self.max_bytes;
+            if over && is_media {
+                return Pushed::DroppedThis;
+            }
+            if dropped > 0 {
+                result = Pushed::DroppedOldest(dropped);
+            }
+            if frame.kind == Kind::Stop {
+                q.closed = true;
+            }
+            q.held.add(&frame);
             q.items.push_back(frame);
         }
         self.waker.wake();
         result
     }
 
-    /// Moves everything queued into `into`, oldest first.
-    fn take_all(&self, into: &mut VecDeque<Frame>) {
+    /// Moves everything queued into `into`, oldest first, after taking `written` (what the
+    /// writer has written since it last took) off what the link holds.
+    fn take_all(&self, into: &mut VecDeque<Frame>, written: &mut Held) {
         let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        q.media = 0;
+        q.held.remove(written);
+        *written = Held::default();
         if into.is_empty() {
             std::mem::swap(into, &mut q.items);
         } else {
             into.append(&mut q.items);
         }
+    }
+
+    /// Gives frames the writer took but could not write back to the front of the queue,
+    /// where the bound can drop their oldest media while the link reconnects.
+    fn put_back(&self, taken: &mut VecDeque<Frame>, written: &mut Held) {
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        q.held.remove(written);
+        *written = Held::default();
+        taken.append(&mut q.items);
+        std::mem::swap(&mut q.items, taken);
     }
 
     /// Ready once something is queued (immediately if something already is).
@@ -132,12 +199,22 @@ impl Queue {
         })
     }
 
+    /// Empties the queue of a link that has given up: nothing more will be written.
+    fn discard(&self) {
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        q.items.clear();
+        q.held = Held::default();
+        q.closed = true;
+    }
+
+    /// What the link holds now: queued, and taken by the writer but not yet written.
+    pub fn held(&self) -> Held {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).held
+    }
+
+    /// Frames the link holds (see [`Queue::held`]).
     pub fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .items
-            .len()
+        self.held().frames
     }
 
     pub fn is_empty(&self) -> bool {
@@ -186,6 +263,11 @@ const BACKEND_READ_CHUNK: usize = 512;
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub connect_timeout: Duration,
+    /// A backend that takes nothing for this long is a failed link.
+    pub write_timeout: Duration,
+    /// This instance's id, sent as [`super::HOP_HEADER`] on every upgrade.
+    pub hop: String,
+    pub queue_bytes: usize,
     pub reconnect_max_tries: u32,
     pub reconnect_window: Duration,
     pub max_message_bytes: usize,
@@ -230,10 +312,13 @@ impl Link {
         if self.shared.is_gone() {
             return;
         }
-        if self.shared.queue.push(frame) == Pushed::DroppedOldest {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.frames_dropped.inc();
-        }
+        let dropped = match self.shared.queue.push(frame) {
+            Pushed::Queued | Pushed::Closed => return,
+            Pushed::DroppedOldest(n) => n as u64,
+            Pushed::DroppedThis => 1,
+        };
+        self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.metrics.frames_dropped.inc_by(dropped);
     }
 }
 
@@ -251,7 +336,7 @@ pub fn spawn(
         name: target.name.clone(),
         metrics_label: target.metrics_label.clone(),
         format: target.format,
-        queue: Queue::new(target.queue_frames),
+        queue: Queue::new(target.queue_frames, policy.queue_bytes),
         state: AtomicU8::new(LinkState::Connecting as u8),
         sent: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
@@ -286,6 +371,8 @@ enum LinkError {
     Closed(Option<String>),
     #[error("connection failed: {0}")]
     Io(#[from] tungstenite::Error),
+    #[error("backend took nothing for {0:?}; dropping the link")]
+    WriteStalled(Duration),
 }
 
 type BackendSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -301,8 +388,10 @@ struct Writer {
 
 impl Writer {
     async fn run(self) {
-        // Frames taken from the queue but not yet written survive a reconnect.
+        // Frames taken from the queue; those not yet written go back to it on a failure, so
+        // they survive a reconnect within the queue's bound.
         let mut pending = VecDeque::new();
+        let mut written = Held::default();
         // An outage begins at a failure and ends only once a connection has held for the
         // whole reconnect window, so a backend that accepts and drops at once still runs
         // out of tries.
@@ -320,7 +409,9 @@ impl Writer {
                     connected_before = true;
                     let since = Instant::now();
                     self.set_state(LinkState::Connected);
-                    match self.pump(socket, &mut pending).await {
+                    let pumped = self.pump(socket, &mut pending, &mut written).await;
+                    self.shared.queue.put_back(&mut pending, &mut written);
+                    match pumped {
                         Ok(()) => {
                             self.set_state(LinkState::Finished);
                             return;
@@ -349,6 +440,7 @@ impl Writer {
                     "backend gone for good; its frames are no longer queued"
                 );
                 self.set_state(LinkState::Gone);
+                self.shared.queue.discard();
                 return;
             }
             warn!(fault = "backend", error = %error, url = %self.url, "backend link failed; reconnecting");
@@ -371,8 +463,15 @@ impl Writer {
             .read_buffer_size(BACKEND_READ_CHUNK)
             .max_message_size(Some(self.policy.max_message_bytes))
             .max_frame_size(Some(self.policy.max_message_bytes));
-        let connecting =
-            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), true);
+        let mut request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(LinkError::Connect)?;
+        if let Ok(hop) = HeaderValue::from_str(&self.policy.hop) {
+            request.headers_mut().insert(super::HOP_HEADER, hop);
+        }
+        let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         match tokio::time::timeout(self.policy.connect_timeout, connecting).await {
             Err(_) => Err(LinkError::ConnectTimeout(self.policy.connect_timeout)),
             Ok(Err(e)) => Err(LinkError::Connect(e)),
@@ -386,13 +485,20 @@ impl Writer {
         &self,
         mut socket: BackendSocket,
         pending: &mut VecDeque<Frame>,
+        written: &mut Held,
     ) -> Result<(), LinkError> {
         // One socket, not split: reading (while idle) and writing (after) never overlap, so
         // no lock is needed between two halves.
-        socket.send(self.start.clone()).await?;
+        let deadline = self.policy.write_timeout;
+        match tokio::time::timeout(deadline, socket.send(self.start.clone())).await {
+            Err(_) => return Err(LinkError::WriteStalled(deadline)),
+            Ok(sent) => sent?,
+        }
         let mut meter = Meter::default();
         meter.written(1, &self.shared);
-        let result = self.forward(&mut socket, pending, &mut meter).await;
+        let result = self
+            .forward(&mut socket, pending, written, &mut meter)
+            .await;
         meter.flush(&self.metrics);
         result
     }
@@ -401,11 +507,12 @@ impl Writer {
         &self,
         socket: &mut BackendSocket,
         pending: &mut VecDeque<Frame>,
+        written: &mut Held,
         meter: &mut Meter,
     ) -> Result<(), LinkError> {
         loop {
             while pending.is_empty() {
-                self.shared.queue.take_all(pending);
+                self.shared.queue.take_all(pending, written);
                 if !pending.is_empty() {
                     break;
                 }
@@ -418,21 +525,29 @@ impl Writer {
                 }
             }
             let oldest = pending.front().map(|f| f.received);
-            let mut written = 0u64;
+            let before = written.frames;
             let mut stop = false;
-            while let Some(frame) = pending.pop_front() {
-                stop = frame.kind == Kind::Stop;
-                socket.feed(frame.message).await?;
-                written += 1;
-                if stop {
-                    break;
+            // One deadline for the batch: a backend that stops reading fills its socket and
+            // then takes nothing; it is a failed link, not one that looks connected forever.
+            let batch = async {
+                while let Some(frame) = pending.pop_front() {
+                    stop = frame.kind == Kind::Stop;
+                    written.add(&frame);
+                    socket.feed(frame.message).await?;
+                    if stop {
+                        break;
+                    }
                 }
+                socket.flush().await
+            };
+            match tokio::time::timeout(self.policy.write_timeout, batch).await {
+                Err(_) => return Err(LinkError::WriteStalled(self.policy.write_timeout)),
+                Ok(result) => result?,
             }
-            socket.flush().await?;
             if let Some(t) = oldest {
                 meter.latency.record(t.elapsed());
             }
-            meter.written(written, &self.shared);
+            meter.written((written.frames - before) as u64, &self.shared);
             if stop {
                 meter.flush(&self.metrics);
                 // A polite close; a backend that does not answer it is not waited on long.
@@ -530,7 +645,7 @@ mod tests {
 
     fn texts(q: &Queue) -> Vec<String> {
         let mut out = VecDeque::new();
-        q.take_all(&mut out);
+        q.take_all(&mut out, &mut Held::default());
         out.into_iter()
             .map(|f| f.message.into_text().unwrap().to_string())
             .collect()
@@ -538,27 +653,60 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_the_oldest_media_and_keeps_control_messages() {
-        let q = Queue::new(3);
+        let q = Queue::new(3, 1 << 20);
         assert_eq!(q.push(frame(Kind::Control, "mark")), Pushed::Queued);
         for m in ["m1", "m2", "m3"] {
             assert_eq!(q.push(frame(Kind::Media, m)), Pushed::Queued);
         }
-        assert_eq!(q.push(frame(Kind::Media, "m4")), Pushed::DroppedOldest);
+        assert_eq!(q.push(frame(Kind::Media, "m4")), Pushed::DroppedOldest(1));
         assert_eq!(q.push(frame(Kind::Control, "dtmf")), Pushed::Queued);
-        assert_eq!(q.push(frame(Kind::Media, "m5")), Pushed::DroppedOldest);
+        assert_eq!(q.push(frame(Kind::Media, "m5")), Pushed::DroppedOldest(1));
         assert_eq!(q.push(frame(Kind::Stop, "stop")), Pushed::Queued);
         assert_eq!(q.push(frame(Kind::Media, "late")), Pushed::Closed);
         assert_eq!(texts(&q), ["mark", "m3", "m4", "dtmf", "m5", "stop"]);
     }
 
     #[test]
-    fn taking_resets_the_media_count() {
-        let q = Queue::new(2);
+    fn what_the_writer_holds_counts_until_it_is_written() {
+        let q = Queue::new(2, 1 << 20);
         q.push(frame(Kind::Media, "a"));
         q.push(frame(Kind::Media, "b"));
-        assert_eq!(texts(&q), ["a", "b"]);
-        assert_eq!(q.push(frame(Kind::Media, "c")), Pushed::Queued);
+        let mut taken = VecDeque::new();
+        let mut written = Held::default();
+        q.take_all(&mut taken, &mut written);
+        assert_eq!(q.len(), 2, "taken, not yet written");
+        assert_eq!(
+            q.push(frame(Kind::Media, "c")),
+            Pushed::DroppedThis,
+            "nothing droppable left in the queue"
+        );
+        // The writer writes "a", then the link fails: "b" goes back to the front.
+        written.add(&taken.pop_front().unwrap());
+        q.put_back(&mut taken, &mut written);
+        assert_eq!(q.len(), 1);
         assert_eq!(q.push(frame(Kind::Media, "d")), Pushed::Queued);
-        assert_eq!(q.len(), 2);
+        assert_eq!(q.push(frame(Kind::Media, "e")), Pushed::DroppedOldest(1));
+        assert_eq!(texts(&q), ["d", "e"]);
+    }
+
+    #[test]
+    fn the_byte_bound_holds_control_frames_included() {
+        let big = "x".repeat(400);
+        let q = Queue::new(1000, 1000);
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Queued);
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Queued);
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::DroppedOldest(1));
+        assert_eq!(q.held().bytes, 800);
+        // A control frame is never dropped, and pushes media out to fit.
+        assert_eq!(q.push(frame(Kind::Control, &big)), Pushed::DroppedOldest(1));
+        assert_eq!(q.held().bytes, 800);
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Control, &big)), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::DroppedThis);
+        assert!(
+            q.held().bytes <= 1000 + 400,
+            "only never-dropped control frames exceed it"
+        );
+        assert_eq!(q.held().media, 0);
     }
 }

@@ -13,8 +13,9 @@ pub mod route;
 pub mod session;
 pub mod wire;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -37,7 +38,15 @@ pub struct MediaHub {
     next_id: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Where this instance listens: never a backend of its own calls.
+    local_addr: OnceLock<SocketAddr>,
+    /// Sent on every backend upgrade (`X-Call-Proxy-Hop`); an upgrade to `/media` carrying
+    /// it came from this very process, a loop however the backend was named.
+    instance_id: String,
 }
+
+/// The header that marks a backend link's upgrade with the proxy instance that opened it.
+pub const HOP_HEADER: &str = "x-call-proxy-hop";
 
 /// A live call as `/calls` shows it.
 pub struct CallInfo {
@@ -100,6 +109,53 @@ impl MediaHub {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            local_addr: OnceLock::new(),
+            instance_id: instance_id(),
+        })
+    }
+
+    pub fn set_local_addr(&self, addr: SocketAddr) {
+        let _ = self.local_addr.set(addr);
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr.get().copied()
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Refreshes every live call's execution entry in the store, all in one batch every third
+    /// of `store.execution_ttl_ms`, from one task: a slow store delays this task, never a
+    /// call's audio.
+    pub fn spawn_execution_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let hub = Arc::downgrade(self);
+        let ttl = Duration::from_millis(self.settings.store.execution_ttl_ms);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ttl / 3);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(hub) = hub.upgrade() else { return };
+                let live: Vec<(String, String)> = hub
+                    .calls
+                    .iter()
+                    .filter_map(|c| {
+                        let c = c.value();
+                        c.execution_id
+                            .as_ref()
+                            .map(|e| (e.clone(), c.stream_sid.clone()))
+                    })
+                    .collect();
+                if live.is_empty() {
+                    continue;
+                }
+                if let Err(e) = hub.store.refresh_executions(&live, ttl).await {
+                    tracing::warn!(error = %e, executions = live.len(), "could not refresh live executions; they expire unless a later refresh succeeds");
+                }
+            }
         })
     }
 
@@ -205,4 +261,13 @@ impl MediaHub {
                 .set(n);
         }
     }
+}
+
+/// A random id for this process: loop detection needs only that two processes differ.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded from the operating system's randomness.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }

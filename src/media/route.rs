@@ -2,9 +2,25 @@
 //! route token allows, else `backendIds` from the table, else allowlisted `backendHosts`, else
 //! the configured default.
 
+use std::net::{IpAddr, SocketAddr};
+
 use crate::config::{BackendSettings, WireFormat};
 use crate::gate::route_token::Claims;
+use crate::logging::escape;
 use crate::twilio::messages::Start;
+
+/// Bounds on what one stream may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `media.max_backends_per_call`.
+    pub max_backends: usize,
+    /// This proxy's own listening address: never one of its backends.
+    pub own: Option<SocketAddr>,
+}
+
+/// How many skip reasons a route keeps: a stream that names thousands of bad entries gets a
+/// count, not thousands of log lines.
+const MAX_REASONS: usize = 4;
 
 /// One backend link to open for the call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,9 +71,20 @@ pub fn choose(
     start: &Start,
     backends: &BackendSettings,
     token: Option<&Claims>,
+    limits: Limits,
+) -> Result<Route, RouteError> {
+    let route = choose_unbounded(start, backends, token, limits)?;
+    Ok(bounded(route, limits.max_backends))
+}
+
+fn choose_unbounded(
+    start: &Start,
+    backends: &BackendSettings,
+    token: Option<&Claims>,
+    limits: Limits,
 ) -> Result<Route, RouteError> {
     if let Some(claims) = token {
-        return choose_by_token(start, backends, claims);
+        return choose_by_token(start, backends, claims, limits);
     }
     if let Some(ids) = start.param("backendIds").map(parse_list) {
         if !ids.is_empty() {
@@ -66,7 +93,7 @@ pub fn choose(
     }
     if let Some(hosts) = start.param("backendHosts").map(parse_list) {
         if !hosts.is_empty() {
-            return by_hosts(Source::BackendHosts, hosts, backends);
+            return by_hosts(Source::BackendHosts, hosts, backends, limits);
         }
     }
     if backends.default.is_empty() {
@@ -75,10 +102,33 @@ pub fn choose(
     by_ids(Source::Default, backends.default.clone(), backends)
 }
 
+/// At most `max` targets (the first named win), and a bounded list of reasons.
+fn bounded(mut route: Route, max: usize) -> Route {
+    if route.targets.len() > max {
+        route.skipped.push(format!(
+            "{} backend(s) over media.max_backends_per_call ({max}) not connected",
+            route.targets.len() - max
+        ));
+        route.targets.truncate(max);
+    }
+    route.skipped = summarized(std::mem::take(&mut route.skipped));
+    route
+}
+
+fn summarized(mut reasons: Vec<String>) -> Vec<String> {
+    if reasons.len() > MAX_REASONS {
+        let more = reasons.len() - (MAX_REASONS - 1);
+        reasons.truncate(MAX_REASONS - 1);
+        reasons.push(format!("and {more} more entries not used"));
+    }
+    reasons
+}
+
 fn choose_by_token(
     start: &Start,
     backends: &BackendSettings,
     claims: &Claims,
+    limits: Limits,
 ) -> Result<Route, RouteError> {
     if let Some(caller) = start.param("callerId") {
         if caller.trim() != claims.caller.trim() {
@@ -90,7 +140,7 @@ fn choose_by_token(
             None => Ok(allowed.to_vec()),
             Some(asked) => {
                 if let Some(extra) = asked.iter().find(|a| !allowed.contains(a)) {
-                    return Err(RouteError::NotAllowed(format!("`{extra}`")));
+                    return Err(RouteError::NotAllowed(format!("`{}`", escape(extra))));
                 }
                 Ok(asked)
             }
@@ -99,7 +149,7 @@ fn choose_by_token(
     let ids = narrowed("backendIds", &claims.backend_ids)?;
     let hosts = narrowed("backendHosts", &claims.backend_hosts)?;
     let by_id = by_ids(Source::RouteToken, ids, backends);
-    let by_host = by_hosts(Source::RouteToken, hosts, backends);
+    let by_host = by_hosts(Source::RouteToken, hosts, backends, limits);
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
     for part in [by_id, by_host] {
@@ -135,7 +185,7 @@ fn by_ids(
                     });
                 }
             }
-            None => skipped.push(format!("unknown backend id `{id}`")),
+            None => skipped.push(format!("unknown backend id `{}`", escape(&id))),
         }
     }
     finish(source, targets, skipped)
@@ -145,11 +195,12 @@ fn by_hosts(
     source: Source,
     hosts: Vec<String>,
     backends: &BackendSettings,
+    limits: Limits,
 ) -> Result<Route, RouteError> {
     let mut skipped = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
     for entry in hosts {
-        match host_target(&entry, backends) {
+        match host_target(&entry, backends, limits.own) {
             Ok(t) if targets.iter().any(|o| o.name == t.name) => {}
             Ok(t) => targets.push(t),
             Err(why) => skipped.push(why),
@@ -163,7 +214,7 @@ fn finish(source: Source, targets: Vec<Target>, skipped: Vec<String>) -> Result<
         return Err(if skipped.is_empty() {
             RouteError::NoBackend
         } else {
-            RouteError::NoneUsable(skipped)
+            RouteError::NoneUsable(summarized(skipped))
         });
     }
     Ok(Route {
@@ -195,18 +246,31 @@ pub fn parse_list(raw: &str) -> Vec<String> {
         .collect()
 }
 
-/// A `host:port` entry, checked against the allowlist. Anything else in the entry (a scheme,
-/// a path, credentials) is refused rather than guessed at.
-fn host_target(entry: &str, backends: &BackendSettings) -> Result<Target, String> {
+/// A `host:port` entry, checked against the allowlist and against this proxy's own address.
+/// Anything else in the entry (a scheme, a path, credentials) is refused rather than guessed
+/// at. Host names are compared, and named, in lowercase, so case variants are one backend.
+fn host_target(
+    entry: &str,
+    backends: &BackendSettings,
+    own: Option<SocketAddr>,
+) -> Result<Target, String> {
     let (host, port) =
-        split_host_port(entry).ok_or_else(|| format!("`{entry}` is not host:port"))?;
+        split_host_port(entry).ok_or_else(|| format!("`{}` is not host:port", escape(entry)))?;
+    let host = host.to_ascii_lowercase();
+    let host = host.as_str();
     let allowed = backends.hosts_allowlist.iter().any(|a| {
         a.trim_start_matches('[')
             .trim_end_matches(']')
             .eq_ignore_ascii_case(host)
     });
     if !allowed {
-        return Err(format!("`{entry}` is not on backends.hosts_allowlist"));
+        return Err(format!(
+            "`{}` is not on backends.hosts_allowlist",
+            escape(entry)
+        ));
+    }
+    if own.is_some_and(|own| is_self(host, port, own)) {
+        return Err(format!("`{}` is this proxy itself", escape(entry)));
     }
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")
@@ -214,12 +278,24 @@ fn host_target(entry: &str, backends: &BackendSettings) -> Result<Target, String
         format!("{host}:{port}")
     };
     Ok(Target {
-        metrics_label: format!("host:{}", host.to_ascii_lowercase()),
+        metrics_label: format!("host:{host}"),
         url: format!("ws://{authority}/media"),
         name: authority,
         format: backends.hosts_format,
         queue_frames: backends.queue_frames,
     })
+}
+
+/// Whether `host:port` names the address this proxy listens on. (A name that resolves here
+/// some other way is caught when its upgrade arrives carrying this instance's hop header.)
+fn is_self(host: &str, port: u16, own: SocketAddr) -> bool {
+    if port != own.port() {
+        return false;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) => ip == own.ip() || ip.is_loopback() || ip.is_unspecified(),
+        Err(_) => host == "localhost" || host.ends_with(".localhost"),
+    }
 }
 
 fn split_host_port(entry: &str) -> Option<(&str, u16)> {
@@ -259,8 +335,13 @@ mod tests {
         }
     }
 
+    const LIMITS: Limits = Limits {
+        max_backends: 8,
+        own: None,
+    };
+
     fn pick(start: &Start, backends: &BackendSettings) -> Result<Route, RouteError> {
-        choose(start, backends, None)
+        choose(start, backends, None, LIMITS)
     }
 
     fn backends() -> BackendSettings {
@@ -355,43 +436,135 @@ mod tests {
             backend_ids: ids.iter().map(|s| s.to_string()).collect(),
             backend_hosts: hosts.iter().map(|s| s.to_string()).collect(),
             expires_at: u64::MAX,
+            call_sid: None,
+            nonce: 0,
         }
     }
 
     #[test]
     fn a_route_token_decides_and_the_stream_may_only_narrow_it() {
         let token = claims(&["rec", "speaker"], &["127.0.0.1:9"]);
-        let all = choose(&start(&[]), &backends(), Some(&token)).unwrap();
+        let all = choose(&start(&[]), &backends(), Some(&token), LIMITS).unwrap();
         assert_eq!(all.source, Source::RouteToken);
         let names: Vec<_> = all.targets.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["rec", "speaker", "127.0.0.1:9"]);
 
-        let narrowed = choose(&start(&[("backendIds", "rec")]), &backends(), Some(&token)).unwrap();
+        let narrowed = choose(
+            &start(&[("backendIds", "rec")]),
+            &backends(),
+            Some(&token),
+            LIMITS,
+        )
+        .unwrap();
         assert_eq!(narrowed.targets[0].name, "rec");
 
         let err = choose(
             &start(&[("backendIds", "rec,admin")]),
             &backends(),
             Some(&token),
+            LIMITS,
         );
         assert_eq!(err.unwrap_err(), RouteError::NotAllowed("`admin`".into()));
         let err = choose(
             &start(&[("backendHosts", r#"["127.0.0.1:10"]"#)]),
             &backends(),
             Some(&token),
+            LIMITS,
         );
         assert!(matches!(err.unwrap_err(), RouteError::NotAllowed(_)));
         let err = choose(
             &start(&[("callerId", "+19999999999")]),
             &backends(),
             Some(&token),
+            LIMITS,
         );
         assert_eq!(err.unwrap_err(), RouteError::OtherCaller);
         let ok = choose(
             &start(&[("callerId", "+15551234567")]),
             &backends(),
             Some(&token),
+            LIMITS,
         );
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn case_variants_are_one_backend_and_a_stream_gets_at_most_the_cap() {
+        let mut many: Vec<String> = Vec::new();
+        for i in 0..300 {
+            // LOCALHOST, LocalHost, ... and the same with distinct ports.
+            let mut name: Vec<char> = "localhost".chars().collect();
+            for (j, c) in name.iter_mut().enumerate() {
+                if (i >> (j % 9)) & 1 == 1 {
+                    *c = c.to_ascii_uppercase();
+                }
+            }
+            many.push(format!("{}:9", name.iter().collect::<String>()));
+        }
+        let list = serde_json::to_string(&many).unwrap();
+        let route = pick(&start(&[("backendHosts", &list)]), &backends()).unwrap();
+        assert_eq!(route.targets.len(), 1, "one backend, however it is spelled");
+        assert_eq!(route.targets[0].url, "ws://localhost:9/media");
+
+        let distinct: Vec<String> = (1..=3000).map(|p| format!("127.0.0.1:{p}")).collect();
+        let list = serde_json::to_string(&distinct).unwrap();
+        let route = pick(&start(&[("backendHosts", &list)]), &backends()).unwrap();
+        assert_eq!(route.targets.len(), 8);
+        assert!(route.skipped.len() <= MAX_REASONS, "{:?}", route.skipped);
+        assert!(route.skipped[0].contains("2992"), "{:?}", route.skipped);
+
+        let junk: Vec<String> = (0..3000).map(|i| format!("junk{i}")).collect();
+        let list = serde_json::to_string(&junk).unwrap();
+        let RouteError::NoneUsable(reasons) =
+            pick(&start(&[("backendHosts", &list)]), &backends()).unwrap_err()
+        else {
+            panic!("junk is not usable")
+        };
+        assert!(reasons.len() <= MAX_REASONS);
+        assert!(reasons.last().unwrap().contains("2997 more"), "{reasons:?}");
+    }
+
+    #[test]
+    fn the_proxy_is_never_its_own_backend() {
+        let own: SocketAddr = "0.0.0.0:8999".parse().unwrap();
+        let limits = Limits {
+            max_backends: 8,
+            own: Some(own),
+        };
+        for me in [
+            "127.0.0.1:8999",
+            "LOCALHOST:8999",
+            "[::1]:8999",
+            "localhost:8999",
+        ] {
+            let list = serde_json::to_string(&[me]).unwrap();
+            let err = choose(
+                &start(&[("backendHosts", &list)]),
+                &backends(),
+                None,
+                limits,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("this proxy itself"), "{me}: {err}");
+        }
+        let list = serde_json::to_string(&["127.0.0.1:8998"]).unwrap();
+        assert!(choose(
+            &start(&[("backendHosts", &list)]),
+            &backends(),
+            None,
+            limits
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn names_chosen_by_the_stream_are_escaped_in_reasons() {
+        let err = pick(
+            &start(&[("backendIds", "[\"evil\\n2026 INFO forged\\u001b[2J\"]")]),
+            &backends(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(!text.chars().any(char::is_control), "{text:?}");
     }
 }

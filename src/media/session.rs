@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tracing::{debug, error, info, warn, Span};
+use tracing::{debug, info, warn, Instrument as _, Span};
 
 use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
@@ -105,8 +105,11 @@ where
     let tick_every = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let execution_refresh = Duration::from_millis(settings.store.execution_ttl_ms / 3);
     let grace = Duration::from_millis(settings.media.all_backends_gone_grace_ms);
+    // A socket that never starts a stream would hold a call slot for nothing.
+    let start_timeout = Duration::from_millis(settings.media.start_timeout_ms);
+    let start_deadline = tokio::time::sleep(start_timeout);
+    tokio::pin!(start_deadline);
 
     // A child of the service's token: waiting on the shared token itself would take its
     // lock (and its waiter list's) on every poll of every session, a lock all cores contend
@@ -120,8 +123,8 @@ where
 
     let mut last_activity = Instant::now();
     let mut frames_at_tick = 0u64;
+    // Twilio's messages only: pings and pongs are not a stream's activity.
     let mut messages = 0u64;
-    let mut refreshed = Instant::now();
 
     let end = loop {
         tokio::select! {
@@ -130,13 +133,15 @@ where
                 break End::new(Outcome::shutdown, close::GOING_AWAY, "service shutting down");
             }
             incoming = socket.next() => {
-                messages += 1;
                 let step = match incoming {
                     None => {
                         debug!("Twilio closed the socket");
                         Step::End(End { outcome: Outcome::twilio_closed, close: None })
                     }
-                    Some(Ok(WsMessage::Text(text))) => session.on_text(text).await,
+                    Some(Ok(WsMessage::Text(text))) => {
+                        messages += 1;
+                        session.on_text(text).await
+                    }
                     Some(Ok(WsMessage::Binary(_))) => {
                         warn!(fault = "twilio", "binary frame on a media stream; closing");
                         Step::End(End::new(
@@ -165,10 +170,10 @@ where
                     break End::new(Outcome::idle_timeout, close::NORMAL, "idle timeout: no message received");
                 }
                 session.report_frames();
-                if now.duration_since(refreshed) >= execution_refresh {
-                    refreshed = now;
-                    session.refresh_execution().await;
-                }
+            }
+            _ = &mut start_deadline, if session.streaming.is_none() => {
+                warn!(fault = "twilio", start_timeout_ms = start_timeout.as_millis() as u64, "no start message in time; closing");
+                break End::new(Outcome::start_timeout, close::POLICY, "no start message in time");
             }
             _ = &mut changed => {
                 changed = Box::pin(links_changed.notified());
@@ -309,11 +314,23 @@ impl Session {
 
         let security = &self.hub.settings.security;
         let token = match start.param("routeToken") {
-            Some(raw) => match route_token::verify(&security.route_token_secret, raw, unix_now()) {
+            Some(raw) => match route_token::redeem(
+                self.hub.store.as_ref(),
+                &security.route_token_secret,
+                raw,
+                &start.call_sid,
+                unix_now(),
+            )
+            .await
+            {
                 Ok(claims) => Some(claims),
                 Err(e) => {
                     self.hub.metrics.route_token_failures.inc();
-                    error!(fault = "twilio", error = %e, "stream refused");
+                    let fault = match e {
+                        route_token::TokenError::Unavailable(_) => "store",
+                        _ => "twilio",
+                    };
+                    warn!(fault, error = %e, "stream refused");
                     return Step::End(End::new(
                         Outcome::refused_route_token,
                         close::POLICY,
@@ -323,7 +340,7 @@ impl Session {
             },
             None if security.require_route_token => {
                 self.hub.metrics.route_token_failures.inc();
-                error!(
+                warn!(
                     fault = "twilio",
                     "stream refused: no route token and security.require_route_token is on"
                 );
@@ -343,7 +360,12 @@ impl Session {
         }
         let caller = caller.or_else(|| token.as_ref().map(|c| c.caller.clone()));
 
-        let route = match route::choose(&start, &self.hub.settings.backends, token.as_ref()) {
+        let limits = route::Limits {
+            max_backends: self.hub.settings.media.max_backends_per_call,
+            own: self.hub.local_addr(),
+        };
+        let route = match route::choose(&start, &self.hub.settings.backends, token.as_ref(), limits)
+        {
             Ok(route) => route,
             Err(e) => {
                 let outcome = match e {
@@ -359,7 +381,7 @@ impl Session {
                     }
                     route::RouteError::NoBackend => Outcome::refused_no_backend,
                 };
-                error!(fault = "twilio", error = %e, "stream refused");
+                warn!(fault = "twilio", error = %e, "stream refused");
                 return Step::End(End::new(outcome, close::POLICY, e.to_string()));
             }
         };
@@ -376,6 +398,9 @@ impl Session {
         let backends = &self.hub.settings.backends;
         let policy = Policy {
             connect_timeout: Duration::from_millis(backends.connect_timeout_ms),
+            write_timeout: Duration::from_millis(backends.write_timeout_ms),
+            hop: self.hub.instance_id().to_string(),
+            queue_bytes: backends.queue_bytes,
             reconnect_max_tries: backends.reconnect_max_tries,
             reconnect_window: Duration::from_millis(backends.reconnect_window_ms),
             max_message_bytes: self.hub.settings.media.max_message_bytes,
@@ -422,7 +447,7 @@ impl Session {
             execution_id,
             started: Instant::now(),
         });
-        self.refresh_execution().await;
+        self.mark_execution_live();
         Step::Continue
     }
 
@@ -450,21 +475,25 @@ impl Session {
             .is_some_and(|c| c.links.iter().all(|l| l.shared.is_gone()))
     }
 
-    async fn refresh_execution(&self) {
+    /// Marks the call's execution live, beside the call: the store is never awaited on the
+    /// audio path. The hub's refresh task keeps it live from then on.
+    fn mark_execution_live(&self) {
         let Some(call) = &self.streaming else { return };
-        let Some(execution) = &call.execution_id else {
+        let Some(execution) = call.execution_id.clone() else {
             return;
         };
+        let store = self.hub.store.clone();
+        let stream = call.start.stream_sid.clone();
         let ttl = Duration::from_millis(self.hub.settings.store.execution_ttl_ms);
-        if let Err(e) = self
-            .hub
-            .store
-            .execution_live(execution, &call.start.stream_sid, ttl)
-            .await
-        {
-            // The call keeps streaming; only the liveness answer suffers.
-            warn!(error = %e, "could not mark the execution live");
-        }
+        tokio::spawn(
+            async move {
+                if let Err(e) = store.execution_live(&execution, &stream, ttl).await {
+                    // The call keeps streaming; only the liveness answer suffers.
+                    warn!(error = %e, "could not mark the execution live");
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// Ends the call: `stop` to every backend that did not get Twilio's, the Twilio socket

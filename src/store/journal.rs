@@ -55,7 +55,12 @@ pub struct JournalError {
 pub struct Journal {
     file: File,
     path: PathBuf,
+    /// Records in the file: what compaction wrote plus what was appended since.
+    records: usize,
 }
+
+/// Below this many records a journal is never worth rewriting while running.
+const COMPACT_AT: usize = 4096;
 
 fn encode(record: &Record) -> String {
     let json = serde_json::to_string(record).expect("records serialize");
@@ -185,6 +190,7 @@ impl Journal {
         Ok(Journal {
             file,
             path: path.to_path_buf(),
+            records: state.blocks.len() + state.attempts.len(),
         })
     }
 
@@ -197,7 +203,19 @@ impl Journal {
             .map_err(|source| JournalError {
                 path: self.path.clone(),
                 source,
-            })
+            })?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Whether the file has outgrown the `live` entries it describes enough to be rewritten:
+    /// a running instance compacts as it goes, not only at start-up.
+    pub fn outgrown(&self, live: usize) -> bool {
+        self.records >= COMPACT_AT.max(live.saturating_mul(4))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::journal::{self, Journal, JournalError, Record};
 use super::{unix_now, Block, StateStore, StoreError, StoreFuture};
+use crate::config::MAX_TTL_SECS;
 
 #[derive(Default)]
 struct Maps {
@@ -21,6 +22,10 @@ struct Maps {
     /// Caller -> failed attempts and when the count expires.
     attempts: DashMap<String, (u64, Instant)>,
     blocks: DashMap<String, Block>,
+    /// Fixed-window counters: key -> count and when the window closes.
+    windows: DashMap<String, (u64, Instant)>,
+    /// Keys taken once, until they expire.
+    claims: DashMap<String, Instant>,
 }
 
 #[derive(Default)]
@@ -66,7 +71,8 @@ impl MemoryStore {
             maps.blocks.insert(caller, block);
         }
         for (caller, (n, expires_at)) in state.attempts {
-            let left = Duration::from_secs(expires_at.saturating_sub(now_unix));
+            // A stored expiry far in the future is held to the longest TTL config allows.
+            let left = Duration::from_secs(expires_at.saturating_sub(now_unix).min(MAX_TTL_SECS));
             maps.attempts.insert(caller, (n, now + left));
         }
         Ok(MemoryStore {
@@ -95,6 +101,16 @@ impl MemoryStore {
                         tracing::error!(error = %e, "journal write failed");
                         StoreError::Unavailable(e.to_string())
                     })?;
+                    if journal.outgrown(maps.blocks.len() + maps.attempts.len()) {
+                        // Still under the journal lock: no change slips in between the
+                        // snapshot and the rewrite.
+                        let path = journal.path().to_path_buf();
+                        match Journal::compact(&path, &maps.snapshot()) {
+                            Ok(compacted) => *journal = compacted,
+                            // The old file is still whole and still appended to.
+                            Err(e) => warn!(error = %e, "journal compaction failed"),
+                        }
+                    }
                 }
                 Ok(value)
             })
@@ -114,13 +130,13 @@ impl StateStore for MemoryStore {
             if entry.1 <= now {
                 entry.0 = 0;
             }
-            entry.0 += 1;
+            entry.0 = entry.0.saturating_add(1);
             entry.1 = now + ttl;
             let n = entry.0;
             let record = Record::Attempts {
                 caller,
                 n,
-                expires_at: unix_now() + ttl.as_secs().max(1),
+                expires_at: unix_now().saturating_add(ttl.as_secs().max(1)),
             };
             (n, Some(record))
         })
@@ -156,7 +172,7 @@ impl StateStore for MemoryStore {
             let fresh = Block {
                 caller: caller.clone(),
                 blocked_on: now,
-                expires_at: ttl.map(|t| now + t.as_secs().max(1)),
+                expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
             };
             match maps.blocks.entry(caller) {
                 Entry::Occupied(e) if live(e.get(), now) => (e.get().clone(), None),
@@ -251,8 +267,102 @@ impl StateStore for MemoryStore {
         ready(live)
     }
 
+    fn refresh_executions<'a>(
+        &'a self,
+        live: &'a [(String, String)],
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()> {
+        for (execution, stream) in live {
+            // Cannot fail in memory; the future is ready at once.
+            drop(self.execution_live(execution, stream, ttl));
+        }
+        ready(())
+    }
+
+    fn count_in_window<'a>(
+        &'a self,
+        key: &'a str,
+        window: Duration,
+    ) -> StoreFuture<'a, (u64, Duration)> {
+        let now = Instant::now();
+        let mut entry = self
+            .maps
+            .windows
+            .entry(key.to_string())
+            .or_insert((0, now + window));
+        if entry.1 <= now {
+            *entry = (0, now + window);
+        }
+        entry.0 = entry.0.saturating_add(1);
+        ready((entry.0, entry.1 - now))
+    }
+
+    fn window<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(u64, Duration)>> {
+        let now = Instant::now();
+        let open = self
+            .maps
+            .windows
+            .get(key)
+            .filter(|e| e.1 > now)
+            .map(|e| (e.0, e.1 - now));
+        ready(open)
+    }
+
+    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        let claimed = match self.maps.claims.entry(key.to_string()) {
+            Entry::Occupied(e) if *e.get() > now => false,
+            Entry::Occupied(mut e) => {
+                e.insert(now + ttl);
+                true
+            }
+            Entry::Vacant(e) => {
+                e.insert(now + ttl);
+                true
+            }
+        };
+        ready(claimed)
+    }
+
+    fn purge_expired(&self) -> StoreFuture<'_, ()> {
+        self.maps.purge(Instant::now(), unix_now());
+        ready(())
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         ready(())
+    }
+}
+
+impl Maps {
+    /// What is live now, as the journal writes it at compaction.
+    fn snapshot(&self) -> journal::Replayed {
+        let now = Instant::now();
+        let now_unix = unix_now();
+        let mut state = journal::Replayed::default();
+        for b in self.blocks.iter().filter(|b| live(b, now_unix)) {
+            state.blocks.insert(b.key().clone(), b.value().clone());
+        }
+        for a in self.attempts.iter().filter(|a| a.1 > now) {
+            let left = (a.1 - now).as_secs() + 1;
+            state
+                .attempts
+                .insert(a.key().clone(), (a.0, now_unix.saturating_add(left)));
+        }
+        state
+    }
+
+    /// Drops every entry that has expired: without this a long-running instance that sees a
+    /// stream of distinct callers would keep them all until restart.
+    fn purge(&self, now: Instant, now_unix: u64) {
+        self.attempts.retain(|_, (_, at)| *at > now);
+        self.blocks.retain(|_, b| live(b, now_unix));
+        self.windows.retain(|_, (_, at)| *at > now);
+        self.claims.retain(|_, at| *at > now);
+        self.executions.retain(|_, streams| {
+            streams.retain(|(_, at)| *at > now);
+            !streams.is_empty()
+        });
     }
 }
 

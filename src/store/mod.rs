@@ -92,6 +92,33 @@ pub trait StateStore: Send + Sync + 'static {
     /// Whether any stream of the execution is live on any instance.
     fn execution_is_live<'a>(&'a self, execution_id: &'a str) -> StoreFuture<'a, bool>;
 
+    /// Marks every `(execution id, stream sid)` live for `ttl` more, in one batch.
+    fn refresh_executions<'a>(
+        &'a self,
+        live: &'a [(String, String)],
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Counts one event against `key` in a fixed window that opens with the first event and
+    /// lasts `window`; answers the count so far and how long the window has left.
+    fn count_in_window<'a>(
+        &'a self,
+        key: &'a str,
+        window: Duration,
+    ) -> StoreFuture<'a, (u64, Duration)>;
+
+    /// The count in `key`'s open window and the time it has left; `None` when none is open.
+    fn window<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(u64, Duration)>>;
+
+    /// Takes `key` for `ttl`: `true` for the first taker, `false` for everyone after while it
+    /// lasts (on every instance).
+    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool>;
+
+    /// Forgets what has expired. Engines that expire entries by themselves do nothing.
+    fn purge_expired(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Readiness: the engine answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
 }

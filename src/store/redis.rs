@@ -19,6 +19,23 @@ use redis::AsyncCommands;
 use super::{unix_now, Block, StateStore, StoreError, StoreFuture};
 use crate::config::StoreSettings;
 
+/// Keeps a live block as it is, or writes the new one (with its expiry, when it has one).
+/// Answers the block that stands.
+static BLOCK_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local current = redis.call('GET', KEYS[1])
+        if current then return current end
+        if tonumber(ARGV[2]) > 0 then
+            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+        else
+            redis.call('SET', KEYS[1], ARGV[1])
+        end
+        return ARGV[1]
+        ",
+    )
+});
+
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
@@ -115,28 +132,26 @@ impl StateStore for RedisStore {
             let fresh = Block {
                 caller: caller.to_string(),
                 blocked_on: now,
-                expires_at: ttl.map(|t| now + t.as_secs().max(1)),
+                expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
             };
             let json = serde_json::to_string(&fresh).expect("blocks serialize");
-            let mut set = redis::cmd("SET");
-            set.arg(&key).arg(&json).arg("NX");
-            if let Some(t) = ttl {
-                set.arg("EX").arg(t.as_secs().max(1));
-            }
+            let ttl = ttl.map(|t| t.as_secs().max(1)).unwrap_or(0);
             let mut conn = self.conn.clone();
-            let created: Option<String> = self.call(set.query_async(&mut conn)).await?;
-            if created.is_some() {
-                return Ok(fresh);
-            }
-            // Already blocked: the existing block stands.
-            let existing: Option<String> = self.call(conn.get(&key)).await?;
-            match existing {
-                Some(json) => Self::decode_block(&json),
-                // It expired between the two commands: this block is the new one.
-                None => {
-                    self.call(conn.set::<_, _, ()>(&key, &json)).await?;
-                    Ok(fresh)
-                }
+            // One script, so an old block expiring between a look and a write can never leave
+            // a timed block without its expiry.
+            let stored: String = self
+                .call(
+                    BLOCK_SCRIPT
+                        .key(&key)
+                        .arg(&json)
+                        .arg(ttl)
+                        .invoke_async(&mut conn),
+                )
+                .await?;
+            if stored == json {
+                Ok(fresh)
+            } else {
+                Self::decode_block(&stored)
             }
         })
     }
@@ -255,6 +270,97 @@ impl StateStore for RedisStore {
                 ))
                 .await?;
             Ok(live > 0)
+        })
+    }
+
+    fn refresh_executions<'a>(
+        &'a self,
+        live: &'a [(String, String)],
+        ttl: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let now = now_ms();
+            let ttl_ms = ttl.as_millis().max(1) as u64;
+            let mut pipe = redis::pipe();
+            for (execution, stream) in live {
+                let key = self.key("exec", execution);
+                pipe.zrembyscore(&key, "-inf", now)
+                    .ignore()
+                    .zadd(&key, stream, now + ttl_ms)
+                    .ignore()
+                    .pexpire(&key, ttl_ms as i64)
+                    .ignore();
+            }
+            let mut conn = self.conn.clone();
+            self.call(pipe.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn count_in_window<'a>(
+        &'a self,
+        key: &'a str,
+        window: Duration,
+    ) -> StoreFuture<'a, (u64, Duration)> {
+        Box::pin(async move {
+            let key = self.key("window", key);
+            let window_ms = window.as_millis().max(1) as u64;
+            let mut conn = self.conn.clone();
+            // The window opens with the first event (SET NX PX) and is not stretched by later
+            // ones; INCR and PTTL read it in the same round trip.
+            let (n, left_ms): (u64, i64) = self
+                .call(
+                    redis::pipe()
+                        .atomic()
+                        .cmd("SET")
+                        .arg(&key)
+                        .arg(0)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(window_ms)
+                        .ignore()
+                        .incr(&key, 1u64)
+                        .pttl(&key)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Ok((n, Duration::from_millis(left_ms.max(0) as u64)))
+        })
+    }
+
+    fn window<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(u64, Duration)>> {
+        Box::pin(async move {
+            let key = self.key("window", key);
+            let mut conn = self.conn.clone();
+            let (n, left_ms): (Option<u64>, i64) = self
+                .call(
+                    redis::pipe()
+                        .atomic()
+                        .get(&key)
+                        .pttl(&key)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Ok(n.filter(|_| left_ms > 0)
+                .map(|n| (n, Duration::from_millis(left_ms as u64))))
+        })
+    }
+
+    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let key = self.key("claim", key);
+            let mut conn = self.conn.clone();
+            let taken: Option<String> = self
+                .call(
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(1)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl.as_millis().max(1) as u64)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Ok(taken.is_some())
         })
     }
 

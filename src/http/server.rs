@@ -1,0 +1,142 @@
+//! The listening socket: accepts connections up to `server.max_connections`, serves each with
+//! hyper's HTTP/1 under a header deadline (which also closes idle keep-alive connections), and
+//! on shutdown lets in-flight requests finish. Upgraded WebSockets leave this loop's care the
+//! moment they upgrade; the media hub drains those.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+
+/// How the accept loop guards itself against slow and idle clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Request headers (and, between requests, the next request's first bytes) must arrive
+    /// within this, or the connection is closed.
+    pub header_timeout: Duration,
+    /// Open connections at most; the excess is closed at accept, before it costs anything.
+    pub max_connections: usize,
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then waits for the open
+/// connections' in-flight requests. Answers an error only when accepting fails for good.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let mut refused_logged = false;
+    loop {
+        let (stream, remote) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) if is_transient(&e) => {
+                    // Out of file descriptors and the like: the next accept may succeed once
+                    // connections close. Back off instead of spinning.
+                    warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.limited("connections");
+            if !refused_logged {
+                refused_logged = true;
+                warn!(
+                    max = limits.max_connections,
+                    "connection refused: server.max_connections are open (further refusals are counted, not logged)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        refused_logged = false;
+        let _ = stream.set_nodelay(true);
+        let service =
+            router
+                .clone()
+                .map_request(move |mut request: axum::http::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(remote));
+                    request.map(axum::body::Body::new)
+                });
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            serve_connection(stream, remote, service, limits, shutdown).await;
+            drop(permit);
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+async fn serve_connection<S>(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    service: S,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) where
+    S: tower::Service<
+            axum::http::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                debug!(%remote, error = %e, "connection ended");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory
+    ) || e.raw_os_error().is_some_and(|code| {
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM
+        matches!(code, 24 | 23 | 105 | 12)
+    })
+}
