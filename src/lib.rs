@@ -131,11 +131,15 @@ pub async fn run(
 /// executions in the store, purging what has expired.
 fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
     let limits = state.limits.clone();
+    let store = state.store.clone();
     let janitor = tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             every.tick().await;
             limits.forget_idle();
+            if let Err(e) = store.purge_expired().await {
+                warn!(error = %e, "could not purge expired state");
+            }
         }
     });
     vec![janitor, state.hub.spawn_execution_refresh()]

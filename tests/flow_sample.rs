@@ -33,6 +33,8 @@ fn fill(template: &str, proxy: &Proxy) -> String {
             &format!("ws://{}", proxy.addr),
         )
         .replace("{{trigger.call.From}}", "+15557770000")
+        // The call sid TwilioCall::connect(.., "flow") starts its stream with.
+        .replace("{{trigger.call.CallSid}}", "CAflow")
         .replace("{{flow.sid}}", "FN0123456789abcdef0123456789abcdef")
         .replace("{{widgets.gather_pin.Digits}}", "1234")
 }

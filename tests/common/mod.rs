@@ -66,6 +66,11 @@ pub struct Proxy {
 impl Proxy {
     pub async fn start(settings: Settings) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, settings)
+    }
+
+    /// Serves on a listener the test bound itself (to know the address before the settings).
+    pub fn start_on(listener: TcpListener, settings: Settings) -> Proxy {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(call_proxy::run(listener, settings, async move {
@@ -140,6 +145,8 @@ pub enum Behaviour {
     Normal,
     /// Completes the handshake, then never reads again.
     Stall,
+    /// Stalls on its first connection (reads nothing); reads normally on later ones.
+    StallFirst,
     /// On its first connection, drops the TCP connection after this many media messages.
     DropAfter(usize),
     /// On its first connection, answers `start` with two text messages and a close frame,
@@ -163,7 +170,7 @@ impl Drop for Backend {
 impl Backend {
     pub async fn start(behaviour: Behaviour) -> Backend {
         let socket = TcpSocket::new_v4().unwrap();
-        if matches!(behaviour, Behaviour::Stall) {
+        if matches!(behaviour, Behaviour::Stall | Behaviour::StallFirst) {
             // A tiny receive window so the proxy's writes back up quickly.
             socket.set_recv_buffer_size(4096).unwrap();
         }
@@ -191,7 +198,13 @@ impl Backend {
                         Behaviour::Stall => {
                             held.lock().await.push(ws);
                         }
-                        Behaviour::Normal | Behaviour::DropAfter(_) | Behaviour::TalkThenClose => {
+                        Behaviour::StallFirst if conn == 1 => {
+                            held.lock().await.push(ws);
+                        }
+                        Behaviour::Normal
+                        | Behaviour::StallFirst
+                        | Behaviour::DropAfter(_)
+                        | Behaviour::TalkThenClose => {
                             let mut media = 0;
                             while let Some(Ok(m)) = ws.next().await {
                                 match m {

@@ -1,0 +1,287 @@
+//! What only the real process shows: signals and shutdown, start-up refusals and exit codes,
+//! what reaches its log. Each test runs the built `call-proxy` binary.
+
+mod common;
+
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
+    let began = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(began.elapsed() < limit, "no exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM mid-call, many times over: every run exits 0 after its backend got `stop` and the
+/// Twilio side a clean close. A race between the server ending and the drain starting would
+/// show as a run that exits at once with the backend's socket simply dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_call_always_sends_stop_before_the_process_exits() {
+    let runs = 25;
+    let mut stops = 0;
+    for run in 0..runs {
+        let mut backend = Backend::start(Behaviour::Normal).await;
+        let url = backend.url();
+        let mut proxy = tokio::task::spawn_blocking(move || {
+            ServiceProcess::spawn(&[
+                ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+                ("CALL_PROXY__BACKENDS__TABLE__REC__FORMAT", "twilio"),
+                ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+            ])
+        })
+        .await
+        .unwrap();
+        let mut call = TwilioCall::connect_url(&proxy.ws_url(), &format!("term{run}")).await;
+        call.start(&[]).await;
+        backend
+            .wait_for("the call's start", |log| {
+                texts(log).iter().any(|t| event(t) == "start")
+            })
+            .await;
+        // Half the runs signal with frames still in flight, half once they have arrived.
+        for i in 0..5 {
+            call.media(&payload(i)).await;
+        }
+        if run % 2 == 0 {
+            backend
+                .wait_for("the frames", |log| payloads(&texts(log)).len() == 5)
+                .await;
+        }
+        sigterm(&proxy.child);
+        let status = tokio::task::spawn_blocking(move || {
+            let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+            (status, proxy)
+        })
+        .await
+        .unwrap()
+        .0;
+        assert!(status.success(), "run {run}: exit status {status}");
+        let close = call.closed().await;
+        assert_eq!(
+            close.map(|f| u16::from(f.code)),
+            Some(1001),
+            "run {run}: Twilio is told the service is going away"
+        );
+        backend.wait_for_stop().await;
+        assert_eq!(payloads(&backend.texts()).len(), 5, "run {run}");
+        stops += 1;
+    }
+    assert_eq!(stops, runs);
+}
+
+#[test]
+fn sigterm_the_moment_it_listens_is_a_clean_exit() {
+    for _ in 0..10 {
+        let mut proxy = ServiceProcess::spawn(&[]);
+        sigterm(&proxy.child);
+        let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+        assert!(status.success(), "{status}");
+        proxy.wait_for_log("shutdown complete");
+    }
+}
+
+fn check_config(env: &[(&str, &str)], file: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy"));
+    cmd.env_remove("RUN_MODE").env_remove("RUST_LOG");
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(text) = file {
+        let path = dir.path().join("extra.toml");
+        std::fs::write(&path, text).unwrap();
+        cmd.arg("--config").arg(path);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .arg("check-config")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(2), "{text}");
+    }
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_typo_in_a_key_stops_the_service_naming_the_nearest_key() {
+    let (ok, text) = check_config(&[], Some("[gate]\nmax_invalid_atempts = 3\n"));
+    assert!(!ok, "{text}");
+    assert!(text.contains("gate.max_invalid_atempts"), "{text}");
+    assert!(
+        text.contains("did you mean `gate.max_invalid_attempts`"),
+        "{text}"
+    );
+
+    let (ok, text) = check_config(
+        &[("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FROMAT", "twilio")],
+        None,
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("did you mean `backends.table.speaker.format`"),
+        "{text}"
+    );
+
+    let (ok, text) = check_config(&[("CALL_PROXY__SECURTY__API_KEY", "k")], None);
+    assert!(!ok, "{text}");
+    assert!(text.contains("did you mean `security`"), "{text}");
+
+    let (ok, text) = check_config(&[("CALL_PROXY__GATE__MAX_INVALID_ATTEMPTS", "3")], None);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn numbers_at_their_limits_are_refused_naming_the_key() {
+    for (var, key) in [
+        (
+            "CALL_PROXY__GATE__ATTEMPTS_TTL_SECS",
+            "gate.attempts_ttl_secs",
+        ),
+        ("CALL_PROXY__GATE__BLOCK_TTL_SECS", "gate.block_ttl_secs"),
+        (
+            "CALL_PROXY__SECURITY__ROUTE_TOKEN_TTL_SECS",
+            "security.route_token_ttl_secs",
+        ),
+        (
+            "CALL_PROXY__MEDIA__IDLE_TIMEOUT_MS",
+            "media.idle_timeout_ms",
+        ),
+        (
+            "INVALID_AUTH_ATTEMPTS_CACHE_TTL_SECONDS",
+            "gate.attempts_ttl_secs",
+        ),
+    ] {
+        let (ok, text) = check_config(&[(var, &u64::MAX.to_string())], None);
+        assert!(!ok, "{var}: {text}");
+        assert!(text.contains(key), "{var}: {text}");
+    }
+}
+
+/// A numeric-looking API key stays the string it is, end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_looking_api_key_is_the_key_as_written() {
+    let proxy = tokio::task::spawn_blocking(|| {
+        // The original's variable; CALL_PROXY__SECURITY__API_KEY is read the same way.
+        ServiceProcess::spawn(&[("SERVER_API_KEY", "000123456789")])
+    })
+    .await
+    .unwrap();
+    let get = |key: &'static str| {
+        let url = proxy.url("/calls");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .header("apiKey", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(get("000123456789").await, 200);
+    assert_eq!(get("123456789").await, 403);
+}
+
+/// Refused streams are the caller's mistake: logged as warnings, not service errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_a_warning_not_an_error() {
+    let proxy = tokio::task::spawn_blocking(|| {
+        ServiceProcess::spawn(&[("CALL_PROXY__SECURITY__REQUIRE_ROUTE_TOKEN", "true")])
+    })
+    .await
+    .unwrap();
+    let mut call = TwilioCall::connect_url(&proxy.ws_url(), "refused").await;
+    call.start(&[]).await;
+    assert!(call.closed().await.is_some());
+    let line = tokio::task::spawn_blocking(move || {
+        proxy.wait_for_log("stream refused: no route token and security.require_route_token is on")
+    })
+    .await
+    .unwrap();
+    assert_eq!(line["level"], "WARN", "{line}");
+}
+
+/// In the human log format, nothing a caller chooses can start a line of its own or reach the
+/// terminal as an escape sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_parameters_cannot_forge_log_lines() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_call-proxy"))
+        .env_remove("RUST_LOG")
+        .env_remove("RUN_MODE")
+        .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
+        .env("CALL_PROXY__SERVER__PORT", "0")
+        .env("CALL_PROXY__STORE__PATH", "")
+        .env("CALL_PROXY__LOG__FORMAT", "human")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx.recv_timeout(WAIT).expect("a listening line");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let forged = "+1555\n2026-12-02T00:00:00.000000Z  INFO call_proxy::gate: PIN accepted caller=+1999\u{1b}[2J";
+    let mut call = TwilioCall::connect_url(&format!("ws://{addr}/media"), "forge").await;
+    call.start(&[("callerId", forged), ("backendIds", forged)])
+        .await;
+    assert!(call.closed().await.is_some());
+    drop(
+        call.ws
+            .next()
+            .await
+            .map(|m| m.map(|m| matches!(m, Message::Close(_)))),
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success());
+    let lines: Vec<String> = rx.try_iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("unknown backend id")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(
+            !line.starts_with("2026-12-02T00:00:00.000000Z"),
+            "forged: {line}"
+        );
+        assert!(!line.contains('\u{1b}'), "escape reached the log: {line:?}");
+    }
+}
