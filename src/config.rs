@@ -1040,4 +1040,64 @@ mod tests {
             "demo PIN 1234"
         );
     }
+
+    #[test]
+    fn strings_stay_the_strings_they_were_given() {
+        let token = "12345678901234567890123456789012";
+        let s = Settings::load(&with_env(&[
+            ("CALL_PROXY__SECURITY__API_KEY", "000123456789"),
+            ("CALL_PROXY__TWILIO__AUTH_TOKEN", token),
+            ("CALL_PROXY__TWILIO__SECONDARY_AUTH_TOKEN", "1e5"),
+            ("CALL_PROXY__STORE__KEY_PREFIX", "true"),
+            ("CALL_PROXY__BACKENDS__DEFAULT", "speaker"),
+            ("CALL_PROXY__TWILIO__VALIDATE_SIGNATURES", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(s.security.api_key, "000123456789");
+        assert_eq!(s.twilio.auth_token, token);
+        assert_eq!(s.twilio.secondary_auth_token, "1e5");
+        assert_eq!(s.store.key_prefix, "true");
+        assert!(
+            s.twilio.validate_signatures,
+            "booleans still read as booleans"
+        );
+        let s = Settings::load(&with_env(&[
+            ("TWILIO_AUTH_TOKEN", token),
+            ("SERVER_API_KEY", "007"),
+        ]))
+        .unwrap();
+        assert_eq!(s.twilio.auth_token, token);
+        assert_eq!(s.security.api_key, "007");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_nearest_known_one() {
+        for (var, named, suggested) in [
+            (
+                "CALL_PROXY__GATE__MAX_INVALID_ATEMPTS",
+                "gate.max_invalid_atempts",
+                Some("gate.max_invalid_attempts"),
+            ),
+            (
+                "CALL_PROXY__TWILIO__VALIDATE_SIGNATURE",
+                "twilio.validate_signature",
+                Some("twilio.validate_signatures"),
+            ),
+            (
+                "CALL_PROXY__BACKENDS__TABLE__SPEAKER__FROMAT",
+                "backends.table.speaker.fromat",
+                Some("backends.table.speaker.format"),
+            ),
+            ("CALL_PROXY__NOTHING__LIKE_IT", "nothing", None),
+        ] {
+            let err = Settings::load(&with_env(&[(var, "3")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{named}`")), "{var}: {err}");
+            match suggested {
+                Some(key) => assert!(err.contains(&format!("did you mean `{key}`")), "{err}"),
+                None => assert!(!err.contains("did you mean"), "{err}"),
+            }
+        }
+    }
 }

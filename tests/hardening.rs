@@ -656,3 +656,34 @@ async fn every_error_is_json_and_operator_answers_are_never_cached() {
         assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{path}");
     }
 }
+
+/// A damaged or hostile journal record with numbers at their limits: the routes that show it
+/// answer, the service does not panic.
+#[tokio::test]
+async fn stored_times_at_their_limit_are_shown_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.log");
+    let json = r#"{"t":"block","caller":"+15550009999","blocked_on":18446744073709551615,"expires_at":18446744073709551615}"#;
+    std::fs::write(
+        &path,
+        format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes())),
+    )
+    .unwrap();
+    let mut s = settings(&[]);
+    s.store.path = path.to_string_lossy().into_owned();
+    let proxy = Proxy::start(s).await;
+    let one: Value = proxy
+        .get("/blocked-callers/+15550009999")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["blocked"], true, "{one}");
+    assert!(
+        one["blockedOn"].as_str().unwrap().starts_with("9999-12-31"),
+        "{one}"
+    );
+    let all = proxy.get_with_key("/blocked-callers", "test-key").await;
+    assert_eq!(all.status(), 200);
+    assert_eq!(proxy.get("/healthz").await.status(), 200);
+}

@@ -236,3 +236,98 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
         "the call lost nothing"
     );
 }
+
+/// A backend that notes when each media message arrives.
+async fn timing_backend() -> (String, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
+    use futures_util::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/media", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.to_text().is_ok_and(|t| t.contains(r#""event":"media""#)) {
+                        let _ = tx.send(Instant::now());
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// Execution refreshes go to the store beside the calls: a Redis that stalls for 900 ms at a
+/// time delays no frame of any call by more than 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_redis_delays_no_frame() {
+    let redis = RedisServer::start_stallable();
+    let (url, mut arrivals) = timing_backend().await;
+    let mut s = settings(&[("rec", &url, WireFormat::Twilio)]);
+    use_redis(&mut s, &redis, "stall");
+    s.store.timeout_ms = 2000;
+    // Refreshed every 100 ms, so refreshes keep landing inside the stalls.
+    s.store.execution_ttl_ms = 300;
+    let proxy = Proxy::start(s).await;
+
+    let stalls = {
+        let port = redis.port;
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            for _ in 0..3 {
+                conn.write_all(b"DEBUG SLEEP 0.9\r\n").await.unwrap();
+                let mut ok = [0u8; 5];
+                conn.read_exact(&mut ok).await.unwrap();
+                assert_eq!(&ok, b"+OK\r\n");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut calls = Vec::new();
+    for n in 0..3 {
+        let mut call = TwilioCall::connect(&proxy, &format!("stall{n}")).await;
+        call.start(&[
+            ("backendIds", "rec"),
+            ("executionId", &format!("FNstall{n}")),
+        ])
+        .await;
+        calls.push(call);
+    }
+    let frames = 150; // 3 s at 20 ms
+    let began = Instant::now();
+    for i in 0..frames {
+        for call in calls.iter_mut() {
+            call.media(&payload(i)).await;
+        }
+        let next = began + Duration::from_millis(20 * (i as u64 + 1));
+        tokio::time::sleep_until(next.into()).await;
+    }
+    stalls.await.unwrap();
+    let mut times = Vec::new();
+    while times.len() < frames * 3 {
+        let t = tokio::time::timeout(WAIT, arrivals.recv())
+            .await
+            .expect("every frame arrives")
+            .unwrap();
+        times.push(t);
+    }
+    let worst = times
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap();
+    assert!(
+        worst < Duration::from_millis(120),
+        "a gap of {worst:?} between frames sent every 20 ms"
+    );
+    for call in calls.iter_mut() {
+        call.stop().await;
+    }
+}

@@ -175,6 +175,100 @@ async fn executions_live_refresh_and_end(e: Engine) {
     s.ping().await.unwrap();
 }
 
+async fn windows_count_from_their_first_event_and_close(e: Engine) {
+    let s = e.store;
+    let window = Duration::from_millis(700);
+    assert_eq!(s.window("ip:a").await.unwrap(), None);
+    let (n, left) = s.count_in_window("ip:a", window).await.unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        left <= window && left > Duration::from_millis(400),
+        "{left:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (n, left) = s.count_in_window("ip:a", window).await.unwrap();
+    assert_eq!(n, 2);
+    assert!(
+        left <= Duration::from_millis(420),
+        "not stretched: {left:?}"
+    );
+    assert_eq!(s.window("ip:a").await.unwrap().map(|w| w.0), Some(2));
+    assert_eq!(s.window("ip:b").await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.window("ip:a").await.unwrap(), None, "closed");
+    assert_eq!(s.count_in_window("ip:a", window).await.unwrap().0, 1);
+
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.count_in_window("ip:c", Duration::from_secs(60))
+                    .await
+                    .unwrap()
+                    .0
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=50).collect::<Vec<_>>());
+}
+
+async fn claims_are_taken_once_until_they_expire(e: Engine) {
+    let s = e.store;
+    let ttl = Duration::from_millis(500);
+    assert!(s.claim_once("token:x", ttl).await.unwrap());
+    assert!(!s.claim_once("token:x", ttl).await.unwrap());
+    assert!(
+        s.claim_once("token:y", ttl).await.unwrap(),
+        "keys are apart"
+    );
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_once("token:z", Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap().unwrap());
+    }
+    assert_eq!(winners, 1, "exactly one of 50 concurrent takers");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(s.claim_once("token:x", ttl).await.unwrap(), "expired");
+}
+
+async fn executions_refresh_in_one_batch(e: Engine) {
+    let s = e.store;
+    let ttl = Duration::from_millis(600);
+    let live = vec![
+        ("FN7".to_string(), "MZ7".to_string()),
+        ("FN8".to_string(), "MZ8".to_string()),
+    ];
+    s.refresh_executions(&live, ttl).await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.refresh_executions(&live[..1], ttl).await.unwrap();
+    }
+    assert!(s.execution_is_live("FN7").await.unwrap(), "refreshed");
+    assert!(!s.execution_is_live("FN8").await.unwrap(), "left to expire");
+}
+
+async fn a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry(e: Engine) {
+    let s = e.store;
+    let first = s.block("+7", Some(Duration::from_secs(1))).await.unwrap();
+    assert!(first.expires_at.is_some());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = s.block("+7", Some(Duration::from_secs(1))).await.unwrap();
+    assert!(second.expires_at.is_some(), "never a permanent block");
+    assert!(s.blocked("+7").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(s.blocked("+7").await.unwrap(), None, "it expired");
+}
+
 macro_rules! suite {
     ($($engine:ident),*) => {
         $(
@@ -198,6 +292,25 @@ macro_rules! suite {
                 #[tokio::test]
                 async fn executions_live_refresh_and_end() {
                     super::executions_live_refresh_and_end(super::$engine()).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn windows_count_from_their_first_event_and_close() {
+                    super::windows_count_from_their_first_event_and_close(super::$engine()).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn claims_are_taken_once_until_they_expire() {
+                    super::claims_are_taken_once_until_they_expire(super::$engine()).await
+                }
+                #[tokio::test]
+                async fn executions_refresh_in_one_batch() {
+                    super::executions_refresh_in_one_batch(super::$engine()).await
+                }
+                #[tokio::test]
+                async fn a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry() {
+                    super::a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry(
+                        super::$engine(),
+                    )
+                    .await
                 }
             }
         )*

@@ -317,4 +317,52 @@ mod tests {
         let cut = format!("{}\n", &line[..line.len() - 6]);
         assert!(decode(cut.trim_end()).is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn checksummed(json: &str) -> String {
+            format!("{:08x} {json}", crc32fast::hash(json.as_bytes()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_line_decodes_or_is_refused(line in any::<String>(), json in any::<String>()) {
+                let _ = decode(&line);
+                // Past the checksum, whatever JSON a damaged file holds.
+                let _ = decode(&checksummed(&json));
+            }
+
+            #[test]
+            fn records_with_numbers_at_their_limits_replay(
+                n in any::<u64>(),
+                at in any::<u64>(),
+                caller in any::<String>(),
+                block in any::<bool>(),
+            ) {
+                let json = if block {
+                    serde_json::json!({"t": "block", "caller": caller, "blocked_on": n, "expires_at": at})
+                } else {
+                    serde_json::json!({"t": "attempts", "caller": caller, "n": n, "expires_at": at})
+                };
+                let record = decode(&checksummed(&json.to_string()));
+                prop_assert!(record.is_ok());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_file_replays_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("state.log");
+                std::fs::write(&path, &bytes).unwrap();
+                prop_assert!(replay(&path, 1_000).is_ok());
+            }
+        }
+    }
 }

@@ -508,4 +508,81 @@ mod tests {
             4
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_purged_not_just_hidden() {
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(60);
+        for i in 0..500 {
+            let caller = format!("+1555{i:07}");
+            store.record_failure(&caller, ttl).await.unwrap();
+            store.count_in_window(&caller, ttl).await.unwrap();
+            store.claim_once(&caller, ttl).await.unwrap();
+            store.execution_live(&caller, "MZ", ttl).await.unwrap();
+        }
+        store
+            .record_failure("+keep", Duration::from_secs(600))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        store.purge_expired().await.unwrap();
+        assert_eq!(store.maps.attempts.len(), 501, "nothing is due yet");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        store.purge_expired().await.unwrap();
+        assert_eq!(store.maps.attempts.len(), 1, "only the live one stays");
+        assert!(store.maps.windows.is_empty());
+        assert!(store.maps.claims.is_empty());
+        assert!(store.maps.executions.is_empty());
+        assert_eq!(store.attempts("+keep").await.unwrap(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_running_journal_is_compacted_once_it_outgrows_its_live_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.log");
+        let store = MemoryStore::open(&path).unwrap();
+        let ttl = Duration::from_secs(600);
+        for _ in 0..5000 {
+            store.record_failure("+1", ttl).await.unwrap();
+        }
+        store.block("+2", None).await.unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < 1000, "{lines} lines for two live entries");
+        drop(store);
+        let store = MemoryStore::open(&path).unwrap();
+        assert_eq!(store.attempts("+1").await.unwrap(), Some(5000));
+        assert!(store.blocked("+2").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn stored_numbers_at_their_limits_neither_wrap_nor_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.log");
+        {
+            let mut j = Journal::compact(&path, &journal::Replayed::default()).unwrap();
+            j.append(&Record::Attempts {
+                caller: "+1".into(),
+                n: u64::MAX,
+                expires_at: u64::MAX,
+            })
+            .unwrap();
+            j.append(&Record::Block(Block {
+                caller: "+2".into(),
+                blocked_on: u64::MAX,
+                expires_at: Some(u64::MAX),
+            }))
+            .unwrap();
+        }
+        let store = MemoryStore::open(&path).unwrap();
+        assert_eq!(
+            store
+                .record_failure("+1", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            u64::MAX,
+            "saturates instead of wrapping to 0"
+        );
+        assert!(store.blocked("+2").await.unwrap().is_some());
+        assert_eq!(store.blocks().await.unwrap().len(), 1);
+    }
 }
