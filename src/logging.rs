@@ -49,12 +49,6 @@ impl std::fmt::Display for Escaped<'_> {
     }
 }
 
-impl AsRef<str> for Escaped<'_> {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')

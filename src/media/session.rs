@@ -290,7 +290,7 @@ impl Session {
             Event::Unknown(name) => {
                 self.reject(
                     Rejection::unknown_event,
-                    format!("unknown event `{name}` skipped"),
+                    format!("unknown event `{}` skipped", crate::logging::escape(&name)),
                 );
                 Step::Continue
             }
@@ -308,7 +308,7 @@ impl Session {
         if let Some(caller) = &caller {
             span.record(
                 "caller",
-                mask_caller(caller, self.hub.settings.log.mask_callers).as_ref(),
+                tracing::field::display(mask_caller(caller, self.hub.settings.log.mask_callers)),
             );
         }
 
@@ -355,7 +355,10 @@ impl Session {
         if let (Some(claims), None) = (&token, &caller) {
             span.record(
                 "caller",
-                mask_caller(&claims.caller, self.hub.settings.log.mask_callers).as_ref(),
+                tracing::field::display(mask_caller(
+                    &claims.caller,
+                    self.hub.settings.log.mask_callers,
+                )),
             );
         }
         let caller = caller.or_else(|| token.as_ref().map(|c| c.caller.clone()));
