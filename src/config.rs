@@ -781,11 +781,6 @@ impl Settings {
         Ok(SocketAddr::new(ip, self.server.port))
     }
 
-    /// The enabled backends of the table.
-    pub fn backend(&self, id: &str) -> Option<&BackendSpec> {
-        self.backends.enabled(id)
-    }
-
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.media.idle_timeout_ms)
     }
@@ -849,7 +844,10 @@ mod tests {
         assert_eq!(s.listen_addr().unwrap().to_string(), "0.0.0.0:8999");
         assert_eq!(s.backends.default, vec!["speaker".to_string()]);
         assert_eq!(s.backends.queue_frames, 250);
-        assert_eq!(s.backend("speaker").unwrap().format, WireFormat::Compact);
+        assert_eq!(
+            s.backends.enabled("speaker").unwrap().format,
+            WireFormat::Compact
+        );
     }
 
     #[test]
@@ -920,7 +918,7 @@ mod tests {
         assert!(s.security.require_route_token);
         assert!(s.backends.hosts_allowlist.is_empty());
         assert!(s.backends.default.is_empty());
-        assert!(s.backend("speaker").is_none());
+        assert!(s.backends.enabled("speaker").is_none());
         assert_eq!(s.log.format, LogFormat::Json);
     }
 

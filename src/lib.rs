@@ -7,12 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod audio;
+pub mod clock;
 pub mod config;
 pub mod gate;
-pub mod http;
+pub(crate) mod http;
 pub mod logging;
-pub mod media;
-pub mod metrics;
+pub(crate) mod media;
+pub(crate) mod metrics;
 pub mod store;
 pub mod twilio;
 

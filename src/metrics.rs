@@ -298,12 +298,6 @@ impl LatencyBatch {
 }
 
 impl LatencyHistogram {
-    pub fn observe(&self, elapsed: std::time::Duration) {
-        let mut one = LatencyBatch::default();
-        one.record(elapsed);
-        self.absorb(&mut one);
-    }
-
     /// Adds a batch and empties it.
     pub fn absorb(&self, batch: &mut LatencyBatch) {
         if batch.count == 0 {
@@ -350,10 +344,11 @@ mod tests {
     #[test]
     fn latency_histogram_encodes_cumulative_buckets() {
         let m = Metrics::new();
+        let mut batch = LatencyBatch::default();
         for ms in [0.05, 1.0, 1.0, 10_000.0] {
-            m.forward_latency
-                .observe(Duration::from_secs_f64(ms / 1000.0));
+            batch.record(Duration::from_secs_f64(ms / 1000.0));
         }
+        m.forward_latency.absorb(&mut batch);
         let text = m.encode();
         let line = |series: &str| {
             text.lines()

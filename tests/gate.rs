@@ -703,7 +703,7 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
         call_sid: None,
         nonce: 1,
     };
-    let now = call_proxy::store::unix_now();
+    let now = call_proxy::clock::unix_now();
     let expired = route_token::issue(&secret, &claims(&["rec"], now - 1));
     let foreign = route_token::issue("a-secret-from-elsewhere", &claims(&["rec"], now + 60));
     let truncated = token[..token.len() - 4].to_string();

@@ -1,7 +1,6 @@
 //! Property tests: every parser that faces the network is fed thousands of generated inputs,
 //! hostile and near-valid, and must answer (a value or an error), never panic (SPEC section 4).
 
-use call_proxy::config::Settings;
 use call_proxy::gate::route_token::{self, Claims};
 use call_proxy::twilio::{messages, signature};
 use proptest::prelude::*;
@@ -140,70 +139,6 @@ proptest! {
         for v in &variants {
             let prefix = format!("{scheme}://");
             prop_assert!(v.starts_with(&prefix));
-        }
-    }
-}
-
-/// `backendHosts` and `backendIds` as a stream sends them, through the whole routing step.
-mod routing {
-    use super::*;
-    use call_proxy::media::route::{self, Limits};
-    use call_proxy::twilio::messages::Start;
-
-    fn start(param: &str, value: &str) -> Start {
-        Start {
-            sequence_number: "1".into(),
-            stream_sid: "MZ1".into(),
-            account_sid: "AC1".into(),
-            call_sid: "CA1".into(),
-            tracks: vec!["inbound".into()],
-            media_format: None,
-            custom_parameters: [(param.to_string(), value.to_string())]
-                .into_iter()
-                .collect(),
-        }
-    }
-
-    fn entry() -> impl Strategy<Value = String> {
-        prop_oneof![
-            any::<String>(),
-            "[A-Za-z0-9.:\\[\\]-]{0,40}",
-            ("[a-zA-Z0-9.-]{0,20}", any::<u32>()).prop_map(|(h, p)| format!("{h}:{p}")),
-            ("[0-9a-fA-F:]{0,30}", any::<u16>()).prop_map(|(h, p)| format!("[{h}]:{p}")),
-        ]
-    }
-
-    proptest! {
-        #![proptest_config(config())]
-
-        #[test]
-        fn any_list_routes_or_is_refused_within_the_bounds(
-            entries in proptest::collection::vec(entry(), 0..40),
-            raw in any::<String>(),
-            as_json in any::<bool>(),
-        ) {
-            let backends = Settings::defaults().backends;
-            let limits = Limits { max_backends: 8, own: Some("127.0.0.1:8999".parse().unwrap()) };
-            let list = if as_json { serde_json::to_string(&entries).unwrap() } else { entries.join(",") };
-            for param in ["backendHosts", "backendIds"] {
-                for value in [list.as_str(), raw.as_str()] {
-                    let _ = route::parse_list(value);
-                    match route::choose(&start(param, value), &backends, None, limits) {
-                        Ok(r) => {
-                            prop_assert!(!r.targets.is_empty() && r.targets.len() <= 8);
-                            prop_assert!(r.skipped.len() <= 4);
-                            for t in &r.targets {
-                                prop_assert!(t.url.starts_with("ws://"));
-                                prop_assert!(!t.url.contains(":8999/") || !t.url.contains("127.0.0.1"));
-                            }
-                        }
-                        Err(e) => {
-                            let text = e.to_string();
-                            prop_assert!(!text.chars().any(char::is_control), "{:?}", text);
-                        }
-                    }
-                }
-            }
         }
     }
 }

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::clock::unix_now;
 use crate::config::Settings;
 use crate::logging::mask_caller;
 use crate::metrics::Metrics;
-use crate::store::{unix_now, Block, StateStore, StoreError};
+use crate::store::{Block, StateStore, StoreError};
 use pins::{Grant, PinError, PinProvider};
 
 /// Longest caller id accepted: E.164 numbers are at most 16 characters, SIP and client

@@ -9,6 +9,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::config::{GateSettings, PinProviderKind};
+use crate::twilio::params::list_value;
 
 /// What a good PIN opens.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,17 +59,6 @@ struct ServiceAnswer {
     backend_ids: Option<serde_json::Value>,
     #[serde(default)]
     backend_hosts: Option<serde_json::Value>,
-}
-
-fn list(value: Option<serde_json::Value>) -> Vec<String> {
-    match value {
-        Some(serde_json::Value::Array(items)) => items
-            .into_iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        Some(serde_json::Value::String(s)) => crate::media::route::parse_list(&s),
-        _ => Vec::new(),
-    }
 }
 
 impl PinProvider {
@@ -127,8 +117,8 @@ impl PinProvider {
                     .await
                     .map_err(|e| PinError::Unavailable(format!("unreadable answer: {e}")))?;
                 Ok(answer.authenticated.then(|| Grant {
-                    backend_ids: list(answer.backend_ids),
-                    backend_hosts: list(answer.backend_hosts),
+                    backend_ids: list_value(answer.backend_ids),
+                    backend_hosts: list_value(answer.backend_hosts),
                 }))
             }
         }

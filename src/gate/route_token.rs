@@ -59,7 +59,7 @@ pub enum TokenError {
 pub fn nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(crate::store::unix_now());
+    h.write_u64(crate::clock::unix_now());
     h.finish()
 }
 

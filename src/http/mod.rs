@@ -1,14 +1,17 @@
-//! The HTTP face of the service: the router, its guards (Twilio signature, API key, rate
-//! limits) and the handlers.
+//! The HTTP face of the service: the accept loop, the router, its guards (body deadline,
+//! Twilio signature, API key, rate limits) and the handlers. The HTTP side of each concept
+//! is named for its side: `twilio_guard` applies the signature algorithm that
+//! `crate::twilio::signature` defines; `gate_routes` answers for the caller gate in
+//! `crate::gate`.
 
 mod api_key;
 mod body;
 mod error;
-mod gate;
+mod gate_routes;
 mod handlers;
 pub mod rate_limit;
 pub mod server;
-mod signature;
+mod twilio_guard;
 
 use std::sync::Arc;
 
@@ -26,20 +29,33 @@ use crate::store::StateStore;
 
 pub use error::ApiError;
 
+/// Whether a request's body is a form (`application/x-www-form-urlencoded`), as Twilio posts
+/// webhooks and as the signature covers parameter by parameter.
+pub(crate) fn is_form(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        })
+}
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub settings: Arc<Settings>,
-    pub metrics: Arc<Metrics>,
-    pub store: Arc<dyn StateStore>,
-    pub hub: Arc<MediaHub>,
-    pub gate: Arc<Gate>,
-    pub limits: Arc<rate_limit::Limiters>,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) hub: Arc<MediaHub>,
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) limits: Arc<rate_limit::Limiters>,
 }
 
 /// The whole HTTP and WebSocket interface (SPEC section 2).
 pub fn router(state: AppState) -> Router {
-    let twilio = from_fn_with_state(state.clone(), signature::require);
+    let twilio = from_fn_with_state(state.clone(), twilio_guard::require);
     let key = from_fn_with_state(state.clone(), api_key::require);
     let metrics = if state.settings.security.metrics_require_api_key {
         get(handlers::metrics.layer(key.clone()))
@@ -57,25 +73,25 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/validate-pin",
-            post(gate::validate_pin.layer(twilio.clone())),
+            post(gate_routes::validate_pin.layer(twilio.clone())),
         )
         .route(
             "/blocked-callers",
-            get(gate::list_blocked.layer(key.clone())),
+            get(gate_routes::list_blocked.layer(key.clone())),
         )
         .route(
             "/blocked-callers/",
-            get(gate::empty_caller_status.layer(twilio.clone())),
+            get(gate_routes::empty_caller_status.layer(twilio.clone())),
         )
         .route(
             "/blocked-callers/{caller_id}",
-            get(gate::caller_status.layer(twilio.clone()))
-                .post(gate::block_caller.layer(key.clone()))
-                .delete(gate::unblock_caller.layer(key.clone())),
+            get(gate_routes::caller_status.layer(twilio.clone()))
+                .post(gate_routes::block_caller.layer(key.clone()))
+                .delete(gate_routes::unblock_caller.layer(key.clone())),
         )
         .route(
             "/auth-attempts/{caller_id}",
-            get(gate::attempts.layer(key.clone())),
+            get(gate_routes::attempts.layer(key.clone())),
         )
         .route("/calls", get(handlers::calls.layer(key)))
         .route("/metrics", metrics)

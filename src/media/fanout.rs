@@ -216,10 +216,6 @@ impl Queue {
     pub fn len(&self) -> usize {
         self.held().frames
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Where a link is in its life.

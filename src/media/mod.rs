@@ -219,11 +219,7 @@ impl MediaHub {
                     stream_sid: c.stream_sid.clone(),
                     caller: c.caller.clone(),
                     execution_id: c.execution_id.clone(),
-                    started_at: c
-                        .started_at
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0),
+                    started_at: crate::clock::unix_secs(c.started_at),
                     backends: c
                         .links
                         .iter()

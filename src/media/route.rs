@@ -8,6 +8,7 @@ use crate::config::{BackendSettings, WireFormat};
 use crate::gate::route_token::Claims;
 use crate::logging::escape;
 use crate::twilio::messages::Start;
+use crate::twilio::params::parse_list;
 
 /// Bounds on what one stream may ask for.
 #[derive(Debug, Clone, Copy)]
@@ -222,28 +223,6 @@ fn finish(source: Source, targets: Vec<Target>, skipped: Vec<String>) -> Result<
         targets,
         skipped,
     })
-}
-
-/// Studio passes lists as JSON array strings (`["a","b"]`); people type comma lists.
-pub fn parse_list(raw: &str) -> Vec<String> {
-    let raw = raw.trim();
-    if raw.starts_with('[') {
-        if let Ok(items) = serde_json::from_str::<Vec<serde_json::Value>>(raw) {
-            return items
-                .into_iter()
-                .filter_map(|v| match v {
-                    serde_json::Value::String(s) => Some(s.trim().to_string()),
-                    serde_json::Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
-                .filter(|s| !s.is_empty())
-                .collect();
-        }
-    }
-    raw.split(',')
-        .map(|s| s.trim().trim_matches('"').to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
 }
 
 /// A `host:port` entry, checked against the allowlist and against this proxy's own address.
@@ -566,5 +545,77 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(!text.chars().any(char::is_control), "{text:?}");
+    }
+
+    /// `backendHosts` and `backendIds` as a stream sends them, through the whole routing step.
+    mod properties {
+        use super::super::{choose, Limits};
+        use crate::config::Settings;
+        use crate::twilio::messages::Start;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: 3000,
+                ..ProptestConfig::default()
+            }
+        }
+
+        fn start(param: &str, value: &str) -> Start {
+            Start {
+                sequence_number: "1".into(),
+                stream_sid: "MZ1".into(),
+                account_sid: "AC1".into(),
+                call_sid: "CA1".into(),
+                tracks: vec!["inbound".into()],
+                media_format: None,
+                custom_parameters: [(param.to_string(), value.to_string())]
+                    .into_iter()
+                    .collect(),
+            }
+        }
+
+        fn entry() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[A-Za-z0-9.:\\[\\]-]{0,40}",
+                ("[a-zA-Z0-9.-]{0,20}", any::<u32>()).prop_map(|(h, p)| format!("{h}:{p}")),
+                ("[0-9a-fA-F:]{0,30}", any::<u16>()).prop_map(|(h, p)| format!("[{h}]:{p}")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn any_list_routes_or_is_refused_within_the_bounds(
+                entries in proptest::collection::vec(entry(), 0..40),
+                raw in any::<String>(),
+                as_json in any::<bool>(),
+            ) {
+                let backends = Settings::defaults().backends;
+                let limits = Limits { max_backends: 8, own: Some("127.0.0.1:8999".parse().unwrap()) };
+                let list = if as_json { serde_json::to_string(&entries).unwrap() } else { entries.join(",") };
+                for param in ["backendHosts", "backendIds"] {
+                    for value in [list.as_str(), raw.as_str()] {
+                        let _ = crate::twilio::params::parse_list(value);
+                        match choose(&start(param, value), &backends, None, limits) {
+                            Ok(r) => {
+                                prop_assert!(!r.targets.is_empty() && r.targets.len() <= 8);
+                                prop_assert!(r.skipped.len() <= 4);
+                                for t in &r.targets {
+                                    prop_assert!(t.url.starts_with("ws://"));
+                                    prop_assert!(!t.url.contains(":8999/") || !t.url.contains("127.0.0.1"));
+                                }
+                            }
+                            Err(e) => {
+                                let text = e.to_string();
+                                prop_assert!(!text.chars().any(char::is_control), "{:?}", text);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -18,11 +18,11 @@ use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
 use super::wire;
 use super::{Admission, CallInfo, MediaHub};
+use crate::clock::unix_now;
 use crate::config::WireFormat;
 use crate::gate::route_token;
 use crate::logging::mask_caller;
 use crate::metrics::{Outcome, Rejection};
-use crate::store::unix_now;
 use crate::twilio::messages::{self, Event, Start};
 
 /// WebSocket close codes (RFC 6455 section 7.4.1).

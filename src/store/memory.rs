@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::journal::{self, Journal, JournalError, Record};
-use super::{unix_now, Block, StateStore, StoreError, StoreFuture};
+use super::{Block, StateStore, StoreError, StoreFuture};
+use crate::clock::unix_now;
 use crate::config::MAX_TTL_SECS;
 
 #[derive(Default)]

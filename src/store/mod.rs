@@ -44,13 +44,6 @@ pub fn sort_blocks(blocks: &mut [Block]) {
     });
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// State shared by every instance of the service.
 pub trait StateStore: Send + Sync + 'static {
     /// Counts one failed PIN for the caller and answers the count, atomically (concurrent

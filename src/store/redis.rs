@@ -16,7 +16,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
-use super::{unix_now, Block, StateStore, StoreError, StoreFuture};
+use super::{Block, StateStore, StoreError, StoreFuture};
+use crate::clock::{unix_now, unix_now_ms as now_ms};
 use crate::config::StoreSettings;
 
 /// Keeps a live block as it is, or writes the new one (with its expiry, when it has one).
@@ -40,13 +41,6 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl RedisStore {

@@ -21,20 +21,6 @@ pub enum Event<'a> {
     Unknown(String),
 }
 
-impl Event<'_> {
-    pub fn name(&self) -> &str {
-        match self {
-            Event::Connected(_) => "connected",
-            Event::Start(_) => "start",
-            Event::Media(_) => "media",
-            Event::Dtmf(_) => "dtmf",
-            Event::Mark(_) => "mark",
-            Event::Stop(_) => "stop",
-            Event::Unknown(name) => name,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connected {
     pub protocol: String,

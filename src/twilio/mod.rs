@@ -2,4 +2,5 @@
 //! else of this crate.
 
 pub mod messages;
+pub mod params;
 pub mod signature;

@@ -71,7 +71,6 @@ pub struct Report {
     pub loss_percent: f64,
     /// Added latency over the full-load window (ramp excluded).
     pub latency: Latency,
-    pub latency_all: Latency,
     pub proxy: Option<ProcReport>,
     /// Proxy CPU per 1000 frames written to sinks, milliseconds.
     pub proxy_cpu_ms_per_1000_frames: Option<f64>,
@@ -336,7 +335,6 @@ pub async fn run(
             }
         });
     }
-    let mut all_latency = load::histogram();
     for t in tasks {
         t.await.context("driver task")??;
     }
@@ -371,7 +369,6 @@ pub async fn run(
             foreign: s.foreign(),
         });
     }
-    let _ = all_latency.add(&window);
     let before_window = full_load.lock().unwrap().take();
     let rss_series = std::mem::take(&mut *rss_series.lock().unwrap());
     let (proxy, cpu_per_1000, rss_per_call) = match (&proc_idle, &before_window, &proc_end) {
@@ -424,7 +421,6 @@ pub async fn run(
             lost_total as f64 * 100.0 / expected as f64
         },
         latency: Latency::of(&window),
-        latency_all: Latency::of(&all_latency),
         proxy,
         proxy_cpu_ms_per_1000_frames: cpu_per_1000,
         proxy_rss_kib_per_call: rss_per_call,

@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::rate_limit::{ClientIp, Limited};
 use super::{ApiError, AppState};
+use crate::clock::rfc3339;
 use crate::gate::{CallerStatus, GateError, PinOutcome};
 use crate::store::Block;
 
@@ -28,16 +29,6 @@ impl From<GateError> for ApiError {
             }
         }
     }
-}
-
-/// A Unix time as RFC 3339. A stored time past what the clock can say (a damaged record) is
-/// shown as the largest one it can, never a panic.
-fn rfc3339(unix: u64) -> String {
-    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z, humantime's last
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.min(LAST)),
-    )
-    .to_string()
 }
 
 /// A caller id from a path or body, checked as SPEC section 4 says (400 naming the field).
@@ -76,12 +67,7 @@ struct PinRequest {
 
 /// `{"pin","callerId"[,"callSid"]}` from a JSON or form body.
 fn pin_request(headers: &HeaderMap, body: &[u8]) -> Result<PinRequest, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if content_type.starts_with("application/x-www-form-urlencoded") {
+    if super::is_form(headers) {
         let mut request = PinRequest {
             pin: String::new(),
             caller: String::new(),

@@ -58,7 +58,7 @@ pub async fn require(
         Ok(keys) => keys,
         Err(message) => return Err(refuse("unknown_key", StatusCode::FORBIDDEN, message)),
     };
-    let form = is_form(&parts);
+    let form = super::is_form(&parts.headers);
     let params: Vec<(String, String)> = if form {
         form_urlencoded::parse(&bytes).into_owned().collect()
     } else {
@@ -130,18 +130,6 @@ fn signing_keys<'a>(
         .filter(|t| !t.is_empty())
         .map(|t| (Algorithm::HmacSha1, t.as_bytes()))
         .collect())
-}
-
-fn is_form(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/x-www-form-urlencoded")
-        })
 }
 
 fn is_websocket(parts: &Parts) -> bool {
