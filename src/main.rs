@@ -105,7 +105,7 @@ fn hash_pin(settings: &Settings, pin: Option<String>, backends: &[String]) -> Ex
     println!("# under [gate.pins]");
     println!(
         "{}",
-        call_proxy::gate::pins::directory_line(&settings.gate.pin_key, pin, backends)
+        call_proxy::gate::pins::directory_line(settings.gate.pin_key.expose(), pin, backends)
     );
     ExitCode::SUCCESS
 }

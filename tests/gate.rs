@@ -564,7 +564,7 @@ async fn operators_block_list_and_unblock_with_the_key_only() {
 
     // No key configured: every operator route is closed, whatever is sent.
     let mut s = pin_settings();
-    s.security.api_key.clear();
+    s.security.api_key = "".into();
     let closed = Proxy::start(s).await;
     for (method, path) in &routes {
         let r = c
@@ -704,7 +704,7 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
         nonce: 1,
     };
     let now = call_proxy::clock::unix_now();
-    let expired = route_token::issue(&secret, &claims(&["rec"], now - 1));
+    let expired = route_token::issue(secret.expose(), &claims(&["rec"], now - 1));
     let foreign = route_token::issue("a-secret-from-elsewhere", &claims(&["rec"], now + 60));
     let truncated = token[..token.len() - 4].to_string();
     let other_host = format!(r#"["{}"]"#, other.addr);

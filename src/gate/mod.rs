@@ -143,7 +143,7 @@ impl Gate {
                 self.store.clear_attempts(caller).await?;
                 let ttl = self.settings.security.route_token_ttl_secs;
                 let route_token = route_token::issue(
-                    &self.settings.security.route_token_secret,
+                    self.settings.security.route_token_secret.expose(),
                     &route_token::Claims {
                         caller: caller.to_string(),
                         backend_ids: grant.backend_ids.clone(),

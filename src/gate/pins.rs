@@ -65,7 +65,7 @@ impl PinProvider {
     pub fn from_settings(settings: &GateSettings) -> Result<PinProvider, PinError> {
         Ok(match settings.pin_provider {
             PinProviderKind::Directory => PinProvider::Directory {
-                key: settings.pin_key.clone(),
+                key: settings.pin_key.expose().to_string(),
                 pins: settings
                     .pins
                     .iter()

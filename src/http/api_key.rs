@@ -14,7 +14,7 @@ pub async fn require(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    check(&state.settings.security.api_key, request.headers())?;
+    check(state.settings.security.api_key.expose(), request.headers())?;
     Ok(next.run(request).await)
 }
 

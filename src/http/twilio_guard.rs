@@ -123,12 +123,12 @@ fn signing_keys<'a>(
             .signing_keys
             .get(&wanted.key_id)
             .ok_or("the signing key named in X-Twilio-Webhooks-Signature-Settings is unknown")?;
-        return Ok(vec![(wanted.algorithm, key.as_bytes())]);
+        return Ok(vec![(wanted.algorithm, key.expose().as_bytes())]);
     }
     Ok([&settings.auth_token, &settings.secondary_auth_token]
         .into_iter()
         .filter(|t| !t.is_empty())
-        .map(|t| (Algorithm::HmacSha1, t.as_bytes()))
+        .map(|t| (Algorithm::HmacSha1, t.expose().as_bytes()))
         .collect())
 }
 

@@ -316,7 +316,7 @@ impl Session {
         let token = match start.param("routeToken") {
             Some(raw) => match route_token::redeem(
                 self.hub.store.as_ref(),
-                &security.route_token_secret,
+                security.route_token_secret.expose(),
                 raw,
                 &start.call_sid,
                 unix_now(),

@@ -50,7 +50,7 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
 
 /// Adds a PIN to the directory, as `call-proxy hash-pin` would.
 pub fn add_pin(s: &mut Settings, pin: &str, backends: &[&str]) {
-    let hash = call_proxy::gate::pins::hash_pin(&s.gate.pin_key, pin);
+    let hash = call_proxy::gate::pins::hash_pin(s.gate.pin_key.expose(), pin);
     s.gate
         .pins
         .insert(hash, backends.iter().map(|b| b.to_string()).collect());

@@ -1,0 +1,204 @@
+//! Loading settings from their layers: the embedded defaults, `config/{RUN_MODE}.toml`,
+//! `--config FILE`, `CALL_PROXY__SECTION__KEY` variables (each value the string it is), and
+//! the original service's variables. A key no setting has is refused, naming the nearest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use config::{Config, File, FileFormat};
+
+use super::{invalid, ConfigError, Settings};
+
+/// The defaults compiled into the binary, so a fresh clone runs with no set-up.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+/// The production layer, also compiled in so `RUN_MODE=production` works from any directory.
+pub const PRODUCTION_TOML: &str = include_str!("../../config/production.toml");
+
+/// Where the layers come from; the environment is passed in so tests need not touch the
+/// process environment.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// `RUN_MODE`: selects `config/{mode}.toml`.
+    pub run_mode: Option<String>,
+    /// `--config FILE`.
+    pub file: Option<PathBuf>,
+    /// Environment variables (`CALL_PROXY__*` and the original's names).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// The sources a process sees: `RUN_MODE` and the whole environment.
+    pub fn from_process(file: Option<PathBuf>) -> Self {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Sources {
+            run_mode: env.get("RUN_MODE").filter(|m| !m.is_empty()).cloned(),
+            file,
+            env,
+        }
+    }
+}
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["backends.default", "backends.hosts_allowlist"];
+
+/// The fields of a `backends.table.<id>` row.
+const BACKEND_FIELDS: &[&str] = &["url", "format", "queue_frames", "enabled"];
+
+/// A key no setting has: refused, naming the nearest one that exists, so a typo can never
+/// leave a security setting silently at its default.
+fn unknown_key(key: &str) -> ConfigError {
+    let (parent, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let siblings: Vec<String> =
+        if parent.starts_with("backends.table.") && !parent[15..].contains('.') {
+            BACKEND_FIELDS.iter().map(|f| f.to_string()).collect()
+        } else {
+            known_keys()
+                .into_iter()
+                .filter_map(|k| match k.rsplit_once('.') {
+                    Some((p, n)) if p == parent => Some(n.to_string()),
+                    None if parent.is_empty() => Some(k),
+                    _ => None,
+                })
+                .collect()
+        };
+    let nearest = siblings
+        .iter()
+        .map(|s| (strsim::damerau_levenshtein(name, s), s))
+        .filter(|(d, s)| *d <= 3.max(s.len() / 4))
+        .min();
+    let message = match nearest {
+        Some((_, s)) if parent.is_empty() => format!("is not a setting; did you mean `{s}`?"),
+        Some((_, s)) => format!("is not a setting; did you mean `{parent}.{s}`?"),
+        None => "is not a setting".to_string(),
+    };
+    invalid(key, message)
+}
+
+/// Every key of the embedded defaults, tables included, as dotted paths.
+fn known_keys() -> Vec<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        if let serde_json::Value::Object(map) = value {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                walk(&path, v, out);
+                out.push(path);
+            }
+        }
+    }
+    let defaults: serde_json::Value = Config::builder()
+        .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+        .build()
+        .and_then(Config::try_deserialize)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    walk("", &defaults, &mut out);
+    out
+}
+
+/// The original Node.js service's environment variables, mapped onto our keys.
+const LEGACY_ENV: &[(&str, &str)] = &[
+    ("AUDIO_PROXY_PORT", "server.port"),
+    ("SERVER_API_KEY", "security.api_key"),
+    ("TWILIO_AUTH_TOKEN", "twilio.auth_token"),
+    ("VALIDATE_EXTERNAL_CALLS", "twilio.validate_signatures"),
+    ("INVALID_AUTH_ATTEMPTS_ALLOWED", "gate.max_invalid_attempts"),
+    (
+        "INVALID_AUTH_ATTEMPTS_CACHE_TTL_SECONDS",
+        "gate.attempts_ttl_secs",
+    ),
+];
+
+impl Settings {
+    /// Builds the layered settings and validates them.
+    pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+
+        if let Some(mode) = &sources.run_mode {
+            let on_disk = Path::new("config").join(format!("{mode}.toml"));
+            builder = if on_disk.is_file() {
+                builder.add_source(File::from(on_disk).format(FileFormat::Toml))
+            } else if mode == "production" {
+                builder.add_source(File::from_str(PRODUCTION_TOML, FileFormat::Toml))
+            } else if mode == "default" {
+                builder
+            } else {
+                return Err(ConfigError::UnknownMode { mode: mode.clone() });
+            };
+        }
+        if let Some(file) = &sources.file {
+            builder = builder.add_source(File::from(file.clone()).format(FileFormat::Toml));
+        }
+        // `CALL_PROXY__SECTION__KEY`, each value kept the string it is: the `config` crate's
+        // own environment source guesses types, which turned an API key `000123` into 123
+        // and a long numeric token into a float. Fields that are numbers parse their string.
+        for (var, value) in &sources.env {
+            let Some(path) = var.strip_prefix("CALL_PROXY__") else {
+                continue;
+            };
+            let key = path.to_ascii_lowercase().replace("__", ".");
+            builder = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                builder.set_override(key, items)?
+            } else {
+                builder.set_override(key, value.as_str())?
+            };
+        }
+        for (var, key) in LEGACY_ENV {
+            if let Some(value) = sources.env.get(*var).filter(|v| !v.is_empty()) {
+                builder = builder.set_override(*key, value.as_str())?;
+            }
+        }
+        // The original's switch to Redis: REMOTE_CACHE_ENABLED=true with REDIS_HOST=host[:port].
+        let remote = sources.env.get("REMOTE_CACHE_ENABLED").is_some_and(|v| {
+            matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+        });
+        if remote {
+            builder = builder.set_override("store.kind", "redis")?;
+        }
+        if let Some(host) = sources
+            .env
+            .get("REDIS_HOST")
+            .filter(|h| !h.trim().is_empty())
+        {
+            let host = host.trim();
+            let url = if host.starts_with("redis://") || host.starts_with("rediss://") {
+                host.to_string()
+            } else if host.contains(':') {
+                format!("redis://{host}")
+            } else {
+                format!("redis://{host}:6379")
+            };
+            builder = builder.set_override("store.redis_url", url)?;
+        }
+
+        let mut unknown = Vec::new();
+        let mut settings: Settings =
+            serde_ignored::deserialize(builder.build()?, |path| unknown.push(path.to_string()))?;
+        if let Some(key) = unknown.first() {
+            return Err(unknown_key(key));
+        }
+        // `CALL_PROXY__BACKENDS__DEFAULT=` (set to nothing) means an empty list.
+        settings.backends.default.retain(|id| !id.trim().is_empty());
+        settings
+            .backends
+            .hosts_allowlist
+            .retain(|h| !h.trim().is_empty());
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The embedded defaults alone: what tests start from.
+    pub fn defaults() -> Settings {
+        Settings::load(&Sources::default()).expect("embedded defaults are valid")
+    }
+}

@@ -1,0 +1,353 @@
+//! Settings: what the service can be told, as types. Loading them from the layers is in
+//! `load` (embedded defaults, run mode, file, environment, the original's variables, unknown
+//! keys refused); checking them before anything serves is in `validate`.
+
+mod load;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use load::{Sources, DEFAULT_TOML, PRODUCTION_TOML};
+
+/// The longest TTL any setting or stored record may have: ten years. Longer ones are refused
+/// at start-up and held to this when read back from storage, so nothing overflows.
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// A secret setting (a token, a key). It is the string it was given, and it never shows in
+/// `{:?}` output, so no log line or error message can carry it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the code that signs or compares with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<set>"
+        })
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl PartialEq<&str> for Secret {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// A config that cannot be served, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("config: RUN_MODE={mode}: no file config/{mode}.toml")]
+    UnknownMode { mode: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub media: MediaSettings,
+    pub backends: BackendSettings,
+    pub store: StoreSettings,
+    pub security: SecuritySettings,
+    pub twilio: TwilioSettings,
+    pub gate: GateSettings,
+    pub rate_limits: RateLimitSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TwilioSettings {
+    pub validate_signatures: bool,
+    pub auth_token: Secret,
+    pub secondary_auth_token: Secret,
+    pub public_url: String,
+    pub trust_forwarded_headers: bool,
+    pub max_body_bytes: usize,
+    /// HMAC-SHA256 signing keys by id.
+    #[serde(default)]
+    pub signing_keys: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GateSettings {
+    pub max_invalid_attempts: u64,
+    /// Wrong PINs one client address may send in a window, whatever caller ids it uses;
+    /// 0 switches the limit off.
+    pub max_pin_failures_per_ip: u64,
+    pub pin_failure_window_secs: u64,
+    pub attempts_ttl_secs: u64,
+    pub block_ttl_secs: u64,
+    pub pin_provider: PinProviderKind,
+    pub pin_key: Secret,
+    pub pin_service_url: String,
+    pub pin_service_timeout_ms: u64,
+    /// PIN hash (`hmac-sha256:<hex>`) -> backend ids.
+    #[serde(default)]
+    pub pins: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PinProviderKind {
+    Directory,
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub http_per_ip_per_minute: u32,
+    pub http_burst: u32,
+    pub upgrades_per_ip_per_minute: u32,
+    pub upgrades_burst: u32,
+    pub pin_per_caller_per_minute: u32,
+    pub pin_burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub shutdown_timeout_ms: u64,
+    /// Request headers must arrive within this; also how long an idle keep-alive lasts.
+    pub header_timeout_ms: u64,
+    /// A request body must arrive within this (else 408).
+    pub body_timeout_ms: u64,
+    pub max_connections: usize,
+    /// Behind `twilio.trust_forwarded_headers`: how many proxies of yours append to
+    /// `X-Forwarded-For`; the client is that many entries from the right.
+    pub trusted_proxy_hops: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub filter: String,
+    pub format: LogFormat,
+    pub mask_callers: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MediaSettings {
+    pub max_calls: usize,
+    /// A `/media` socket must send `start` within this of the upgrade.
+    pub start_timeout_ms: u64,
+    pub max_backends_per_call: usize,
+    pub idle_timeout_ms: u64,
+    pub max_message_bytes: usize,
+    pub all_backends_gone_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackendSettings {
+    pub default: Vec<String>,
+    pub queue_frames: usize,
+    /// Each link's queue in bytes, control frames and the writer's batch included.
+    pub queue_bytes: usize,
+    /// A backend that takes nothing for this long is a failed link.
+    pub write_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub reconnect_max_tries: u32,
+    pub reconnect_window_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub hosts_allowlist: Vec<String>,
+    pub hosts_format: WireFormat,
+    #[serde(default)]
+    pub table: BTreeMap<String, BackendSpec>,
+}
+
+impl BackendSettings {
+    /// A backend of the table, unless it is switched off.
+    pub fn enabled(&self, id: &str) -> Option<&BackendSpec> {
+        self.table.get(id).filter(|b| b.enabled)
+    }
+}
+
+/// One row of the backend table.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackendSpec {
+    pub url: String,
+    #[serde(default)]
+    pub format: WireFormat,
+    /// Overrides `backends.queue_frames` for this backend.
+    pub queue_frames: Option<usize>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a backend wants the call's messages (SPEC section 3).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    /// Twilio's messages forwarded byte for byte.
+    #[default]
+    Twilio,
+    /// The original's `{"event":"media","media":"<base64>"}` form.
+    Compact,
+}
+
+impl WireFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireFormat::Twilio => "twilio",
+            WireFormat::Compact => "compact",
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+pub struct StoreSettings {
+    pub kind: StoreKind,
+    pub execution_ttl_ms: u64,
+    pub path: String,
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    // A Redis URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.redis_url.split_once('@') {
+            Some((_, host)) => format!("redis://<credentials>@{host}"),
+            None => self.redis_url.clone(),
+        };
+        f.debug_struct("StoreSettings")
+            .field("kind", &self.kind)
+            .field("execution_ttl_ms", &self.execution_ttl_ms)
+            .field("path", &self.path)
+            .field("redis_url", &url)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SecuritySettings {
+    pub api_key: Secret,
+    pub metrics_require_api_key: bool,
+    pub require_route_token: bool,
+    pub route_token_secret: Secret,
+    pub route_token_ttl_secs: u64,
+}
+
+impl Settings {
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let host = self
+            .server
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let ip: std::net::IpAddr = host.parse().map_err(|_| {
+            invalid(
+                "server.host",
+                format!("`{}` is not an IP address", self.server.host),
+            )
+        })?;
+        Ok(SocketAddr::new(ip, self.server.port))
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.media.idle_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_timeout_ms)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.body_timeout_ms)
+    }
+}
+
+pub fn is_valid_backend_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Accepts `ws://host[:port]/path`; answers why not otherwise.
+pub fn parse_backend_url(url: &str) -> Result<(), String> {
+    let rest = if let Some(rest) = url.strip_prefix("ws://") {
+        rest
+    } else if url.starts_with("wss://") {
+        return Err("wss:// backends are not supported yet: use ws:// on a private network".into());
+    } else {
+        return Err(format!("`{url}` is not a ws:// URL"));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("`{url}` has no host"));
+    }
+    tokio_tungstenite::tungstenite::http::Uri::try_from(url)
+        .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Loading and validating settings, through the same layers a process sees.
+
+use super::*;
+
+fn with_env(pairs: &[(&str, &str)]) -> Sources {
+    Sources {
+        env: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Sources::default()
+    }
+}
+
+#[test]
+fn embedded_defaults_serve_the_local_demo() {
+    let s = Settings::defaults();
+    assert_eq!(s.listen_addr().unwrap().to_string(), "0.0.0.0:8999");
+    assert_eq!(s.backends.default, vec!["speaker".to_string()]);
+    assert_eq!(s.backends.queue_frames, 250);
+    assert_eq!(
+        s.backends.enabled("speaker").unwrap().format,
+        WireFormat::Compact
+    );
+}
+
+#[test]
+fn environment_overrides_files_and_the_originals_names_work() {
+    let s = Settings::load(&with_env(&[
+        ("CALL_PROXY__MEDIA__MAX_CALLS", "7"),
+        (
+            "CALL_PROXY__BACKENDS__HOSTS_ALLOWLIST",
+            "10.0.0.1,backend.internal",
+        ),
+        ("AUDIO_PROXY_PORT", "9100"),
+        ("SERVER_API_KEY", "k1"),
+        ("INVALID_AUTH_ATTEMPTS_ALLOWED", "3"),
+        ("INVALID_AUTH_ATTEMPTS_CACHE_TTL_SECONDS", "60"),
+        ("VALIDATE_EXTERNAL_CALLS", "true"),
+        ("TWILIO_AUTH_TOKEN", "tok"),
+    ]))
+    .unwrap();
+    assert_eq!(s.gate.max_invalid_attempts, 3);
+    assert_eq!(s.store.kind, StoreKind::Memory);
+    assert_eq!(s.gate.attempts_ttl_secs, 60);
+    assert!(s.twilio.validate_signatures);
+    assert_eq!(s.twilio.auth_token, "tok");
+    assert_eq!(s.media.max_calls, 7);
+    assert_eq!(s.server.port, 9100);
+    assert_eq!(s.security.api_key, "k1");
+    assert_eq!(
+        s.backends.hosts_allowlist,
+        vec!["10.0.0.1".to_string(), "backend.internal".to_string()]
+    );
+}
+
+fn production(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::load(&Sources {
+        run_mode: Some("production".into()),
+        ..with_env(env)
+    })
+}
+
+const PRODUCTION_SECRETS: &[(&str, &str)] = &[
+    ("TWILIO_AUTH_TOKEN", "an-auth-token"),
+    ("CALL_PROXY__GATE__PIN_KEY", "a-pin-key-of-some-length"),
+    (
+        "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
+        "a-route-token-secret",
+    ),
+];
+
+#[test]
+fn production_requires_its_secrets_and_names_each_missing_one() {
+    assert!(production(PRODUCTION_SECRETS).is_ok());
+    for (i, key) in [
+        (0, "twilio.auth_token"),
+        (1, "gate.pin_key"),
+        (2, "security.route_token_secret"),
+    ] {
+        let mut env = PRODUCTION_SECRETS.to_vec();
+        env.remove(i);
+        let err = production(&env).unwrap_err().to_string();
+        assert!(err.contains(key), "{err} should name {key}");
+    }
+}
+
+#[test]
+fn production_mode_allows_no_hosts_and_drops_the_demo_speaker() {
+    let s = production(PRODUCTION_SECRETS).unwrap();
+    assert!(s.twilio.validate_signatures);
+    assert!(s.security.require_route_token);
+    assert!(s.backends.hosts_allowlist.is_empty());
+    assert!(s.backends.default.is_empty());
+    assert!(s.backends.enabled("speaker").is_none());
+    assert_eq!(s.log.format, LogFormat::Json);
+}
+
+#[test]
+fn errors_name_the_key() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("CALL_PROXY__BACKENDS__DEFAULT", "nope")],
+            "backends.default[0]",
+        ),
+        (
+            &[("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", "http://x/")],
+            "backends.table.speaker.url",
+        ),
+        (
+            &[("CALL_PROXY__SERVER__HOST", "example.com")],
+            "server.host",
+        ),
+        (&[("CALL_PROXY__MEDIA__MAX_CALLS", "0")], "media.max_calls"),
+        (
+            &[("CALL_PROXY__BACKENDS__QUEUE_FRAMES", "0")],
+            "backends.queue_frames",
+        ),
+    ];
+    for (env, key) in cases {
+        let err = Settings::load(&with_env(env)).unwrap_err().to_string();
+        assert!(err.contains(key), "{err} should name {key}");
+    }
+    let err = Settings::load(&with_env(&[("AUDIO_PROXY_PORT", "eighty")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("port"), "{err}");
+}
+
+#[test]
+fn an_empty_environment_list_is_an_empty_list() {
+    let s = Settings::load(&with_env(&[
+        ("CALL_PROXY__BACKENDS__DEFAULT", ""),
+        ("CALL_PROXY__BACKENDS__HOSTS_ALLOWLIST", ""),
+    ]))
+    .unwrap();
+    assert!(s.backends.default.is_empty());
+    assert!(s.backends.hosts_allowlist.is_empty());
+}
+
+#[test]
+fn the_originals_redis_switch() {
+    let s = Settings::load(&with_env(&[
+        ("REMOTE_CACHE_ENABLED", "true"),
+        ("REDIS_HOST", "cache.internal"),
+    ]))
+    .unwrap();
+    assert_eq!(s.store.kind, StoreKind::Redis);
+    assert_eq!(s.store.redis_url, "redis://cache.internal:6379");
+    let s = Settings::load(&with_env(&[("REDIS_HOST", "10.0.0.5:6380")])).unwrap();
+    assert_eq!(
+        s.store.kind,
+        StoreKind::Memory,
+        "REDIS_HOST alone does not switch"
+    );
+    assert_eq!(s.store.redis_url, "redis://10.0.0.5:6380");
+    let s = Settings::load(&with_env(&[(
+        "CALL_PROXY__STORE__REDIS_URL",
+        "redis://:s3cret@cache:6379",
+    )]))
+    .unwrap();
+    assert!(!format!("{s:?}").contains("s3cret"));
+}
+
+#[test]
+fn unknown_run_mode_is_refused() {
+    let err = Settings::load(&Sources {
+        run_mode: Some("staging-typo".into()),
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("config/staging-typo.toml"));
+}
+
+#[test]
+fn secrets_stay_out_of_debug_output() {
+    let s = Settings::load(&with_env(&[
+        ("SERVER_API_KEY", "hunter2"),
+        ("TWILIO_AUTH_TOKEN", "hunter3"),
+        ("CALL_PROXY__TWILIO__SECONDARY_AUTH_TOKEN", "hunter4"),
+        ("CALL_PROXY__GATE__PIN_KEY", "hunter5-hunter5-hunter5"),
+        (
+            "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
+            "hunter6-hunter6-hunter6",
+        ),
+    ]))
+    .unwrap();
+    let debug = format!("{s:?}");
+    for secret in ["hunter2", "hunter3", "hunter4", "hunter5", "hunter6"] {
+        assert!(!debug.contains(secret), "{secret} leaked");
+    }
+}
+
+#[test]
+fn the_pin_directory_is_checked() {
+    let mut s = Settings::defaults();
+    s.gate.pins.insert(
+        format!("hmac-sha256:{}", "ab".repeat(32)),
+        vec!["ghost".into()],
+    );
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("no backend `ghost`"));
+    let mut s = Settings::defaults();
+    s.gate.pins.insert("1234".into(), vec!["speaker".into()]);
+    assert!(s.validate().unwrap_err().to_string().contains("hash-pin"));
+    let demo = crate::gate::pins::hash_pin(Settings::defaults().gate.pin_key.expose(), "1234");
+    assert!(
+        Settings::defaults().gate.pins.contains_key(&demo),
+        "demo PIN 1234"
+    );
+}
+
+#[test]
+fn strings_stay_the_strings_they_were_given() {
+    let token = "12345678901234567890123456789012";
+    let s = Settings::load(&with_env(&[
+        ("CALL_PROXY__SECURITY__API_KEY", "000123456789"),
+        ("CALL_PROXY__TWILIO__AUTH_TOKEN", token),
+        ("CALL_PROXY__TWILIO__SECONDARY_AUTH_TOKEN", "1e5"),
+        ("CALL_PROXY__STORE__KEY_PREFIX", "true"),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "speaker"),
+        ("CALL_PROXY__TWILIO__VALIDATE_SIGNATURES", "true"),
+    ]))
+    .unwrap();
+    assert_eq!(s.security.api_key, "000123456789");
+    assert_eq!(s.twilio.auth_token, token);
+    assert_eq!(s.twilio.secondary_auth_token, "1e5");
+    assert_eq!(s.store.key_prefix, "true");
+    assert!(
+        s.twilio.validate_signatures,
+        "booleans still read as booleans"
+    );
+    let s = Settings::load(&with_env(&[
+        ("TWILIO_AUTH_TOKEN", token),
+        ("SERVER_API_KEY", "007"),
+    ]))
+    .unwrap();
+    assert_eq!(s.twilio.auth_token, token);
+    assert_eq!(s.security.api_key, "007");
+}
+
+#[test]
+fn unknown_keys_are_refused_with_the_nearest_known_one() {
+    for (var, named, suggested) in [
+        (
+            "CALL_PROXY__GATE__MAX_INVALID_ATEMPTS",
+            "gate.max_invalid_atempts",
+            Some("gate.max_invalid_attempts"),
+        ),
+        (
+            "CALL_PROXY__TWILIO__VALIDATE_SIGNATURE",
+            "twilio.validate_signature",
+            Some("twilio.validate_signatures"),
+        ),
+        (
+            "CALL_PROXY__BACKENDS__TABLE__SPEAKER__FROMAT",
+            "backends.table.speaker.fromat",
+            Some("backends.table.speaker.format"),
+        ),
+        ("CALL_PROXY__NOTHING__LIKE_IT", "nothing", None),
+    ] {
+        let err = Settings::load(&with_env(&[(var, "3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{named}`")), "{var}: {err}");
+        match suggested {
+            Some(key) => assert!(err.contains(&format!("did you mean `{key}`")), "{err}"),
+            None => assert!(!err.contains("did you mean"), "{err}"),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Checking settings before anything serves: every number in a range that means something,
+//! every reference (backend ids, PIN hashes, URLs) resolved, every secret production needs
+//! present. A failure names the key.
+
+use super::{
+    invalid, is_valid_backend_id, parse_backend_url, ConfigError, PinProviderKind, Settings,
+    StoreKind, MAX_TTL_SECS,
+};
+
+/// The longest any `_ms` duration may be: a day.
+const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
+
+impl Settings {
+    /// Checks everything a running service would trip over later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        self.validate_ranges()?;
+        if self.media.max_calls == 0 {
+            return Err(invalid("media.max_calls", "must be at least 1"));
+        }
+        if self.media.idle_timeout_ms == 0 {
+            return Err(invalid("media.idle_timeout_ms", "must be at least 1"));
+        }
+        if self.media.max_message_bytes < 1024 {
+            return Err(invalid(
+                "media.max_message_bytes",
+                "must be at least 1024 (a Twilio media message is about 300 bytes)",
+            ));
+        }
+        if self.backends.queue_frames == 0 {
+            return Err(invalid("backends.queue_frames", "must be at least 1"));
+        }
+        if self.backends.connect_timeout_ms == 0 {
+            return Err(invalid("backends.connect_timeout_ms", "must be at least 1"));
+        }
+        if self.store.execution_ttl_ms < 3 {
+            return Err(invalid("store.execution_ttl_ms", "must be at least 3"));
+        }
+        if self.store.kind == StoreKind::Redis {
+            if !self.store.redis_url.starts_with("redis://") {
+                return Err(invalid(
+                    "store.redis_url",
+                    "must be a redis:// URL (REDIS_HOST=host[:port] also works)",
+                ));
+            }
+            if self.store.key_prefix.is_empty()
+                || self.store.key_prefix.contains(['*', '?', '[', ' '])
+            {
+                return Err(invalid(
+                    "store.key_prefix",
+                    "must be non-empty, without spaces or glob characters",
+                ));
+            }
+        }
+        if self.store.timeout_ms == 0 {
+            return Err(invalid("store.timeout_ms", "must be at least 1"));
+        }
+        for (id, spec) in &self.backends.table {
+            let key = format!("backends.table.{id}");
+            if !is_valid_backend_id(id) {
+                return Err(invalid(
+                    key,
+                    "backend ids are lowercase letters, digits, '-' and '_'",
+                ));
+            }
+            if !spec.enabled {
+                continue;
+            }
+            parse_backend_url(&spec.url).map_err(|m| invalid(format!("{key}.url"), m))?;
+            if spec.queue_frames == Some(0) {
+                return Err(invalid(format!("{key}.queue_frames"), "must be at least 1"));
+            }
+        }
+        for (i, id) in self.backends.default.iter().enumerate() {
+            match self.backends.table.get(id) {
+                Some(spec) if spec.enabled => {}
+                Some(_) => {
+                    return Err(invalid(
+                        format!("backends.default[{i}]"),
+                        format!("backend `{id}` is disabled"),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        format!("backends.default[{i}]"),
+                        format!("no backend `{id}` in backends.table"),
+                    ))
+                }
+            }
+        }
+        self.validate_gate()?;
+        for (i, host) in self.backends.hosts_allowlist.iter().enumerate() {
+            if host.trim().is_empty() || host.contains('/') {
+                return Err(invalid(
+                    format!("backends.hosts_allowlist[{i}]"),
+                    "must be a bare host name or IP address",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every number within a range that means something, so no arithmetic on it overflows and
+    /// no "forever" hides behind a wrapped value.
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        let (m, b, g) = (&self.media, &self.backends, &self.gate);
+        let durations_ms = [
+            (
+                "server.shutdown_timeout_ms",
+                self.server.shutdown_timeout_ms,
+            ),
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("media.start_timeout_ms", m.start_timeout_ms),
+            ("media.idle_timeout_ms", m.idle_timeout_ms),
+            (
+                "media.all_backends_gone_grace_ms",
+                m.all_backends_gone_grace_ms,
+            ),
+            ("backends.connect_timeout_ms", b.connect_timeout_ms),
+            ("backends.write_timeout_ms", b.write_timeout_ms),
+            ("backends.reconnect_window_ms", b.reconnect_window_ms),
+            ("backends.drain_timeout_ms", b.drain_timeout_ms),
+            ("store.timeout_ms", self.store.timeout_ms),
+            ("store.execution_ttl_ms", self.store.execution_ttl_ms),
+            ("gate.pin_service_timeout_ms", g.pin_service_timeout_ms),
+        ];
+        for (key, value) in durations_ms {
+            if !(1..=MAX_DURATION_MS).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be from 1 to {MAX_DURATION_MS} (a day), got {value}"),
+                ));
+            }
+        }
+        let ttls = [
+            ("gate.attempts_ttl_secs", g.attempts_ttl_secs, 1),
+            ("gate.block_ttl_secs", g.block_ttl_secs, 0),
+            ("gate.pin_failure_window_secs", g.pin_failure_window_secs, 1),
+            (
+                "security.route_token_ttl_secs",
+                self.security.route_token_ttl_secs,
+                1,
+            ),
+        ];
+        for (key, value, min) in ttls {
+            if !(min..=MAX_TTL_SECS).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be from {min} to {MAX_TTL_SECS} (ten years), got {value}"),
+                ));
+            }
+        }
+        let counts = [
+            (
+                "server.max_connections",
+                self.server.max_connections as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "server.trusted_proxy_hops",
+                self.server.trusted_proxy_hops as u64,
+                1,
+                16,
+            ),
+            ("media.max_calls", m.max_calls as u64, 1, 1_000_000),
+            (
+                "media.max_backends_per_call",
+                m.max_backends_per_call as u64,
+                1,
+                64,
+            ),
+            (
+                "media.max_message_bytes",
+                m.max_message_bytes as u64,
+                1024,
+                16 << 20,
+            ),
+            ("backends.queue_frames", b.queue_frames as u64, 1, 1_000_000),
+            ("backends.queue_bytes", b.queue_bytes as u64, 4096, 1 << 30),
+            (
+                "backends.reconnect_max_tries",
+                u64::from(b.reconnect_max_tries),
+                0,
+                1000,
+            ),
+            (
+                "gate.max_invalid_attempts",
+                g.max_invalid_attempts,
+                0,
+                1_000_000,
+            ),
+            (
+                "gate.max_pin_failures_per_ip",
+                g.max_pin_failures_per_ip,
+                0,
+                1_000_000,
+            ),
+            (
+                "twilio.max_body_bytes",
+                self.twilio.max_body_bytes as u64,
+                256,
+                16 << 20,
+            ),
+        ];
+        for (key, value, min, max) in counts {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be from {min} to {max}, got {value}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_gate(&self) -> Result<(), ConfigError> {
+        let t = &self.twilio;
+        if t.validate_signatures && t.auth_token.is_empty() && t.signing_keys.is_empty() {
+            return Err(invalid(
+                "twilio.auth_token",
+                "required when twilio.validate_signatures is on (set TWILIO_AUTH_TOKEN)",
+            ));
+        }
+        if !t.public_url.is_empty() {
+            let ok = (t.public_url.starts_with("https://") || t.public_url.starts_with("http://"))
+                && !t.public_url.contains(['?', '#']);
+            if !ok {
+                return Err(invalid(
+                    "twilio.public_url",
+                    "must be an http(s):// base URL without query, like https://proxy.example.com",
+                ));
+            }
+        }
+        if t.max_body_bytes < 256 {
+            return Err(invalid("twilio.max_body_bytes", "must be at least 256"));
+        }
+        let g = &self.gate;
+        match g.pin_provider {
+            PinProviderKind::Directory => {
+                if !g.pins.is_empty() && g.pin_key.len() < 16 {
+                    return Err(invalid(
+                        "gate.pin_key",
+                        "required (16 characters or more) to check the PINs in gate.pins",
+                    ));
+                }
+            }
+            PinProviderKind::Http => {
+                let url = &g.pin_service_url;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(
+                        "gate.pin_service_url",
+                        "required as an http(s):// URL when gate.pin_provider = \"http\"",
+                    ));
+                }
+            }
+        }
+        for (hash, ids) in &g.pins {
+            let key = format!("gate.pins.\"{hash}\"");
+            let hex = hash.strip_prefix("hmac-sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    key,
+                    "not a PIN hash: use the line `call-proxy hash-pin` prints",
+                ));
+            }
+            for id in ids {
+                if !self.backends.table.contains_key(id) {
+                    return Err(invalid(key, format!("no backend `{id}` in backends.table")));
+                }
+            }
+        }
+        let s = &self.security;
+        if s.route_token_secret.len() < 16 {
+            return Err(invalid(
+                "security.route_token_secret",
+                "required, 16 characters or more, the same on every instance",
+            ));
+        }
+        if s.route_token_ttl_secs == 0 {
+            return Err(invalid(
+                "security.route_token_ttl_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
