@@ -108,6 +108,33 @@ async fn a_stalled_backend_costs_the_others_nothing() {
             worst_lag = worst_lag.max(sent_at.elapsed());
         }
     }
+    // What an operator sees while it happens: one backend in trouble, the other fine.
+    let calls: serde_json::Value = proxy
+        .get_with_key("/calls", "test-key")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let call_seen = &calls["data"][0];
+    assert_eq!(call_seen["call_sid"], "CA2", "{calls}");
+    let link = |name: &str| {
+        call_seen["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {calls}"))
+            .clone()
+    };
+    let (stuck, fine) = (link("stalled"), link("healthy"));
+    assert!(stuck["frames_dropped"].as_u64().unwrap() > 0, "{stuck}");
+    assert!(stuck["frames_queued"].as_u64().unwrap() <= 251, "{stuck}");
+    assert_eq!(fine["frames_dropped"], 0, "{fine}");
+    assert_eq!(fine["state"], "connected", "{fine}");
+    assert!(
+        fine["frames_sent"].as_u64().unwrap() > frames as u64 - 100,
+        "{fine}"
+    );
     call.stop().await;
     healthy.wait_for_stop().await;
     let got = payloads(&healthy.texts());
@@ -124,12 +151,6 @@ async fn a_stalled_backend_costs_the_others_nothing() {
         began.elapsed()
     );
 
-    let calls: serde_json::Value = proxy
-        .get_with_key("/calls", "test-key")
-        .await
-        .json()
-        .await
-        .unwrap();
     let m = proxy.metrics().await;
     let dropped = metric(
         &m,
@@ -151,7 +172,6 @@ async fn a_stalled_backend_costs_the_others_nothing() {
     if let Some(queued) = metric(&m, r#"call_proxy_backend_frames_queued{backend="stalled"}"#) {
         assert!(queued <= 251.0, "queued {queued}");
     }
-    drop(calls);
     drop(stalled);
 }
 

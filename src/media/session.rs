@@ -81,8 +81,8 @@ struct Session {
     logged: u32,
 }
 
-/// Runs the session for an accepted upgrade. Generic over the socket so tests can drive it
-/// with anything that speaks axum's WebSocket messages.
+/// Runs the session for an accepted upgrade. Generic over the socket: the service hands it
+/// axum's WebSocket, the unit tests below a pair of channels under paused time.
 pub async fn run<S>(hub: Arc<MediaHub>, admission: Admission, mut socket: S)
 where
     S: Stream<Item = Result<WsMessage, axum::Error>>
@@ -121,7 +121,8 @@ where
     let mut changed = Box::pin(links_changed.notified());
     let mut gone_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
 
-    let mut last_activity = Instant::now();
+    // The runtime's clock, so paused-time tests can drive the idle timeout.
+    let mut last_activity = tokio::time::Instant::now();
     let mut frames_at_tick = 0u64;
     // Twilio's messages only: pings and pongs are not a stream's activity.
     let mut messages = 0u64;
@@ -161,7 +162,7 @@ where
                 }
             }
             _ = tick.tick() => {
-                let now = Instant::now();
+                let now = tokio::time::Instant::now();
                 if messages != frames_at_tick {
                     frames_at_tick = messages;
                     last_activity = now;
@@ -627,5 +628,127 @@ mod tests {
         assert!(r.len() <= 123);
         assert!(r.ends_with("..."));
         assert_eq!(truncate_reason("short"), "short");
+    }
+
+    /// A socket made of two channels: what the test sends, and what the session answers.
+    struct Channel {
+        incoming: tokio::sync::mpsc::UnboundedReceiver<Result<WsMessage, axum::Error>>,
+        outgoing: tokio::sync::mpsc::UnboundedSender<WsMessage>,
+    }
+
+    impl Stream for Channel {
+        type Item = Result<WsMessage, axum::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.incoming.poll_recv(cx)
+        }
+    }
+
+    impl Sink<WsMessage> for Channel {
+        type Error = axum::Error;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, item: WsMessage) -> Result<(), Self::Error> {
+            self.outgoing.send(item).map_err(axum::Error::new)
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    type Sent = tokio::sync::mpsc::UnboundedSender<Result<WsMessage, axum::Error>>;
+    type Answers = tokio::sync::mpsc::UnboundedReceiver<WsMessage>;
+
+    fn session(
+        settings: crate::config::Settings,
+    ) -> (Arc<MediaHub>, tokio::task::JoinHandle<()>, Sent, Answers) {
+        let settings = Arc::new(settings);
+        let hub = MediaHub::new(
+            settings,
+            Arc::new(crate::metrics::Metrics::new()),
+            Arc::new(crate::store::MemoryStore::new()),
+        );
+        let admission = hub.admit().expect("a free slot");
+        let (to_session, incoming) = tokio::sync::mpsc::unbounded_channel();
+        let (outgoing, answers) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(run(hub.clone(), admission, Channel { incoming, outgoing }));
+        (hub, task, to_session, answers)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_never_starts_is_closed_at_the_deadline_whatever_it_sends() {
+        let (hub, task, tx, mut answers) = session(crate::config::Settings::defaults());
+        assert_eq!(hub.live_calls(), 1);
+        // Pings, and even Twilio's `connected`, do not start a stream.
+        tx.send(Ok(WsMessage::Text(
+            r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
+        )))
+        .unwrap();
+        for _ in 0..49 {
+            tx.send(Ok(WsMessage::Ping(vec![1].into()))).unwrap();
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert!(answers.try_recv().is_err(), "nothing before the deadline");
+        assert!(!task.is_finished());
+        tokio::time::advance(Duration::from_millis(150)).await;
+        let Some(WsMessage::Close(Some(frame))) = answers.recv().await else {
+            panic!("a close frame")
+        };
+        assert_eq!(frame.code, close::POLICY);
+        assert!(frame.reason.contains("no start"), "{}", frame.reason);
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(hub.live_calls(), 0, "the slot is given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_do_not_keep_a_started_stream_alive() {
+        let mut settings = crate::config::Settings::defaults();
+        // Shorter than the time a backend that is not there takes to count as gone.
+        settings.media.idle_timeout_ms = 3000;
+        let (hub, task, tx, mut answers) = session(settings);
+        // Routed to the demo speaker; nothing listens there, which this test does not need.
+        let start = crate::twilio::messages::outbound::start(
+            1,
+            &crate::twilio::messages::outbound::StartInfo {
+                account_sid: "AC1",
+                call_sid: "CA1",
+                stream_sid: "MZ1",
+                tracks: &["inbound"],
+                custom_parameters: &Default::default(),
+            },
+        );
+        tx.send(Ok(WsMessage::Text(start.into()))).unwrap();
+        let idle = hub.settings.idle_timeout();
+        let began = tokio::time::Instant::now();
+        let frame = loop {
+            tx.send(Ok(WsMessage::Ping(vec![1].into()))).unwrap();
+            // Paused time moves on by itself while everything waits.
+            if let Ok(Some(WsMessage::Close(frame))) =
+                tokio::time::timeout(Duration::from_millis(500), answers.recv()).await
+            {
+                break frame.expect("a close frame");
+            }
+            assert!(began.elapsed() < idle * 2, "pings kept the stream open");
+        };
+        assert!(frame.reason.contains("idle"), "{}", frame.reason);
+        assert!(began.elapsed() >= idle);
+        drop(tx);
+        task.await.unwrap();
     }
 }

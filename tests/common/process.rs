@@ -1,0 +1,103 @@
+//! The `call-proxy` binary as a process of its own, its JSON log read line by line.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::WAIT;
+
+/// The `call-proxy` binary as its own process, on a free port, JSON logs read line by line.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far, so a later wait can find an earlier line.
+    history: std::sync::Mutex<Vec<String>>,
+}
+
+impl ServiceProcess {
+    pub fn spawn(env: &[(&str, &str)]) -> ServiceProcess {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy"));
+        cmd.env_remove("RUST_LOG")
+            .env_remove("RUN_MODE")
+            .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
+            .env("CALL_PROXY__SERVER__PORT", "0")
+            .env("CALL_PROXY__LOG__FORMAT", "json")
+            .env("CALL_PROXY__STORE__PATH", "")
+            .env("SERVER_API_KEY", "test-key")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("call-proxy starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = ServiceProcess {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+            history: Default::default(),
+        };
+        let line = p.wait_for_log("call-proxy listening");
+        p.addr = line["addr"].as_str().unwrap().parse().unwrap();
+        p
+    }
+
+    /// The first JSON log line whose message is `message`.
+    pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
+        let matches = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .filter(|v| v["message"] == message)
+        };
+        let mut history = self.history.lock().unwrap();
+        if let Some(v) = history.iter().find_map(|l| matches(l)) {
+            return v;
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = matches(&line);
+                    history.push(line);
+                    if let Some(v) = found {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("no log line {message:?}; saw:\n{}", history.join("\n")),
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/media", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed, as a crash.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
