@@ -14,6 +14,8 @@ use common::RedisServer;
 /// An engine under test, with whatever keeps it alive.
 struct Engine {
     store: Arc<dyn StateStore>,
+    /// Whether its TTLs run on the runtime's clock (paused in its tests), or on Redis's.
+    paused: bool,
     _redis: Option<RedisServer>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -23,6 +25,7 @@ fn memory() -> Engine {
     s.path.clear();
     Engine {
         store: store::from_settings(&s).unwrap(),
+        paused: true,
         _redis: None,
         _dir: None,
     }
@@ -34,6 +37,7 @@ fn journaled() -> Engine {
     s.path = dir.path().join("state.log").to_string_lossy().into_owned();
     Engine {
         store: store::from_settings(&s).unwrap(),
+        paused: true,
         _redis: None,
         _dir: Some(dir),
     }
@@ -47,13 +51,25 @@ fn redis() -> Engine {
     s.key_prefix = "suite".into();
     Engine {
         store: store::from_settings(&s).unwrap(),
+        paused: false,
         _redis: Some(server),
         _dir: None,
     }
 }
 
+impl Engine {
+    /// Lets `d` pass: on the paused runtime clock in an instant, on Redis's in real time.
+    async fn pass(&self, d: Duration) {
+        if self.paused {
+            tokio::time::advance(d).await;
+        } else {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
 async fn attempts_count_clear_and_expire(e: Engine) {
-    let s = e.store;
+    let s = e.store.clone();
     let ttl = Duration::from_secs(60);
     assert_eq!(s.attempts("+1").await.unwrap(), None);
     for n in 1..=3 {
@@ -68,7 +84,7 @@ async fn attempts_count_clear_and_expire(e: Engine) {
     s.record_failure("+3", Duration::from_secs(1))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    e.pass(Duration::from_millis(2100)).await;
     assert_eq!(s.attempts("+3").await.unwrap(), None, "expired");
     assert_eq!(
         s.record_failure("+3", ttl).await.unwrap(),
@@ -149,7 +165,7 @@ async fn many_blocks_are_all_listed(e: Engine) {
 }
 
 async fn executions_live_refresh_and_end(e: Engine) {
-    let s = e.store;
+    let s = e.store.clone();
     let ttl = Duration::from_millis(800);
     assert!(!s.execution_is_live("FN1").await.unwrap());
     s.execution_live("FN1", "MZ1", ttl).await.unwrap();
@@ -166,17 +182,17 @@ async fn executions_live_refresh_and_end(e: Engine) {
     // Refreshed, it stays; left alone (its instance crashed), it expires.
     s.execution_live("FN2", "MZ3", ttl).await.unwrap();
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        e.pass(Duration::from_millis(400)).await;
         s.execution_live("FN2", "MZ3", ttl).await.unwrap();
         assert!(s.execution_is_live("FN2").await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    e.pass(Duration::from_millis(1000)).await;
     assert!(!s.execution_is_live("FN2").await.unwrap());
     s.ping().await.unwrap();
 }
 
 async fn windows_count_from_their_first_event_and_close(e: Engine) {
-    let s = e.store;
+    let s = e.store.clone();
     let window = Duration::from_millis(700);
     assert_eq!(s.window("ip:a").await.unwrap(), None);
     let (n, left) = s.count_in_window("ip:a", window).await.unwrap();
@@ -185,7 +201,7 @@ async fn windows_count_from_their_first_event_and_close(e: Engine) {
         left <= window && left > Duration::from_millis(400),
         "{left:?}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    e.pass(Duration::from_millis(300)).await;
     let (n, left) = s.count_in_window("ip:a", window).await.unwrap();
     assert_eq!(n, 2);
     assert!(
@@ -194,10 +210,13 @@ async fn windows_count_from_their_first_event_and_close(e: Engine) {
     );
     assert_eq!(s.window("ip:a").await.unwrap().map(|w| w.0), Some(2));
     assert_eq!(s.window("ip:b").await.unwrap(), None);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    e.pass(Duration::from_millis(500)).await;
     assert_eq!(s.window("ip:a").await.unwrap(), None, "closed");
     assert_eq!(s.count_in_window("ip:a", window).await.unwrap().0, 1);
+}
 
+async fn windows_and_claims_hold_under_concurrency(e: Engine) {
+    let s = e.store;
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let s = s.clone();
@@ -215,10 +234,22 @@ async fn windows_count_from_their_first_event_and_close(e: Engine) {
     }
     seen.sort_unstable();
     assert_eq!(seen, (1..=50).collect::<Vec<_>>());
+
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_once("token:z", Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap().unwrap());
+    }
+    assert_eq!(winners, 1, "exactly one of 50 concurrent takers");
 }
 
 async fn claims_are_taken_once_until_they_expire(e: Engine) {
-    let s = e.store;
+    let s = e.store.clone();
     let ttl = Duration::from_millis(500);
     assert!(s.claim_once("token:x", ttl).await.unwrap());
     assert!(!s.claim_once("token:x", ttl).await.unwrap());
@@ -237,12 +268,12 @@ async fn claims_are_taken_once_until_they_expire(e: Engine) {
         winners += usize::from(t.await.unwrap().unwrap());
     }
     assert_eq!(winners, 1, "exactly one of 50 concurrent takers");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    e.pass(Duration::from_millis(600)).await;
     assert!(s.claim_once("token:x", ttl).await.unwrap(), "expired");
 }
 
 async fn executions_refresh_in_one_batch(e: Engine) {
-    let s = e.store;
+    let s = e.store.clone();
     let ttl = Duration::from_millis(600);
     let live = vec![
         ("FN7".to_string(), "MZ7".to_string()),
@@ -250,7 +281,7 @@ async fn executions_refresh_in_one_batch(e: Engine) {
     ];
     s.refresh_executions(&live, ttl).await.unwrap();
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        e.pass(Duration::from_millis(300)).await;
         s.refresh_executions(&live[..1], ttl).await.unwrap();
     }
     assert!(s.execution_is_live("FN7").await.unwrap(), "refreshed");
@@ -270,10 +301,11 @@ async fn a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry(e: Engin
 }
 
 macro_rules! suite {
-    ($($engine:ident),*) => {
+    ($($engine:ident: paused $paused:literal),*) => {
         $(
             mod $engine {
-                #[tokio::test]
+                // TTLs on the runtime's clock are tested on paused time; Redis keeps its own.
+                #[tokio::test(start_paused = $paused)]
                 async fn attempts_count_clear_and_expire() {
                     super::attempts_count_clear_and_expire(super::$engine()).await
                 }
@@ -281,6 +313,7 @@ macro_rules! suite {
                 async fn concurrent_failures_each_count() {
                     super::concurrent_failures_each_count(super::$engine()).await
                 }
+                // Blocks expire on the wall clock (Unix seconds, as every engine stores them).
                 #[tokio::test]
                 async fn blocks_hold_list_and_lift() {
                     super::blocks_hold_list_and_lift(super::$engine()).await
@@ -289,19 +322,23 @@ macro_rules! suite {
                 async fn many_blocks_are_all_listed() {
                     super::many_blocks_are_all_listed(super::$engine()).await
                 }
-                #[tokio::test]
+                #[tokio::test(start_paused = $paused)]
                 async fn executions_live_refresh_and_end() {
                     super::executions_live_refresh_and_end(super::$engine()).await
                 }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[tokio::test(start_paused = $paused)]
                 async fn windows_count_from_their_first_event_and_close() {
                     super::windows_count_from_their_first_event_and_close(super::$engine()).await
                 }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[tokio::test(start_paused = $paused)]
                 async fn claims_are_taken_once_until_they_expire() {
                     super::claims_are_taken_once_until_they_expire(super::$engine()).await
                 }
-                #[tokio::test]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn windows_and_claims_hold_under_concurrency() {
+                    super::windows_and_claims_hold_under_concurrency(super::$engine()).await
+                }
+                #[tokio::test(start_paused = $paused)]
                 async fn executions_refresh_in_one_batch() {
                     super::executions_refresh_in_one_batch(super::$engine()).await
                 }
@@ -317,7 +354,7 @@ macro_rules! suite {
     };
 }
 
-suite!(memory, journaled, redis);
+suite!(memory: paused true, journaled: paused true, redis: paused false);
 
 #[tokio::test]
 async fn redis_down_is_unavailable_not_a_hang_and_comes_back() {
