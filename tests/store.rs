@@ -93,23 +93,30 @@ async fn attempts_count_clear_and_expire(e: Engine) {
     );
 }
 
-async fn concurrent_failures_each_count(e: Engine) {
-    let s = e.store;
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.record_failure("+4", Duration::from_secs(60))
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
+/// Runs `op` on `n` tasks at once; answers what each answered, sorted.
+async fn at_once<T, F, Fut>(s: &Arc<dyn StateStore>, n: usize, op: F) -> Vec<T>
+where
+    T: Ord + Send + 'static,
+    F: Fn(Arc<dyn StateStore>) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(op(s.clone()))).collect();
     let mut seen = Vec::new();
     for t in tasks {
         seen.push(t.await.unwrap());
     }
     seen.sort_unstable();
+    seen
+}
+
+async fn concurrent_failures_each_count(e: Engine) {
+    let s = e.store;
+    let seen = at_once(&s, 100, |s| async move {
+        s.record_failure("+4", Duration::from_secs(60))
+            .await
+            .unwrap()
+    })
+    .await;
     assert_eq!(seen, (1..=100).collect::<Vec<u64>>());
     assert_eq!(s.attempts("+4").await.unwrap(), Some(100));
 }
@@ -217,35 +224,23 @@ async fn windows_count_from_their_first_event_and_close(e: Engine) {
 
 async fn windows_and_claims_hold_under_concurrency(e: Engine) {
     let s = e.store;
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.count_in_window("ip:c", Duration::from_secs(60))
-                    .await
-                    .unwrap()
-                    .0
-            })
-        })
-        .collect();
-    let mut seen = Vec::new();
-    for t in tasks {
-        seen.push(t.await.unwrap());
-    }
-    seen.sort_unstable();
-    assert_eq!(seen, (1..=50).collect::<Vec<_>>());
-
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let s = s.clone();
-            tokio::spawn(async move { s.claim_once("token:z", Duration::from_secs(60)).await })
-        })
-        .collect();
-    let mut winners = 0;
-    for t in tasks {
-        winners += usize::from(t.await.unwrap().unwrap());
-    }
-    assert_eq!(winners, 1, "exactly one of 50 concurrent takers");
+    let counts = at_once(&s, 50, |s| async move {
+        let window = Duration::from_secs(60);
+        s.count_in_window("ip:c", window).await.unwrap().0
+    })
+    .await;
+    assert_eq!(counts, (1..=50).collect::<Vec<_>>());
+    let takers = at_once(&s, 50, |s| async move {
+        s.claim_once("token:z", Duration::from_secs(60))
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(
+        takers.iter().filter(|taken| **taken).count(),
+        1,
+        "exactly one of 50 concurrent takers"
+    );
 }
 
 async fn claims_are_taken_once_until_they_expire(e: Engine) {

@@ -562,17 +562,7 @@ mod tests {
         }
 
         fn start(param: &str, value: &str) -> Start {
-            Start {
-                sequence_number: "1".into(),
-                stream_sid: "MZ1".into(),
-                account_sid: "AC1".into(),
-                call_sid: "CA1".into(),
-                tracks: vec!["inbound".into()],
-                media_format: None,
-                custom_parameters: [(param.to_string(), value.to_string())]
-                    .into_iter()
-                    .collect(),
-            }
+            super::start(&[(param, value)])
         }
 
         fn entry() -> impl Strategy<Value = String> {
