@@ -97,11 +97,10 @@ impl Frame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// Queued, and this many of the oldest media frames were dropped to make room.
-    DroppedOldest(usize),
-    /// Not queued: the link is full of frames it cannot drop (control messages, or frames
-    /// the writer is writing now).
-    DroppedThis,
+    /// This many media frames were dropped: the oldest queued ones, to make room, and the
+    /// pushed one itself when even that left no room (the link is full of frames it cannot
+    /// drop: control messages, or frames the writer is writing now).
+    Dropped(usize),
     /// The queue already holds the call's `stop`; nothing after it is sent.
     Closed,
 }
@@ -143,10 +142,10 @@ impl Queue {
             let over = (is_media && q.held.media >= self.max_frames)
                 || q.held.bytes + size > self.max_bytes;
             if over && is_media {
-                return Pushed::DroppedThis;
+                return Pushed::Dropped(dropped + 1);
             }
             if dropped > 0 {
-                result = Pushed::DroppedOldest(dropped);
+                result = Pushed::Dropped(dropped);
             }
             if frame.kind == Kind::Stop {
                 q.closed = true;
@@ -308,11 +307,10 @@ impl Link {
         if self.shared.is_gone() {
             return;
         }
-        let dropped = match self.shared.queue.push(frame) {
-            Pushed::Queued | Pushed::Closed => return,
-            Pushed::DroppedOldest(n) => n as u64,
-            Pushed::DroppedThis => 1,
+        let Pushed::Dropped(dropped) = self.shared.queue.push(frame) else {
+            return;
         };
+        let dropped = dropped as u64;
         self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
         self.metrics.frames_dropped.inc_by(dropped);
     }
@@ -654,9 +652,9 @@ mod tests {
         for m in ["m1", "m2", "m3"] {
             assert_eq!(q.push(frame(Kind::Media, m)), Pushed::Queued);
         }
-        assert_eq!(q.push(frame(Kind::Media, "m4")), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Media, "m4")), Pushed::Dropped(1));
         assert_eq!(q.push(frame(Kind::Control, "dtmf")), Pushed::Queued);
-        assert_eq!(q.push(frame(Kind::Media, "m5")), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Media, "m5")), Pushed::Dropped(1));
         assert_eq!(q.push(frame(Kind::Stop, "stop")), Pushed::Queued);
         assert_eq!(q.push(frame(Kind::Media, "late")), Pushed::Closed);
         assert_eq!(texts(&q), ["mark", "m3", "m4", "dtmf", "m5", "stop"]);
@@ -673,15 +671,15 @@ mod tests {
         assert_eq!(q.len(), 2, "taken, not yet written");
         assert_eq!(
             q.push(frame(Kind::Media, "c")),
-            Pushed::DroppedThis,
-            "nothing droppable left in the queue"
+            Pushed::Dropped(1),
+            "nothing droppable left in the queue: the new frame goes"
         );
         // The writer writes "a", then the link fails: "b" goes back to the front.
         written.add(&taken.pop_front().unwrap());
         q.put_back(&mut taken, &mut written);
         assert_eq!(q.len(), 1);
         assert_eq!(q.push(frame(Kind::Media, "d")), Pushed::Queued);
-        assert_eq!(q.push(frame(Kind::Media, "e")), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Media, "e")), Pushed::Dropped(1));
         assert_eq!(texts(&q), ["d", "e"]);
     }
 
@@ -691,18 +689,29 @@ mod tests {
         let q = Queue::new(1000, 1000);
         assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Queued);
         assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Queued);
-        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Dropped(1));
         assert_eq!(q.held().bytes, 800);
         // A control frame is never dropped, and pushes media out to fit.
-        assert_eq!(q.push(frame(Kind::Control, &big)), Pushed::DroppedOldest(1));
+        assert_eq!(q.push(frame(Kind::Control, &big)), Pushed::Dropped(1));
         assert_eq!(q.held().bytes, 800);
-        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::DroppedOldest(1));
-        assert_eq!(q.push(frame(Kind::Control, &big)), Pushed::DroppedOldest(1));
-        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::DroppedThis);
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Dropped(1));
+        assert_eq!(q.push(frame(Kind::Control, &big)), Pushed::Dropped(1));
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Dropped(1));
         assert!(
             q.held().bytes <= 1000 + 400,
             "only never-dropped control frames exceed it"
         );
         assert_eq!(q.held().media, 0);
+
+        // One media frame queued, a big batch in the writer's hands: the queued frame and the
+        // new one both go, and both are counted.
+        let q = Queue::new(1000, 1000);
+        q.push(frame(Kind::Media, &big));
+        q.push(frame(Kind::Media, &big));
+        let mut taken = VecDeque::new();
+        q.take_all(&mut taken, &mut Held::default());
+        assert_eq!(q.push(frame(Kind::Media, &"y".repeat(100))), Pushed::Queued);
+        assert_eq!(q.push(frame(Kind::Media, &big)), Pushed::Dropped(2));
+        assert_eq!(q.held().bytes, 800, "what the writer holds");
     }
 }
