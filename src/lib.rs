@@ -35,7 +35,8 @@ pub fn state(settings: Settings) -> std::io::Result<AppState> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(metrics::Metrics::new());
     let store = store::from_settings(&settings.store).map_err(std::io::Error::other)?;
-    let hub = media::MediaHub::new(settings.clone(), metrics.clone(), store.clone());
+    let hub = media::MediaHub::new(settings.clone(), metrics.clone(), store.clone())
+        .map_err(std::io::Error::other)?;
     let gate = gate::Gate::new(settings.clone(), store.clone(), metrics.clone())
         .map_err(std::io::Error::other)?;
     let limits = Arc::new(http::rate_limit::Limiters::new(&settings.rate_limits));

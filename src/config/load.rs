@@ -42,7 +42,14 @@ impl Sources {
 const LIST_KEYS: &[&str] = &["backends.default", "backends.hosts_allowlist"];
 
 /// The fields of a `backends.table.<id>` row.
-const BACKEND_FIELDS: &[&str] = &["url", "format", "queue_frames", "enabled"];
+const BACKEND_FIELDS: &[&str] = &[
+    "url",
+    "format",
+    "queue_frames",
+    "enabled",
+    "ca_file",
+    "headers",
+];
 
 /// A key no setting has: refused, naming the nearest one that exists, so a typo can never
 /// leave a security setting silently at its default.
@@ -187,6 +194,7 @@ impl Settings {
         if let Some(key) = unknown.first() {
             return Err(unknown_key(key));
         }
+        settings.fill_from_environment(&sources.env)?;
         // `CALL_PROXY__BACKENDS__DEFAULT=` (set to nothing) means an empty list.
         settings.backends.default.retain(|id| !id.trim().is_empty());
         settings
@@ -201,4 +209,42 @@ impl Settings {
     pub fn defaults() -> Settings {
         Settings::load(&Sources::default()).expect("embedded defaults are valid")
     }
+}
+
+impl Settings {
+    /// Fills `${NAME}` in backend header values from the environment, so secrets stay out of
+    /// config files. A variable that is not set stops the service, naming it and the key.
+    fn fill_from_environment(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        for (id, spec) in self.backends.table.iter_mut() {
+            for (name, value) in spec.headers.iter_mut() {
+                let key = format!("backends.table.{id}.headers.{name}");
+                let filled = substitute(value.expose(), env).map_err(|var| {
+                    invalid(
+                        &key,
+                        format!("environment variable `{var}` is not set"),
+                    )
+                })?;
+                value.set(filled);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `text` with every `${NAME}` replaced by the variable's value; the first missing variable
+/// is the error.
+fn substitute(text: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        out.push_str(&rest[..start]);
+        out.push_str(env.get(name).ok_or_else(|| name.to_string())?);
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }

@@ -57,6 +57,13 @@ impl From<&str> for Secret {
     }
 }
 
+impl Secret {
+    /// Replaces the secret's text (used when `${NAME}` is filled in from the environment).
+    pub(crate) fn set(&mut self, text: String) {
+        self.0 = text;
+    }
+}
+
 impl From<String> for Secret {
     fn from(s: String) -> Self {
         Secret(s)
@@ -216,6 +223,7 @@ impl BackendSettings {
 /// One row of the backend table.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BackendSpec {
+    /// `ws://` or `wss://`, with any path and query string.
     pub url: String,
     #[serde(default)]
     pub format: WireFormat,
@@ -223,6 +231,14 @@ pub struct BackendSpec {
     pub queue_frames: Option<usize>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// A PEM file of CA certificates trusted for this `wss://` backend, beside the bundled
+    /// public roots: for backends behind a private CA.
+    #[serde(default)]
+    pub ca_file: String,
+    /// HTTP headers sent on the upgrade (`Authorization`, ...). `${NAME}` in a value is read
+    /// from the environment at start-up; values are secrets and never shown.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
 }
 
 fn yes() -> bool {
@@ -334,14 +350,13 @@ pub fn is_valid_backend_id(id: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// Accepts `ws://host[:port]/path`; answers why not otherwise.
+/// Accepts `ws://` or `wss://host[:port][/path][?query]`; answers why not otherwise.
 pub fn parse_backend_url(url: &str) -> Result<(), String> {
-    let rest = if let Some(rest) = url.strip_prefix("ws://") {
-        rest
-    } else if url.starts_with("wss://") {
-        return Err("wss:// backends are not supported yet: use ws:// on a private network".into());
-    } else {
-        return Err(format!("`{url}` is not a ws:// URL"));
+    let Some(rest) = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+    else {
+        return Err(format!("`{url}` is not a ws:// or wss:// URL"));
     };
     let authority = rest.split(['/', '?']).next().unwrap_or("");
     if authority.is_empty() || authority.contains('@') {
@@ -350,4 +365,20 @@ pub fn parse_backend_url(url: &str) -> Result<(), String> {
     tokio_tungstenite::tungstenite::http::Uri::try_from(url)
         .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
     Ok(())
+}
+
+/// The CA certificates in a PEM file: at least one, each one readable.
+pub fn load_ca_file(
+    path: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read `{path}`: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("`{path}` is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("`{path}` holds no certificate"));
+    }
+    Ok(certs)
 }

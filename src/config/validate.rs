@@ -2,9 +2,11 @@
 //! every reference (backend ids, PIN hashes, URLs) resolved, every secret production needs
 //! present. A failure names the key.
 
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+
 use super::{
-    invalid, is_valid_backend_id, parse_backend_url, ConfigError, PinProviderKind, Settings,
-    StoreKind, MAX_TTL_SECS,
+    invalid, is_valid_backend_id, load_ca_file, parse_backend_url, ConfigError,
+    PinProviderKind, Settings, StoreKind, MAX_TTL_SECS,
 };
 
 /// The longest any `_ms` duration may be: a day.
@@ -69,6 +71,28 @@ impl Settings {
             parse_backend_url(&spec.url).map_err(|m| invalid(format!("{key}.url"), m))?;
             if spec.queue_frames == Some(0) {
                 return Err(invalid(format!("{key}.queue_frames"), "must be at least 1"));
+            }
+            if !spec.ca_file.is_empty() {
+                if !spec.url.starts_with("wss://") {
+                    return Err(invalid(
+                        format!("{key}.ca_file"),
+                        "only a wss:// backend has certificates to check",
+                    ));
+                }
+                load_ca_file(&spec.ca_file).map_err(|m| invalid(format!("{key}.ca_file"), m))?;
+            }
+            for (name, value) in &spec.headers {
+                let at = format!("{key}.headers.{name}");
+                if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(invalid(at, "not a valid HTTP header name"));
+                }
+                // The value is a secret: say what is wrong with it, never what it is.
+                if HeaderValue::from_str(value.expose()).is_err() {
+                    return Err(invalid(
+                        at,
+                        "the value is not a valid HTTP header value (control characters or non-ASCII)",
+                    ));
+                }
             }
         }
         for (i, id) in self.backends.default.iter().enumerate() {

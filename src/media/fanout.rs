@@ -9,15 +9,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::MaybeTlsStream;
 use tracing::{info, warn, Instrument};
 
+use super::link::{BackendSocket, ConnectError, Endpoint};
 use super::route::Target;
 use crate::config::WireFormat;
 use crate::metrics::{LatencyBatch, LinkMetrics};
@@ -320,6 +318,7 @@ impl Link {
 /// `changed` is notified whenever the link connects, reconnects, gives up or finishes.
 pub fn spawn(
     target: &Target,
+    endpoint: Arc<Endpoint>,
     start: Message,
     policy: Policy,
     metrics: LinkMetrics,
@@ -338,7 +337,7 @@ pub fn spawn(
     });
     let writer = Writer {
         shared: shared.clone(),
-        url: target.url.clone(),
+        endpoint,
         start,
         policy,
         metrics: metrics.clone(),
@@ -357,10 +356,8 @@ pub fn spawn(
 /// caller's: logged as such.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
-    #[error("connect timed out after {0:?}")]
-    ConnectTimeout(Duration),
-    #[error("connect failed: {0}")]
-    Connect(tungstenite::Error),
+    #[error(transparent)]
+    Connect(ConnectError),
     #[error("backend closed the connection{}", .0.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Closed(Option<String>),
     #[error("connection failed: {0}")]
@@ -369,11 +366,9 @@ enum LinkError {
     WriteStalled(Duration),
 }
 
-type BackendSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 struct Writer {
     shared: Arc<LinkShared>,
-    url: String,
+    endpoint: Arc<Endpoint>,
     start: Message,
     policy: Policy,
     metrics: LinkMetrics,
@@ -437,7 +432,7 @@ impl Writer {
                 self.shared.queue.discard();
                 return;
             }
-            warn!(fault = "backend", error = %error, url = %self.url, "backend link failed; reconnecting");
+            warn!(fault = "backend", error = %error, url = %self.endpoint.shown(), "backend link failed; reconnecting");
             self.set_state(LinkState::Reconnecting);
             let backoff = Duration::from_millis(100u64 << (*failures - 1).min(5))
                 .min(self.policy.reconnect_window - elapsed);
@@ -457,20 +452,10 @@ impl Writer {
             .read_buffer_size(BACKEND_READ_CHUNK)
             .max_message_size(Some(self.policy.max_message_bytes))
             .max_frame_size(Some(self.policy.max_message_bytes));
-        let mut request = self
-            .url
-            .as_str()
-            .into_client_request()
-            .map_err(LinkError::Connect)?;
-        if let Ok(hop) = HeaderValue::from_str(&self.policy.hop) {
-            request.headers_mut().insert(super::HOP_HEADER, hop);
-        }
-        let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
-        match tokio::time::timeout(self.policy.connect_timeout, connecting).await {
-            Err(_) => Err(LinkError::ConnectTimeout(self.policy.connect_timeout)),
-            Ok(Err(e)) => Err(LinkError::Connect(e)),
-            Ok(Ok((socket, _response))) => Ok(socket),
-        }
+        self.endpoint
+            .connect(&self.policy.hop, config, self.policy.connect_timeout)
+            .await
+            .map_err(LinkError::Connect)
     }
 
     /// Sends `start`, then queued frames as they come, until the call's `stop` has been
@@ -579,14 +564,17 @@ impl Writer {
 /// the WebSocket layer on every wait (once per frame sent) costs buffer set-up and waker
 /// bookkeeping, while a readiness check is one atomic load.
 async fn readable(socket: &BackendSocket) {
-    match socket.get_ref() {
-        MaybeTlsStream::Plain(tcp) => {
-            let _ = tcp.readable().await;
+    // Under TLS too the TCP socket tells: the writer drains every complete record each time
+    // it reads, so nothing waits decrypted in rustls's buffer while this waits on the socket.
+    let tcp = match socket.get_ref() {
+        MaybeTlsStream::Plain(tcp) => tcp,
+        MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
+        _ => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
         }
-        // Only plain `ws://` backends pass config validation today. Should another transport
-        // appear, look for its news now and then instead.
-        _ => tokio::time::sleep(Duration::from_millis(100)).await,
-    }
+    };
+    let _ = tcp.readable().await;
 }
 
 /// A writer's counts, added to the shared metrics a few times a second rather than per

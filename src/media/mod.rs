@@ -9,6 +9,7 @@
 pub const READ_CHUNK: usize = 4096;
 
 pub mod fanout;
+pub mod link;
 pub mod route;
 pub mod session;
 pub mod wire;
@@ -27,6 +28,8 @@ use crate::config::Settings;
 use crate::metrics::{BackendLabel, Metrics};
 use crate::store::StateStore;
 use fanout::LinkShared;
+use link::Endpoint;
+use std::collections::HashMap;
 
 /// Everything the media path shares between calls.
 pub struct MediaHub {
@@ -43,6 +46,8 @@ pub struct MediaHub {
     /// Sent on every backend upgrade (`X-Call-Proxy-Hop`); an upgrade to `/media` carrying
     /// it came from this very process, a loop however the backend was named.
     instance_id: String,
+    /// Every enabled table backend, ready to connect (TLS trust and headers built once).
+    endpoints: HashMap<String, Arc<Endpoint>>,
 }
 
 /// The header that marks a backend link's upgrade with the proxy instance that opened it.
@@ -99,8 +104,9 @@ impl MediaHub {
         settings: Arc<Settings>,
         metrics: Arc<Metrics>,
         store: Arc<dyn StateStore>,
-    ) -> Arc<Self> {
-        Arc::new(MediaHub {
+    ) -> Result<Arc<Self>, link::SetupError> {
+        let endpoints = link::endpoints(&settings.backends)?;
+        Ok(Arc::new(MediaHub {
             settings,
             metrics,
             store,
@@ -111,7 +117,17 @@ impl MediaHub {
             tracker: TaskTracker::new(),
             local_addr: OnceLock::new(),
             instance_id: instance_id(),
-        })
+            endpoints,
+        }))
+    }
+
+    /// How to reach a route's target: the table's prepared endpoint, or a plain `ws://` one
+    /// for a host the stream named.
+    pub fn endpoint(&self, target: &route::Target) -> Arc<Endpoint> {
+        match self.endpoints.get(&target.name).filter(|_| target.from_table) {
+            Some(endpoint) => endpoint.clone(),
+            None => Arc::new(Endpoint::plain(target.url.clone())),
+        }
     }
 
     pub fn set_local_addr(&self, addr: SocketAddr) {

@@ -34,6 +34,8 @@ pub struct Target {
     pub url: String,
     pub format: WireFormat,
     pub queue_frames: usize,
+    /// A backend of the table (reached as its config says), not a host the stream named.
+    pub from_table: bool,
 }
 
 /// Where the targets came from.
@@ -182,6 +184,7 @@ fn by_ids(
                         url: spec.url.clone(),
                         format: spec.format,
                         queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
+                        from_table: true,
                         name: id,
                     });
                 }
@@ -262,6 +265,7 @@ fn host_target(
         name: authority,
         format: backends.hosts_format,
         queue_frames: backends.queue_frames,
+        from_table: false,
     })
 }
 

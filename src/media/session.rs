@@ -414,6 +414,7 @@ impl Session {
             .map(|t| {
                 fanout::spawn(
                     t,
+                    self.hub.endpoint(t),
                     wire::start(t.format, &raw),
                     policy.clone(),
                     self.hub.metrics.link(&t.metrics_label),
@@ -682,7 +683,8 @@ mod tests {
             settings,
             Arc::new(crate::metrics::Metrics::new()),
             Arc::new(crate::store::MemoryStore::new()),
-        );
+        )
+        .expect("the demo backends are valid");
         let admission = hub.admit().expect("a free slot");
         let (to_session, incoming) = tokio::sync::mpsc::unbounded_channel();
         let (outgoing, answers) = tokio::sync::mpsc::unbounded_channel();

@@ -38,6 +38,8 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
                 format: *format,
                 queue_frames: None,
                 enabled: true,
+                ca_file: String::new(),
+                headers: Default::default(),
             },
         );
     }
