@@ -285,3 +285,135 @@ async fn stream_parameters_cannot_forge_log_lines() {
         assert!(!line.contains('\u{1b}'), "escape reached the log: {line:?}");
     }
 }
+
+/// A `wss://` backend whose certificate does not verify is logged with the reason and the
+/// backend's id; the header secret from the environment reaches the backend's upgrade and
+/// never a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failures_are_logged_with_their_reason_and_never_the_secret() {
+    let secret = "tok-very-secret-123";
+    let ca = TestCa::new("trusted CA");
+    let stranger = TestCa::new("some other CA");
+    let other_ca = TlsBackend::start(stranger.server_cert(Made::Good)).await;
+    let other_name = TlsBackend::start(ca.server_cert(Made::OtherName)).await;
+    let expired = TlsBackend::start(ca.server_cert(Made::Expired)).await;
+    let mut good = TlsBackend::start(ca.server_cert(Made::Good)).await;
+    let mut env: Vec<(String, String)> = vec![
+        ("ASR_TOKEN".into(), secret.into()),
+        (
+            "CALL_PROXY__BACKENDS__DEFAULT".into(),
+            "other_ca,other_name,expired,good".into(),
+        ),
+    ];
+    for (id, backend) in [
+        ("OTHER_CA", &other_ca),
+        ("OTHER_NAME", &other_name),
+        ("EXPIRED", &expired),
+        ("GOOD", &good),
+    ] {
+        let key = |k: &str| format!("CALL_PROXY__BACKENDS__TABLE__{id}__{k}");
+        env.push((key("URL"), backend.url("/media?model=phone")));
+        env.push((key("CA_FILE"), ca.pem_path()));
+        env.push((key("HEADERS__AUTHORIZATION"), "Bearer ${ASR_TOKEN}".into()));
+    }
+    let proxy = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        ServiceProcess::spawn(&env)
+    })
+    .await
+    .unwrap();
+    let mut call = TwilioCall::connect_url(&proxy.ws_url(), "tlslog").await;
+    call.start(&[]).await;
+    call.media(&payload(0)).await;
+    good.wait_for("the good backend's frame", |c| {
+        !c.is_empty() && payloads(&c[0].texts).len() == 1
+    })
+    .await;
+    assert_eq!(
+        good.connections.lock().unwrap()[0].authorization.as_deref(),
+        Some("Bearer tok-very-secret-123"),
+        "the secret reached the backend"
+    );
+    let proxy = tokio::task::spawn_blocking(move || {
+        for (id, reason) in [
+            ("other_ca", "UnknownIssuer"),
+            ("other_name", "not valid for name"),
+            ("expired", "certificate expired"),
+        ] {
+            let line = proxy.wait_for_line(&format!("{id}'s TLS failure"), |l| {
+                l.contains("backend link failed") && l.contains(&format!(r#""backend":"{id}""#))
+            });
+            let error = serde_json::from_str::<serde_json::Value>(&line).unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(error.contains(reason), "{id}: {line}");
+            assert!(line.contains(r#""fault":"backend""#), "{line}");
+        }
+        proxy
+    })
+    .await
+    .unwrap();
+    call.stop().await;
+    let lines = proxy.lines();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(!line.contains(secret), "the secret was logged: {line}");
+        assert!(
+            !line.contains("model=phone"),
+            "a query string was logged: {line}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_header_variable_or_a_bad_ca_file_stops_check_config_naming_them() {
+    let (ok, text) = check_config(
+        &[
+            (
+                "CALL_PROXY__BACKENDS__TABLE__ASR__URL",
+                "wss://asr.example/v1",
+            ),
+            (
+                "CALL_PROXY__BACKENDS__TABLE__ASR__HEADERS__AUTHORIZATION",
+                "Bearer ${NO_SUCH_VARIABLE_SET}",
+            ),
+        ],
+        None,
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("NO_SUCH_VARIABLE_SET"), "{text}");
+    assert!(
+        text.contains("backends.table.asr.headers.authorization"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    for path in [
+        junk.to_string_lossy().into_owned(),
+        "/no/such/ca.pem".to_string(),
+    ] {
+        let (ok, text) = check_config(
+            &[
+                (
+                    "CALL_PROXY__BACKENDS__TABLE__ASR__URL",
+                    "wss://asr.example/v1",
+                ),
+                ("CALL_PROXY__BACKENDS__TABLE__ASR__CA_FILE", &path),
+            ],
+            None,
+        );
+        assert!(!ok, "{path}: {text}");
+        assert!(text.contains("backends.table.asr.ca_file"), "{text}");
+    }
+    let (ok, text) = check_config(
+        &[(
+            "CALL_PROXY__BACKENDS__TABLE__ASR__URL",
+            "wss://asr.example/v1?key=1",
+        )],
+        None,
+    );
+    assert!(ok, "{text}");
+}

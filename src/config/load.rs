@@ -219,10 +219,7 @@ impl Settings {
             for (name, value) in spec.headers.iter_mut() {
                 let key = format!("backends.table.{id}.headers.{name}");
                 let filled = substitute(value.expose(), env).map_err(|var| {
-                    invalid(
-                        &key,
-                        format!("environment variable `{var}` is not set"),
-                    )
+                    invalid(&key, format!("environment variable `{var}` is not set"))
                 })?;
                 value.set(filled);
             }

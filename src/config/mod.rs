@@ -368,9 +368,7 @@ pub fn parse_backend_url(url: &str) -> Result<(), String> {
 }
 
 /// The CA certificates in a PEM file: at least one, each one readable.
-pub fn load_ca_file(
-    path: &str,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+pub fn load_ca_file(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)

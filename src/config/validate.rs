@@ -5,8 +5,8 @@
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
 use super::{
-    invalid, is_valid_backend_id, load_ca_file, parse_backend_url, ConfigError,
-    PinProviderKind, Settings, StoreKind, MAX_TTL_SECS,
+    invalid, is_valid_backend_id, load_ca_file, parse_backend_url, ConfigError, PinProviderKind,
+    Settings, StoreKind, MAX_TTL_SECS,
 };
 
 /// The longest any `_ms` duration may be: a day.

@@ -170,9 +170,7 @@ fn client_config(
 }
 
 /// Every enabled backend of the table, ready to connect.
-pub fn endpoints(
-    backends: &BackendSettings,
-) -> Result<HashMap<String, Arc<Endpoint>>, SetupError> {
+pub fn endpoints(backends: &BackendSettings) -> Result<HashMap<String, Arc<Endpoint>>, SetupError> {
     let public_roots = Arc::new(client_config(&[]).map_err(|message| SetupError {
         id: "*".into(),
         message,
@@ -181,6 +179,11 @@ pub fn endpoints(
         .table
         .iter()
         .filter(|(_, spec)| spec.enabled)
-        .map(|(id, spec)| Ok((id.clone(), Arc::new(Endpoint::from_spec(id, spec, &public_roots)?))))
+        .map(|(id, spec)| {
+            Ok((
+                id.clone(),
+                Arc::new(Endpoint::from_spec(id, spec, &public_roots)?),
+            ))
+        })
         .collect()
 }

@@ -124,7 +124,11 @@ impl MediaHub {
     /// How to reach a route's target: the table's prepared endpoint, or a plain `ws://` one
     /// for a host the stream named.
     pub fn endpoint(&self, target: &route::Target) -> Arc<Endpoint> {
-        match self.endpoints.get(&target.name).filter(|_| target.from_table) {
+        match self
+            .endpoints
+            .get(&target.name)
+            .filter(|_| target.from_table)
+        {
             Some(endpoint) => endpoint.clone(),
             None => Arc::new(Endpoint::plain(target.url.clone())),
         }

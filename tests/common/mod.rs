@@ -8,12 +8,14 @@ mod backend;
 mod process;
 mod proxy;
 mod redis;
+mod tls;
 mod twilio;
 
 pub use backend::*;
 pub use process::*;
 pub use proxy::*;
 pub use redis::*;
+pub use tls::*;
 pub use twilio::*;
 
 use std::time::Duration;

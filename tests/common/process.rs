@@ -81,6 +81,37 @@ impl ServiceProcess {
         }
     }
 
+    /// Waits for a raw log line that `pred` accepts (an earlier one counts too).
+    pub fn wait_for_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let mut history = self.history.lock().unwrap();
+        if let Some(line) = history.iter().find(|l| pred(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = pred(&line);
+                    history.push(line.clone());
+                    if found {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line for {what}; saw:\n{}", history.join("\n")),
+            }
+        }
+    }
+
+    /// Every line logged so far.
+    pub fn lines(&self) -> Vec<String> {
+        let mut history = self.history.lock().unwrap();
+        while let Ok(line) = self.lines.try_recv() {
+            history.push(line);
+        }
+        history.clone()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
