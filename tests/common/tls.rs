@@ -149,6 +149,8 @@ impl TlsBackend {
         self.serve(listener);
     }
 
+    // The handshake callback's error type is tungstenite's, large or not.
+    #[allow(clippy::result_large_err)]
     fn serve(&mut self, listener: TcpListener) {
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
