@@ -10,3 +10,4 @@ pub mod load;
 pub mod loadgen;
 pub mod play;
 pub mod speaker;
+pub mod tls;

@@ -128,7 +128,16 @@ impl Sink {
 /// Starts a sink backend on a free loopback port: every connection's media frames are
 /// counted and their latency recorded against `origin`.
 pub async fn start_sink(origin: Instant) -> std::io::Result<Arc<Sink>> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    start_sink_on(origin, 0, None).await
+}
+
+/// A sink on `port` (0: any free one), speaking TLS when given an acceptor.
+pub async fn start_sink_on(
+    origin: Instant,
+    port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<Arc<Sink>> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     let sink = Arc::new(Sink {
         port: listener.local_addr()?.port(),
         received: AtomicU64::new(0),
@@ -140,50 +149,63 @@ pub async fn start_sink(origin: Instant) -> std::io::Result<Arc<Sink>> {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
             let sink = shared.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                // Small reads: tungstenite zeroes its whole read buffer on each one, and
-                // loadgen must stay lighter than what it measures.
-                let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                    .read_buffer_size(4096);
-                let Ok(mut ws) =
-                    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
-                else {
-                    return;
-                };
-                // Recorded locally and merged now and then, so connections never contend.
-                let mut local = histogram();
-                let mut unmerged = 0u64;
-                let mut last_merge = Instant::now();
-                while let Some(Ok(message)) = ws.next().await {
-                    let text = match &message {
-                        Message::Text(t) => t.as_str(),
-                        Message::Close(_) => break,
-                        _ => continue,
-                    };
-                    if !text.contains(r#""event":"media""#) {
-                        continue;
-                    }
-                    match read_stamp(text) {
-                        Some(stamp) => {
-                            let now_us = origin.elapsed().as_micros() as u64;
-                            let _ = local.record(now_us.saturating_sub(stamp.sent_us).max(1));
-                            unmerged += 1;
+                match tls {
+                    None => serve_sink(stream, &sink, origin).await,
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            serve_sink(stream, &sink, origin).await;
                         }
-                        None => {
-                            sink.foreign.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    // Merging walks the whole histogram: rarely, not per frame.
-                    if unmerged >= 5_000 || last_merge.elapsed() > Duration::from_secs(2) {
-                        sink.merge(&mut local, &mut unmerged);
-                        last_merge = Instant::now();
                     }
                 }
-                sink.merge(&mut local, &mut unmerged);
             });
         }
     });
     Ok(sink)
+}
+
+async fn serve_sink<S>(stream: S, sink: &Sink, origin: Instant)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // Small reads: tungstenite zeroes its whole read buffer on each one, and loadgen must
+    // stay lighter than what it measures.
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+        return;
+    };
+    // Recorded locally and merged now and then, so connections never contend.
+    let mut local = histogram();
+    let mut unmerged = 0u64;
+    let mut last_merge = Instant::now();
+    while let Some(Ok(message)) = ws.next().await {
+        let text = match &message {
+            Message::Text(t) => t.as_str(),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if !text.contains(r#""event":"media""#) {
+            continue;
+        }
+        match read_stamp(text) {
+            Some(stamp) => {
+                let now_us = origin.elapsed().as_micros() as u64;
+                let _ = local.record(now_us.saturating_sub(stamp.sent_us).max(1));
+                unmerged += 1;
+            }
+            None => {
+                sink.foreign.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Merging walks the whole histogram: rarely, not per frame.
+        if unmerged >= 5_000 || last_merge.elapsed() > Duration::from_secs(2) {
+            sink.merge(&mut local, &mut unmerged);
+            last_merge = Instant::now();
+        }
+    }
+    sink.merge(&mut local, &mut unmerged);
 }
 
 impl Sink {

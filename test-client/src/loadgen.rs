@@ -29,6 +29,22 @@ pub struct Options {
     pub proxy_pid: Option<String>,
     /// Print a progress line every second.
     pub progress: bool,
+    /// How the proxy reaches the sinks.
+    pub sinks: SinkMode,
+}
+
+/// How calls name their sinks to the proxy.
+#[derive(Debug, Clone, Default)]
+pub enum SinkMode {
+    /// Free ports, named in `backendHosts` (the proxy needs nothing configured).
+    #[default]
+    Hosts,
+    /// Ports `base_port..base_port + fanout`, named in `backendIds` as `sink0`, `sink1`, ...:
+    /// the proxy's backend table must hold them (as `ws://` or, with `tls`, `wss://`).
+    Table {
+        base_port: u16,
+        tls: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -97,7 +113,7 @@ struct Call {
     closed: bool,
 }
 
-async fn open_call(opts: &Options, index: u32, hosts: &str) -> Result<Call> {
+async fn open_call(opts: &Options, index: u32, route: &(String, String)) -> Result<Call> {
     let (mut socket, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(&opts.url),
@@ -110,7 +126,7 @@ async fn open_call(opts: &Options, index: u32, hosts: &str) -> Result<Call> {
     }
     let stream_sid = format!("MZ{index:032x}");
     let call_sid = format!("CA{index:032x}");
-    let params = BTreeMap::from([("backendHosts".to_string(), hosts.to_string())]);
+    let params = BTreeMap::from([route.clone()]);
     socket
         .send(Message::Text(outbound::connected().into()))
         .await?;
@@ -201,14 +217,37 @@ pub async fn run(
     }
     let origin = Instant::now();
     let mut sinks: Vec<Arc<Sink>> = Vec::new();
-    for _ in 0..opts.fanout {
-        sinks.push(load::start_sink(origin).await?);
-    }
-    let hosts: Vec<String> = sinks
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect();
-    let hosts = serde_json::to_string(&hosts)?;
+    let hosts = match &opts.sinks {
+        SinkMode::Hosts => {
+            for _ in 0..opts.fanout {
+                sinks.push(load::start_sink(origin).await?);
+            }
+            let hosts: Vec<String> = sinks
+                .iter()
+                .map(|s| format!("127.0.0.1:{}", s.port))
+                .collect();
+            ("backendHosts".to_string(), serde_json::to_string(&hosts)?)
+        }
+        SinkMode::Table { base_port, tls } => {
+            let acceptor = match tls {
+                Some(dir) => Some(crate::tls::acceptor(dir)?),
+                None => None,
+            };
+            let mut ids = Vec::new();
+            for i in 0..opts.fanout {
+                let port = base_port
+                    .checked_add(i as u16)
+                    .context("sink ports past 65535")?;
+                sinks.push(
+                    load::start_sink_on(origin, port, acceptor.clone())
+                        .await
+                        .with_context(|| format!("sink on port {port}"))?,
+                );
+                ids.push(format!("sink{i}"));
+            }
+            ("backendIds".to_string(), serde_json::to_string(&ids)?)
+        }
+    };
     let pid = opts.proxy_pid.clone();
     let proc_idle = pid.as_deref().and_then(load::sample_proc);
     let self_start = load::sample_proc("self");
@@ -435,7 +474,7 @@ pub async fn run(
 async fn drive(
     opts: &Options,
     indices: &[u32],
-    hosts: &str,
+    hosts: &(String, String),
     origin: Instant,
     ramp_end: Instant,
     end: Instant,

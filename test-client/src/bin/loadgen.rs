@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use test_client::loadgen::{self, Options};
+use test_client::loadgen::{self, Options, SinkMode};
 
 #[derive(Parser)]
 #[command(version, about = "Load and latency benchmark for twilio-call-proxy")]
@@ -34,6 +34,17 @@ struct Cli {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Host the sinks on ports PORT, PORT+1, ... and name them `sink0`, `sink1`, ... in
+    /// `backendIds` (the proxy's table must hold them) instead of `backendHosts`.
+    #[arg(long, value_name = "PORT")]
+    sink_base_port: Option<u16>,
+    /// With --sink-base-port: the sinks speak TLS with the certificate in DIR (see --make-tls).
+    #[arg(long, value_name = "DIR", requires = "sink_base_port")]
+    sink_tls: Option<std::path::PathBuf>,
+    /// Write a test CA (ca.pem, for the proxy's ca_file) and a localhost certificate for the
+    /// sinks into DIR, then exit.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    make_tls: Option<std::path::PathBuf>,
 }
 
 fn loopback(url: &str) -> bool {
@@ -55,6 +66,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(dir) = &cli.make_tls {
+        test_client::tls::make(dir)?;
+        eprintln!(
+            "loadgen: wrote {} (the CA, for ca_file) and the sinks' certificate",
+            dir.join(test_client::tls::CA_FILE).display()
+        );
+        return Ok(());
+    }
     if !loopback(&cli.url) {
         anyhow::bail!("loadgen only targets this machine (127.0.0.0/8, localhost, [::1])");
     }
@@ -66,6 +85,13 @@ async fn run(cli: Cli) -> Result<()> {
         ramp: cli.ramp,
         proxy_pid: cli.proxy_pid.map(|p| p.to_string()),
         progress: !cli.quiet,
+        sinks: match cli.sink_base_port {
+            None => SinkMode::Hosts,
+            Some(base_port) => SinkMode::Table {
+                base_port,
+                tls: cli.sink_tls,
+            },
+        },
     };
     let url = opts.url.clone();
     let report = loadgen::run(opts, |line| eprintln!("{line}")).await?;
