@@ -2,6 +2,7 @@
 //! the WAV files Twilio-style audio comes in.
 
 pub mod mulaw;
+pub mod resample;
 pub mod wav;
 
 /// Twilio Media Streams audio: 8 kHz, mono, 20 ms (160 bytes) per frame.

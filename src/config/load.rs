@@ -49,6 +49,8 @@ const BACKEND_FIELDS: &[&str] = &[
     "enabled",
     "ca_file",
     "headers",
+    "sample_rate",
+    "speaks",
 ];
 
 /// A key no setting has: refused, naming the nearest one that exists, so a typo can never

@@ -239,6 +239,18 @@ pub struct BackendSpec {
     /// from the environment at start-up; values are secrets and never shown.
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
+    /// For `pcm16`: the rate of the PCM both ways (8000, 16000 or 24000).
+    pub sample_rate: Option<u32>,
+    /// This backend talks back: its audio, marks and clears reach the caller.
+    #[serde(default)]
+    pub speaks: bool,
+}
+
+impl BackendSpec {
+    /// The PCM rate of a `pcm16` backend.
+    pub fn pcm_rate(&self) -> u32 {
+        self.sample_rate.unwrap_or(PCM16_DEFAULT_RATE)
+    }
 }
 
 fn yes() -> bool {
@@ -254,6 +266,9 @@ pub enum WireFormat {
     Twilio,
     /// The original's `{"event":"media","media":"<base64>"}` form.
     Compact,
+    /// Raw 16-bit little-endian PCM in binary frames at the backend's `sample_rate`, with
+    /// `start`, `dtmf`, `mark` and `stop` as JSON text.
+    Pcm16,
 }
 
 impl WireFormat {
@@ -261,9 +276,16 @@ impl WireFormat {
         match self {
             WireFormat::Twilio => "twilio",
             WireFormat::Compact => "compact",
+            WireFormat::Pcm16 => "pcm16",
         }
     }
 }
+
+/// The rates a `pcm16` backend may ask for.
+pub const PCM16_RATES: [u32; 3] = [8000, 16000, 24000];
+
+/// A `pcm16` backend's rate when its config names none.
+pub const PCM16_DEFAULT_RATE: u32 = 16000;
 
 #[derive(Clone, Deserialize)]
 pub struct StoreSettings {

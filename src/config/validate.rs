@@ -6,7 +6,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
 use super::{
     invalid, is_valid_backend_id, load_ca_file, parse_backend_url, ConfigError, PinProviderKind,
-    Settings, StoreKind, MAX_TTL_SECS,
+    Settings, StoreKind, WireFormat, MAX_TTL_SECS, PCM16_RATES,
 };
 
 /// The longest any `_ms` duration may be: a day.
@@ -71,6 +71,20 @@ impl Settings {
             parse_backend_url(&spec.url).map_err(|m| invalid(format!("{key}.url"), m))?;
             if spec.queue_frames == Some(0) {
                 return Err(invalid(format!("{key}.queue_frames"), "must be at least 1"));
+            }
+            if let Some(rate) = spec.sample_rate {
+                if spec.format != WireFormat::Pcm16 {
+                    return Err(invalid(
+                        format!("{key}.sample_rate"),
+                        "only a pcm16 backend has a sample rate",
+                    ));
+                }
+                if !PCM16_RATES.contains(&rate) {
+                    return Err(invalid(
+                        format!("{key}.sample_rate"),
+                        format!("must be 8000, 16000 or 24000, got {rate}"),
+                    ));
+                }
             }
             if !spec.ca_file.is_empty() {
                 if !spec.url.starts_with("wss://") {

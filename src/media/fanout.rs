@@ -297,6 +297,10 @@ pub struct Link {
     pub shared: Arc<LinkShared>,
     pub metrics: LinkMetrics,
     pub task: tokio::task::JoinHandle<()>,
+    /// This link's backend talks back to the caller.
+    pub speaks: bool,
+    /// For a `pcm16` link: the caller's audio on its way to the backend's rate.
+    pub pcm: Option<super::wire::PcmDown>,
 }
 
 impl Link {
@@ -344,11 +348,21 @@ pub fn spawn(
         changed,
     };
     let span = tracing::info_span!("backend", backend = %target.name);
+    let pcm = (target.format == WireFormat::Pcm16)
+        .then(|| super::wire::PcmDown::new(target.sample_rate))
+        .and_then(|made| {
+            made.inspect_err(
+                |e| warn!(backend = %target.name, error = %e, "no audio for this backend"),
+            )
+            .ok()
+        });
     let task = tracker.spawn(writer.run().instrument(span));
     Link {
         shared,
         metrics,
         task,
+        speaks: target.speaks,
+        pcm,
     }
 }
 

@@ -36,6 +36,10 @@ pub struct Target {
     pub queue_frames: usize,
     /// A backend of the table (reached as its config says), not a host the stream named.
     pub from_table: bool,
+    /// For `pcm16`: the rate of its PCM.
+    pub sample_rate: u32,
+    /// Talks back to the caller (at most one per call: the first the route names).
+    pub speaks: bool,
 }
 
 /// Where the targets came from.
@@ -105,7 +109,8 @@ fn choose_unbounded(
     by_ids(Source::Default, backends.default.clone(), backends)
 }
 
-/// At most `max` targets (the first named win), and a bounded list of reasons.
+/// At most `max` targets (the first named win), at most one speaker (the first named), and a
+/// bounded list of reasons.
 fn bounded(mut route: Route, max: usize) -> Route {
     if route.targets.len() > max {
         route.skipped.push(format!(
@@ -113,6 +118,16 @@ fn bounded(mut route: Route, max: usize) -> Route {
             route.targets.len() - max
         ));
         route.targets.truncate(max);
+    }
+    let mut speakers = route.targets.iter_mut().filter(|t| t.speaks);
+    if speakers.next().is_some() {
+        for extra in speakers {
+            extra.speaks = false;
+            route.skipped.push(format!(
+                "`{}` also speaks; only the first speaker named talks to the caller",
+                extra.name
+            ));
+        }
     }
     route.skipped = summarized(std::mem::take(&mut route.skipped));
     route
@@ -185,6 +200,8 @@ fn by_ids(
                         format: spec.format,
                         queue_frames: spec.queue_frames.unwrap_or(backends.queue_frames),
                         from_table: true,
+                        sample_rate: spec.pcm_rate(),
+                        speaks: spec.speaks,
                         name: id,
                     });
                 }
@@ -266,6 +283,8 @@ fn host_target(
         format: backends.hosts_format,
         queue_frames: backends.queue_frames,
         from_table: false,
+        sample_rate: crate::config::PCM16_DEFAULT_RATE,
+        speaks: false,
     })
 }
 

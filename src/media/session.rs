@@ -62,9 +62,10 @@ struct Streaming {
     start: Box<Start>,
     links: Vec<Link>,
     /// Compact backends carry one track: the call's first (the caller's voice).
-    compact_track: String,
+    caller_track: String,
     any_compact: bool,
     any_twilio: bool,
+    any_pcm: bool,
     execution_id: Option<String>,
     started: Instant,
 }
@@ -220,24 +221,38 @@ impl Session {
         match event {
             Event::Media(media) => {
                 self.frames_in += 1;
-                let Some(call) = &self.streaming else {
+                if self.streaming.is_none() {
                     self.reject(Rejection::media_before_start, "media before start");
                     return Step::Continue;
-                };
+                }
                 if !payload_is_base64(&media.payload) {
                     self.reject(Rejection::invalid_payload, "media payload is not base64");
                     return Step::Continue;
                 }
                 let now = Instant::now();
+                let Some(call) = &mut self.streaming else {
+                    return Step::Continue;
+                };
                 let twilio = call
                     .any_twilio
                     .then(|| wire::forward(Bytes::from(text.clone())));
-                let compact = (call.any_compact && media.track == call.compact_track)
-                    .then(|| wire::compact_media(&media.payload));
-                for link in &call.links {
+                // Compact and pcm16 backends carry one track: the caller's voice.
+                let callers = media.track == call.caller_track;
+                let compact = (call.any_compact && callers)
+                    .then(|| wire::compact_payload(&media.payload))
+                    .flatten()
+                    .map(|payload| wire::compact_media(&payload));
+                let audio = (call.any_pcm && callers)
+                    .then(|| wire::caller_audio(&media.payload))
+                    .flatten();
+                for link in &mut call.links {
                     let message = match link.shared.format {
                         WireFormat::Twilio => twilio.clone(),
                         WireFormat::Compact => compact.clone(),
+                        WireFormat::Pcm16 => match (&audio, &mut link.pcm) {
+                            (Some(audio), Some(pcm)) => pcm.frame(audio),
+                            _ => None,
+                        },
                     };
                     if let Some(message) = message {
                         link.push(Frame {
@@ -259,23 +274,33 @@ impl Session {
                 }
                 self.on_start(start, Bytes::from(text)).await
             }
-            Event::Dtmf(_) | Event::Mark(_) => {
+            Event::Dtmf(dtmf) => {
+                // Every backend hears the keypad, in its own format.
                 if let Some(call) = &self.streaming {
-                    let message = wire::forward(Bytes::from(text));
-                    call.push_control(Kind::Control, |format| {
-                        (format == WireFormat::Twilio).then(|| message.clone())
+                    let raw = Bytes::from(text);
+                    call.push_control(Kind::Control, |link| {
+                        Some(wire::dtmf(link.shared.format, &raw, &dtmf.digit))
+                    });
+                }
+                Step::Continue
+            }
+            Event::Mark(mark) => {
+                // Twilio echoes a mark once it has played the audio before it: that is news
+                // for the backend that sent the mark, the speaker, and for no one else.
+                if let Some(call) = &self.streaming {
+                    let raw = Bytes::from(text);
+                    call.push_control(Kind::Control, |link| {
+                        link.speaks
+                            .then(|| wire::mark(link.shared.format, &raw, &mark.name))
                     });
                 }
                 Step::Continue
             }
             Event::Stop(_) => {
                 if let Some(call) = &self.streaming {
-                    let message = wire::forward(Bytes::from(text));
-                    call.push_control(Kind::Stop, |format| {
-                        Some(match format {
-                            WireFormat::Twilio => message.clone(),
-                            WireFormat::Compact => wire::compact_stop(),
-                        })
+                    let raw = Bytes::from(text);
+                    call.push_control(Kind::Stop, |link| {
+                        Some(wire::stop(link.shared.format, &raw))
                     });
                 }
                 Step::End(End::new(
@@ -415,7 +440,7 @@ impl Session {
                 fanout::spawn(
                     t,
                     self.hub.endpoint(t),
-                    wire::start(t.format, &raw),
+                    wire::start(t.format, &raw, t.sample_rate),
                     policy.clone(),
                     self.hub.metrics.link(&t.metrics_label),
                     self.links_changed.clone(),
@@ -438,7 +463,7 @@ impl Session {
                 links: links.iter().map(|l| l.shared.clone()).collect(),
             }),
         );
-        let compact_track = start
+        let caller_track = start
             .tracks
             .first()
             .map(|t| t.trim_end_matches("_track").to_string())
@@ -446,7 +471,8 @@ impl Session {
         self.streaming = Some(Streaming {
             any_compact: links.iter().any(|l| l.shared.format == WireFormat::Compact),
             any_twilio: links.iter().any(|l| l.shared.format == WireFormat::Twilio),
-            compact_track,
+            any_pcm: links.iter().any(|l| l.pcm.is_some()),
+            caller_track,
             links,
             start,
             execution_id,
@@ -533,8 +559,8 @@ impl Session {
         if let Some(mut call) = self.streaming.take() {
             if end.outcome != Outcome::completed {
                 let start = &call.start;
-                call.push_control(Kind::Stop, |format| {
-                    Some(wire::synthetic_stop(format, start))
+                call.push_control(Kind::Stop, |link| {
+                    Some(wire::synthetic_stop(link.shared.format, start))
                 });
             }
             let drain = Duration::from_millis(self.hub.settings.backends.drain_timeout_ms);
@@ -573,10 +599,10 @@ impl Session {
 
 impl Streaming {
     /// Pushes a control message (never dropped) to every link that wants one in its format.
-    fn push_control(&self, kind: Kind, message_for: impl Fn(WireFormat) -> Option<Message>) {
+    fn push_control(&self, kind: Kind, message_for: impl Fn(&Link) -> Option<Message>) {
         let now = Instant::now();
         for link in &self.links {
-            if let Some(message) = message_for(link.shared.format) {
+            if let Some(message) = message_for(link) {
                 link.push(Frame {
                     kind,
                     message,

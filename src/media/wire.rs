@@ -1,11 +1,17 @@
 //! What each backend wire format puts on the socket (SPEC section 3, "Backend wire formats").
 //!
 //! `twilio` forwards the bytes Twilio sent, shared between every backend of the call without a
-//! copy; `compact` is the original's `{"event":"media","media":"<base64>"}` form.
+//! copy; `compact` is the original's `{"event":"media","media":"<base64>"}` form; `pcm16` is
+//! raw 16-bit little-endian PCM in binary frames at the backend's rate, with the control
+//! messages as Twilio's JSON text.
 
+use std::borrow::Cow;
+
+use base64::Engine as _;
 use bytes::Bytes;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use crate::audio::{mulaw, resample::Resampler, wav};
 use crate::config::WireFormat;
 use crate::twilio::messages::{outbound, Start};
 
@@ -23,11 +29,28 @@ pub fn forward(text: Bytes) -> Message {
     )
 }
 
-/// The `start` a backend gets on every (re)connect.
-pub fn start(format: WireFormat, raw: &Bytes) -> Message {
+/// The `start` a backend gets on every (re)connect. A `pcm16` backend gets Twilio's, with
+/// `start.mediaFormat` saying what its binary frames hold.
+pub fn start(format: WireFormat, raw: &Bytes, sample_rate: u32) -> Message {
     match format {
         WireFormat::Twilio => forward(raw.clone()),
         WireFormat::Compact => Message::Text(Utf8Bytes::from_static(COMPACT_START)),
+        WireFormat::Pcm16 => {
+            let Ok(mut start) = serde_json::from_slice::<serde_json::Value>(raw) else {
+                return forward(raw.clone());
+            };
+            if let Some(body) = start.get_mut("start").and_then(|b| b.as_object_mut()) {
+                body.insert(
+                    "mediaFormat".into(),
+                    serde_json::json!({
+                        "encoding": "audio/l16",
+                        "sampleRate": sample_rate,
+                        "channels": 1,
+                    }),
+                );
+            }
+            Message::Text(start.to_string().into())
+        }
     }
 }
 
@@ -41,15 +64,115 @@ pub fn compact_media(payload: &str) -> Message {
     Message::Text(s.into())
 }
 
+/// The base64 of `RIFF`: a payload that starts so is a whole WAV file, as the original's own
+/// test client sent.
+const WAV_PREFIX: &str = "UklGR";
+
+/// The caller's audio in a media payload, as mu-law bytes: the payload itself, or, for a
+/// whole WAV file sent as one payload, its samples. `None` when it holds no usable audio.
+pub fn caller_audio(payload: &str) -> Option<Cow<'static, [u8]>> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .ok()?;
+    if payload.starts_with(WAV_PREFIX) {
+        return wav::read(&bytes)
+            .ok()?
+            .to_twilio_mulaw()
+            .ok()
+            .map(Cow::Owned);
+    }
+    Some(Cow::Owned(bytes))
+}
+
+/// The payload a compact backend gets: the same base64 unless it is a whole WAV file, whose
+/// samples are sent as mu-law instead (compact backends expect raw audio).
+pub fn compact_payload(payload: &str) -> Option<Cow<'_, str>> {
+    if !payload.starts_with(WAV_PREFIX) {
+        return Some(Cow::Borrowed(payload));
+    }
+    let audio = caller_audio(payload)?;
+    Some(Cow::Owned(
+        base64::engine::general_purpose::STANDARD.encode(audio),
+    ))
+}
+
+/// A `pcm16` link's downstream state: the caller's mu-law, decoded and brought to the
+/// backend's rate by a resampler that lives as long as the link.
+#[derive(Debug)]
+pub struct PcmDown {
+    resampler: Resampler,
+    samples: Vec<i16>,
+    out: Vec<i16>,
+}
+
+impl PcmDown {
+    pub fn new(rate: u32) -> Result<PcmDown, crate::audio::resample::ResampleError> {
+        Ok(PcmDown {
+            resampler: Resampler::new(crate::audio::SAMPLE_RATE, rate)?,
+            samples: Vec::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// One binary frame for `mulaw`, or `None` while the resampler is still filling.
+    pub fn frame(&mut self, mulaw_audio: &[u8]) -> Option<Message> {
+        self.samples.clear();
+        self.samples
+            .extend(mulaw_audio.iter().map(|&c| mulaw::decode(c)));
+        self.out.clear();
+        self.resampler.push(&self.samples, &mut self.out);
+        if self.out.is_empty() {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(self.out.len() * 2);
+        for s in &self.out {
+            bytes.extend_from_slice(&s.to_le_bytes());
+        }
+        Some(Message::Binary(bytes.into()))
+    }
+}
+
+/// Twilio's `dtmf` for a backend: compact gets `{"event":"dtmf","dtmf":"5"}`, the others the
+/// message as received.
+pub fn dtmf(format: WireFormat, raw: &Bytes, digit: &str) -> Message {
+    match format {
+        WireFormat::Compact => compact("dtmf", "dtmf", digit),
+        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw.clone()),
+    }
+}
+
+/// Twilio's `mark` echo for the speaker: compact speakers named it `{"event":"mark",
+/// "name":...}`, the others get the message as received.
+pub fn mark(format: WireFormat, raw: &Bytes, name: &str) -> Message {
+    match format {
+        WireFormat::Compact => compact("mark", "name", name),
+        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw.clone()),
+    }
+}
+
+/// Twilio's `stop` for a backend.
+pub fn stop(format: WireFormat, raw: &Bytes) -> Message {
+    match format {
+        WireFormat::Compact => compact_stop(),
+        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw.clone()),
+    }
+}
+
 /// `stop` for a backend when Twilio's own `stop` never came (the socket dropped, the call
 /// idled out, the service is shutting down): backends always see the call end.
 pub fn synthetic_stop(format: WireFormat, start: &Start) -> Message {
     match format {
-        WireFormat::Twilio => Message::Text(
+        WireFormat::Twilio | WireFormat::Pcm16 => Message::Text(
             outbound::stop(0, &start.account_sid, &start.call_sid, &start.stream_sid).into(),
         ),
         WireFormat::Compact => compact_stop(),
     }
+}
+
+/// `{"event":<event>,<field>:<value>}`, in the original's key order.
+fn compact(event: &str, field: &str, value: &str) -> Message {
+    let value = serde_json::Value::from(value);
+    Message::Text(format!(r#"{{"event":"{event}","{field}":{value}}}"#).into())
 }
 
 pub fn compact_stop() -> Message {
@@ -72,9 +195,76 @@ mod tests {
     #[test]
     fn twilio_format_forwards_the_same_bytes() {
         let raw = Bytes::from_static(br#"{"event":"start","x":1}"#);
-        let Message::Text(t) = start(WireFormat::Twilio, &raw) else {
+        let Message::Text(t) = start(WireFormat::Twilio, &raw, 16000) else {
             panic!()
         };
         assert_eq!(t.as_bytes().as_ptr(), raw.as_ptr(), "shared, not copied");
+    }
+
+    #[test]
+    fn pcm16_start_says_what_the_frames_hold() {
+        let raw = Bytes::from(
+            r#"{"event":"start","start":{"callSid":"CA1","mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}},"streamSid":"MZ1"}"#,
+        );
+        let Message::Text(t) = start(WireFormat::Pcm16, &raw, 24000) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        assert_eq!(
+            v["start"]["mediaFormat"],
+            serde_json::json!({"encoding": "audio/l16", "sampleRate": 24000, "channels": 1})
+        );
+        assert_eq!(v["start"]["callSid"], "CA1");
+    }
+
+    #[test]
+    fn pcm16_at_8_khz_is_exactly_the_g711_decode() {
+        let codes: Vec<u8> = (0..=255).collect();
+        let mut down = PcmDown::new(8000).unwrap();
+        let Some(Message::Binary(b)) = down.frame(&codes) else {
+            panic!("a frame")
+        };
+        let samples: Vec<i16> = b
+            .chunks(2)
+            .map(|p| i16::from_le_bytes([p[0], p[1]]))
+            .collect();
+        assert_eq!(
+            samples,
+            codes.iter().map(|&c| mulaw::decode(c)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_whole_wav_in_one_payload_is_its_audio() {
+        let samples: Vec<u8> = (0..800).map(|i| (i % 251) as u8).collect();
+        let mut file = Vec::new();
+        let data_len = samples.len() as u32;
+        file.extend_from_slice(b"RIFF");
+        file.extend_from_slice(&(36 + data_len).to_le_bytes());
+        file.extend_from_slice(b"WAVEfmt ");
+        file.extend_from_slice(&16u32.to_le_bytes());
+        file.extend_from_slice(&7u16.to_le_bytes()); // mu-law
+        file.extend_from_slice(&1u16.to_le_bytes());
+        file.extend_from_slice(&8000u32.to_le_bytes());
+        file.extend_from_slice(&8000u32.to_le_bytes());
+        file.extend_from_slice(&1u16.to_le_bytes());
+        file.extend_from_slice(&8u16.to_le_bytes());
+        file.extend_from_slice(b"data");
+        file.extend_from_slice(&data_len.to_le_bytes());
+        file.extend_from_slice(&samples);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&file);
+        assert_eq!(caller_audio(&b64).unwrap().as_ref(), samples.as_slice());
+        let compact = compact_payload(&b64).unwrap();
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(compact.as_ref())
+                .unwrap(),
+            samples
+        );
+        // Ordinary frames pass through untouched.
+        assert!(matches!(
+            compact_payload("AAEC"),
+            Some(Cow::Borrowed("AAEC"))
+        ));
     }
 }

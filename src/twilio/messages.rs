@@ -102,7 +102,7 @@ struct Envelope<'a> {
     #[serde(borrow)]
     event: Text<'a>,
     #[serde(borrow, default)]
-    sequence_number: Option<Text<'a>>,
+    sequence_number: Option<Counter<'a>>,
     // Borrowed: every media frame carries it, and it is only kept from `start`.
     #[serde(borrow, default)]
     stream_sid: Option<Text<'a>>,
@@ -131,7 +131,8 @@ struct StartBody {
     account_sid: String,
     #[serde(default)]
     call_sid: String,
-    #[serde(default)]
+    // Twilio sends a list; the original service's own test client sent one string.
+    #[serde(default, deserialize_with = "one_or_many")]
     tracks: Vec<String>,
     #[serde(default)]
     media_format: Option<MediaFormat>,
@@ -144,9 +145,9 @@ struct MediaBody<'a> {
     #[serde(borrow, default)]
     track: Option<Text<'a>>,
     #[serde(borrow, default)]
-    chunk: Option<Text<'a>>,
+    chunk: Option<Counter<'a>>,
     #[serde(borrow, default)]
-    timestamp: Option<Text<'a>>,
+    timestamp: Option<Counter<'a>>,
     #[serde(borrow)]
     payload: Option<Text<'a>>,
 }
@@ -155,23 +156,81 @@ struct MediaBody<'a> {
 /// always copies; this is what keeps a media frame allocation-free.
 struct Text<'a>(Cow<'a, str>);
 
+/// Reads a [`Text`]; `numbers` also takes a JSON number, written as its digits.
+struct TextVisitor {
+    numbers: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = Text<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.numbers {
+            "a string or a number"
+        } else {
+            "a string"
+        })
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Text(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Text(Cow::Owned(v.to_string())))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        self.number(v)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        self.number(v)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        self.number(v)
+    }
+}
+
+impl TextVisitor {
+    fn number<'de, E: serde::de::Error>(self, v: impl ToString) -> Result<Text<'de>, E> {
+        if self.numbers {
+            Ok(Text(Cow::Owned(v.to_string())))
+        } else {
+            Err(E::custom("expected a string"))
+        }
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(Visitor)
+        d.deserialize_str(TextVisitor { numbers: false })
     }
+}
+
+/// A counter (`sequenceNumber`, `chunk`, `timestamp`): Twilio sends strings; some clients,
+/// the original service's test client among them, send numbers or words. Any is kept as text.
+struct Counter<'a>(Text<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Counter<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextVisitor { numbers: true })
+            .map(Counter)
+    }
+}
+
+fn counter(c: Option<Counter<'_>>) -> Option<Cow<'_, str>> {
+    c.map(|c| c.0 .0)
+}
+
+/// A list, or one string standing for a list of one.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(one)) => vec![one],
+        Some(OneOrMany::Many(many)) => many,
+    })
 }
 
 fn cow(t: Option<Text<'_>>) -> Option<Cow<'_, str>> {
@@ -203,7 +262,7 @@ struct StopBody {
 pub fn parse(text: &str) -> Result<Event<'_>, ParseError> {
     let env: Envelope<'_> =
         serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
-    let seq = cow(env.sequence_number).unwrap_or(Cow::Borrowed(""));
+    let seq = counter(env.sequence_number).unwrap_or(Cow::Borrowed(""));
     Ok(match env.event.0.as_ref() {
         "connected" => Event::Connected(Connected {
             protocol: env.protocol.unwrap_or_default(),
@@ -252,8 +311,8 @@ pub fn parse(text: &str) -> Result<Event<'_>, ParseError> {
             Event::Media(Media {
                 sequence_number: seq,
                 track: cow(body.track).unwrap_or(Cow::Borrowed("inbound")),
-                chunk: cow(body.chunk).unwrap_or_default(),
-                timestamp: cow(body.timestamp).unwrap_or_default(),
+                chunk: counter(body.chunk).unwrap_or_default(),
+                timestamp: counter(body.timestamp).unwrap_or_default(),
                 payload: cow(body.payload).ok_or(ParseError::Missing {
                     event: "media",
                     field: "media.payload",
@@ -481,5 +540,23 @@ mod tests {
             panic!()
         };
         assert_eq!((m.chunk.as_ref(), m.timestamp.as_ref()), ("1", "20"));
+    }
+
+    /// What the original service's own test client sent: `tracks` as one string, counters
+    /// as numbers and words, a whole WAV file as one payload.
+    #[test]
+    fn the_originals_test_client_is_understood() {
+        let start = r#"{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1","tracks":"inbound","customParameters":{}},"streamSid":"MZ1"}"#;
+        let Event::Start(start) = parse(start).unwrap() else {
+            panic!()
+        };
+        assert_eq!(start.tracks, ["inbound"]);
+        let media = r#"{"event":"media","sequenceNumber":2,"media":{"track":"inbound","chunk":1,"timestamp":"now","payload":"UklGRgAA"},"streamSid":"MZ1"}"#;
+        let Event::Media(media) = parse(media).unwrap() else {
+            panic!()
+        };
+        assert_eq!(media.sequence_number, "2");
+        assert_eq!(media.chunk, "1");
+        assert_eq!(media.timestamp, "now");
     }
 }

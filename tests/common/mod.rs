@@ -42,6 +42,8 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
                 enabled: true,
                 ca_file: String::new(),
                 headers: Default::default(),
+                sample_rate: None,
+                speaks: false,
             },
         );
     }
