@@ -93,6 +93,11 @@ pub struct Metrics {
     pub backend_failures: Family<BackendLabel, Counter>,
     pub backend_reconnects: Family<BackendLabel, Counter>,
     pub backend_ignored: Family<BackendLabel, Counter>,
+    pub backend_rejected: Family<BackendLabel, Counter>,
+    pub backend_misbehaving: Family<BackendLabel, Counter>,
+    pub talkback_out: Family<BackendLabel, Counter>,
+    pub talkback_dropped: Family<BackendLabel, Counter>,
+    pub talkback_cleared: Family<BackendLabel, Counter>,
     pub forward_latency: LatencyHistogram,
 }
 
@@ -122,6 +127,11 @@ impl Metrics {
             backend_failures: Family::default(),
             backend_reconnects: Family::default(),
             backend_ignored: Family::default(),
+            backend_rejected: Family::default(),
+            backend_misbehaving: Family::default(),
+            talkback_out: Family::default(),
+            talkback_dropped: Family::default(),
+            talkback_cleared: Family::default(),
             forward_latency: LatencyHistogram::default(),
             registry: Registry::default(),
         };
@@ -171,6 +181,31 @@ impl Metrics {
             "backend_ignored_messages",
             "Messages from backends that were not forwarded",
             m.backend_ignored.clone(),
+        );
+        registry.register(
+            "backend_rejected_messages",
+            "Messages from a speaking backend dropped as malformed (fault=backend)",
+            m.backend_rejected.clone(),
+        );
+        registry.register(
+            "backend_misbehaving",
+            "Links dropped because a backend that does not speak flooded the proxy",
+            m.backend_misbehaving.clone(),
+        );
+        registry.register(
+            "talkback_messages_out",
+            "Messages from a speaking backend written to Twilio",
+            m.talkback_out.clone(),
+        );
+        registry.register(
+            "talkback_frames_dropped",
+            "Speaker media dropped because the queue toward Twilio was full",
+            m.talkback_dropped.clone(),
+        );
+        registry.register(
+            "talkback_frames_cleared",
+            "Speaker media discarded by a clear before Twilio got it",
+            m.talkback_cleared.clone(),
         );
         registry.register(
             "forward_latency_seconds",
@@ -227,6 +262,11 @@ impl Metrics {
             failures: self.backend_failures.get_or_create_owned(&label),
             reconnects: self.backend_reconnects.get_or_create_owned(&label),
             ignored: self.backend_ignored.get_or_create_owned(&label),
+            rejected: self.backend_rejected.get_or_create_owned(&label),
+            misbehaving: self.backend_misbehaving.get_or_create_owned(&label),
+            talkback_out: self.talkback_out.get_or_create_owned(&label),
+            talkback_dropped: self.talkback_dropped.get_or_create_owned(&label),
+            talkback_cleared: self.talkback_cleared.get_or_create_owned(&label),
             forward_latency: self.forward_latency.clone(),
         }
     }
@@ -248,6 +288,11 @@ pub struct LinkMetrics {
     pub failures: Counter,
     pub reconnects: Counter,
     pub ignored: Counter,
+    pub rejected: Counter,
+    pub misbehaving: Counter,
+    pub talkback_out: Counter,
+    pub talkback_dropped: Counter,
+    pub talkback_cleared: Counter,
     pub forward_latency: LatencyHistogram,
 }
 

@@ -190,6 +190,8 @@ pub struct MediaSettings {
     /// A `/media` socket must send `start` within this of the upgrade.
     pub start_timeout_ms: u64,
     pub max_backends_per_call: usize,
+    /// The queue toward Twilio of a speaking backend's audio, in milliseconds of audio.
+    pub talkback_queue_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_message_bytes: usize,
     pub all_backends_gone_grace_ms: u64,
@@ -203,6 +205,10 @@ pub struct BackendSettings {
     pub queue_bytes: usize,
     /// A backend that takes nothing for this long is a failed link.
     pub write_timeout_ms: u64,
+    /// A backend that does not speak and sends more than this many messages, or bytes, in a
+    /// second is disconnected as misbehaving.
+    pub max_unsolicited_messages_per_second: u32,
+    pub max_unsolicited_bytes_per_second: usize,
     pub connect_timeout_ms: u64,
     pub reconnect_max_tries: u32,
     pub reconnect_window_ms: u64,

@@ -209,6 +209,19 @@ impl Settings {
                 1,
                 64,
             ),
+            ("media.talkback_queue_ms", m.talkback_queue_ms, 20, 600_000),
+            (
+                "backends.max_unsolicited_messages_per_second",
+                u64::from(b.max_unsolicited_messages_per_second),
+                1,
+                1_000_000,
+            ),
+            (
+                "backends.max_unsolicited_bytes_per_second",
+                b.max_unsolicited_bytes_per_second as u64,
+                1024,
+                1 << 30,
+            ),
             (
                 "media.max_message_bytes",
                 m.max_message_bytes as u64,

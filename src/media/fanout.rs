@@ -16,6 +16,7 @@ use tokio_tungstenite::MaybeTlsStream;
 use tracing::{info, warn, Instrument};
 
 use super::link::{BackendSocket, ConnectError, Endpoint};
+use super::talkback::{FloodMeter, Reader, TowardTwilio};
 use super::route::Target;
 use crate::config::WireFormat;
 use crate::metrics::{LatencyBatch, LinkMetrics};
@@ -264,6 +265,25 @@ pub struct Policy {
     pub reconnect_max_tries: u32,
     pub reconnect_window: Duration,
     pub max_message_bytes: usize,
+    /// A backend that does not speak may send this many messages, and bytes, a second.
+    pub max_unsolicited: (u32, usize),
+}
+
+/// The largest message read from a speaking backend: more than any payload it may send, so
+/// an oversized one is read whole and refused (the call goes on) rather than failing the link.
+const SPEAKER_MAX_MESSAGE: usize = 2 << 20;
+
+/// What a writer does with what its backend says.
+enum Hearing {
+    /// Checked, and queued toward the caller.
+    Speaker {
+        reader: Reader,
+        toward: Arc<TowardTwilio>,
+        /// Reasons already logged on this link (each once; every one is counted).
+        logged: u32,
+    },
+    /// Read and discarded; a flood ends the link.
+    Quiet(FloodMeter),
 }
 
 /// The part of a link the session, `/calls` and the writer all see.
@@ -323,6 +343,7 @@ impl Link {
 pub fn spawn(
     target: &Target,
     endpoint: Arc<Endpoint>,
+    toward: Option<Arc<TowardTwilio>>,
     start: Message,
     policy: Policy,
     metrics: LinkMetrics,
@@ -339,7 +360,14 @@ pub fn spawn(
         dropped: AtomicU64::new(0),
         reconnects: AtomicU32::new(0),
     });
+    let speaker = toward.and_then(|toward| {
+        Reader::new(target.format, target.sample_rate, policy.max_message_bytes)
+            .inspect_err(|e| warn!(backend = %target.name, error = %e, "this backend cannot speak"))
+            .ok()
+            .map(|reader| (reader, toward))
+    });
     let writer = Writer {
+        speaker: speaker.is_some(),
         shared: shared.clone(),
         endpoint,
         start,
@@ -356,7 +384,7 @@ pub fn spawn(
             )
             .ok()
         });
-    let task = tracker.spawn(writer.run().instrument(span));
+    let task = tracker.spawn(writer.run(speaker).instrument(span));
     Link {
         shared,
         metrics,
@@ -378,9 +406,13 @@ enum LinkError {
     Io(#[from] tungstenite::Error),
     #[error("backend took nothing for {0:?}; dropping the link")]
     WriteStalled(Duration),
+    #[error("backend that does not speak sent more than {0} messages or {1} bytes in a second; dropping the link as misbehaving")]
+    Misbehaving(u32, usize),
 }
 
 struct Writer {
+    /// The backend talks back to the caller.
+    speaker: bool,
     shared: Arc<LinkShared>,
     endpoint: Arc<Endpoint>,
     start: Message,
@@ -390,11 +422,22 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self) {
+    async fn run(self, speaker: Option<(Reader, Arc<TowardTwilio>)>) {
         // Frames taken from the queue; those not yet written go back to it on a failure, so
         // they survive a reconnect within the queue's bound.
         let mut pending = VecDeque::new();
         let mut written = Held::default();
+        // A speaker goes on talking after a reconnect: the reader's state and the queue
+        // toward Twilio outlive any one connection.
+        let (max_messages, max_bytes) = self.policy.max_unsolicited;
+        let mut hearing = match speaker {
+            Some((reader, toward)) => Hearing::Speaker {
+                reader,
+                toward,
+                logged: 0,
+            },
+            None => Hearing::Quiet(FloodMeter::new(max_messages, max_bytes)),
+        };
         // An outage begins at a failure and ends only once a connection has held for the
         // whole reconnect window, so a backend that accepts and drops at once still runs
         // out of tries.
@@ -412,7 +455,9 @@ impl Writer {
                     connected_before = true;
                     let since = Instant::now();
                     self.set_state(LinkState::Connected);
-                    let pumped = self.pump(socket, &mut pending, &mut written).await;
+                    let pumped = self
+                        .pump(socket, &mut pending, &mut written, &mut hearing)
+                        .await;
                     self.shared.queue.put_back(&mut pending, &mut written);
                     match pumped {
                         Ok(()) => {
@@ -461,11 +506,16 @@ impl Writer {
 
     async fn connect(&self) -> Result<BackendSocket, LinkError> {
         // Backends seldom say anything, and every idle wait makes a read attempt, which zeroes
-        // this much buffer first: keep it small.
+        // this much buffer first: keep it small. A speaker talks 50 times a second: more.
+        let (read_chunk, max_message) = if self.speaker {
+            (4096, SPEAKER_MAX_MESSAGE.max(self.policy.max_message_bytes))
+        } else {
+            (BACKEND_READ_CHUNK, self.policy.max_message_bytes)
+        };
         let config = WebSocketConfig::default()
-            .read_buffer_size(BACKEND_READ_CHUNK)
-            .max_message_size(Some(self.policy.max_message_bytes))
-            .max_frame_size(Some(self.policy.max_message_bytes));
+            .read_buffer_size(read_chunk)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
         self.endpoint
             .connect(&self.policy.hop, config, self.policy.connect_timeout)
             .await
@@ -479,6 +529,7 @@ impl Writer {
         mut socket: BackendSocket,
         pending: &mut VecDeque<Frame>,
         written: &mut Held,
+        hearing: &mut Hearing,
     ) -> Result<(), LinkError> {
         // One socket, not split: reading (while idle) and writing (after) never overlap, so
         // no lock is needed between two halves.
@@ -490,7 +541,7 @@ impl Writer {
         let mut meter = Meter::default();
         meter.written(1, &self.shared);
         let result = self
-            .forward(&mut socket, pending, written, &mut meter)
+            .forward(&mut socket, pending, written, hearing, &mut meter)
             .await;
         meter.flush(&self.metrics);
         result
@@ -501,6 +552,7 @@ impl Writer {
         socket: &mut BackendSocket,
         pending: &mut VecDeque<Frame>,
         written: &mut Held,
+        hearing: &mut Hearing,
         meter: &mut Meter,
     ) -> Result<(), LinkError> {
         loop {
@@ -514,7 +566,7 @@ impl Writer {
                     // Frames first; the backend seldom says anything.
                     biased;
                     _ = self.shared.queue.ready() => {}
-                    _ = readable(socket) => self.read_backend(socket)?,
+                    _ = readable(socket) => self.read_backend(socket, hearing)?,
                 }
             }
             let oldest = pending.front().map(|f| f.received);
@@ -552,7 +604,11 @@ impl Writer {
 
     /// Reads whatever the backend has sent, without waiting: a close or an error ends the
     /// link; anything else is counted and dropped.
-    fn read_backend(&self, socket: &mut BackendSocket) -> Result<(), LinkError> {
+    fn read_backend(
+        &self,
+        socket: &mut BackendSocket,
+        hearing: &mut Hearing,
+    ) -> Result<(), LinkError> {
         while let Some(incoming) = socket.next().now_or_never() {
             match incoming {
                 None => return Err(LinkError::Closed(None)),
@@ -562,10 +618,50 @@ impl Writer {
                         frame.map(|f| format!("{} {}", f.code, f.reason)),
                     ))
                 }
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
-                    self.metrics.ignored.inc();
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    self.heard(message, hearing)?;
                 }
                 Some(Ok(_)) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One message from the backend: a speaker's is checked and sent on toward the caller;
+    /// anyone else's is counted and dropped, and too many of them end the link.
+    fn heard(&self, message: Message, hearing: &mut Hearing) -> Result<(), LinkError> {
+        match hearing {
+            Hearing::Speaker {
+                reader,
+                toward,
+                logged,
+            } => match reader.read(&message) {
+                Ok(Some(said)) => {
+                    let queued = toward.push(said);
+                    if queued.dropped > 0 {
+                        self.metrics.talkback_dropped.inc_by(queued.dropped as u64);
+                    }
+                    if queued.cleared > 0 {
+                        self.metrics.talkback_cleared.inc_by(queued.cleared as u64);
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    self.metrics.rejected.inc();
+                    let bit = 1u32 << (why as u8);
+                    if *logged & bit == 0 {
+                        *logged |= bit;
+                        warn!(fault = "backend", reason = %why, "speaker's message dropped (further ones of this kind are counted, not logged)");
+                    }
+                }
+            },
+            Hearing::Quiet(meter) => {
+                self.metrics.ignored.inc();
+                if meter.over(message.len()) {
+                    self.metrics.misbehaving.inc();
+                    let (messages, bytes) = self.policy.max_unsolicited;
+                    return Err(LinkError::Misbehaving(messages, bytes));
+                }
             }
         }
         Ok(())

@@ -12,6 +12,7 @@ pub mod fanout;
 pub mod link;
 pub mod route;
 pub mod session;
+pub mod talkback;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -3,6 +3,7 @@
 //! cleanly whatever ends it (Twilio's `stop`, a dropped socket, idleness, every backend gone,
 //! shutdown). The session never waits on a backend.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +17,7 @@ use tracing::{debug, info, warn, Instrument as _, Span};
 
 use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
+use super::talkback::{self, TowardTwilio};
 use super::wire;
 use super::{Admission, CallInfo, MediaHub};
 use crate::clock::unix_now;
@@ -66,8 +68,80 @@ struct Streaming {
     any_compact: bool,
     any_twilio: bool,
     any_pcm: bool,
+    /// The speaker's words on their way to the caller, when the call has a speaker.
+    toward: Option<TowardDrive>,
     execution_id: Option<String>,
     started: Instant,
+}
+
+/// Writes the speaker's queued words to Twilio whenever its socket can take them, from the
+/// session's own task: the socket is never split, and no write ever holds up a read.
+struct TowardDrive {
+    queue: Arc<TowardTwilio>,
+    stream_sid: String,
+    /// A message taken from the queue that the socket was not yet ready for.
+    held: Option<WsMessage>,
+    unflushed: bool,
+    metrics: crate::metrics::LinkMetrics,
+}
+
+impl TowardDrive {
+    /// Writes what the socket takes without waiting; registers for a wake-up when there is
+    /// more to write or room to write it. A failed write is left for the read side to see.
+    fn drive<S>(&mut self, socket: &mut S, cx: &mut std::task::Context<'_>)
+    where
+        S: Sink<WsMessage, Error = axum::Error> + Unpin,
+    {
+        use std::task::Poll;
+        loop {
+            if self.held.is_none() {
+                match self.queue.poll_next(cx) {
+                    Poll::Ready(said) => {
+                        let text = talkback::to_twilio(said, &self.stream_sid);
+                        self.held = Some(WsMessage::Text(text.into()));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            match Pin::new(&mut *socket).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    let Some(message) = self.held.take() else { break };
+                    if Pin::new(&mut *socket).start_send(message).is_err() {
+                        return;
+                    }
+                    self.metrics.talkback_out.inc();
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(_)) => return,
+                Poll::Pending => return,
+            }
+        }
+        if self.unflushed {
+            if let Poll::Ready(result) = Pin::new(&mut *socket).poll_flush(cx) {
+                self.unflushed = false;
+                let _ = result;
+            }
+        }
+    }
+}
+
+/// The next message from Twilio, writing the speaker's words while waiting for it.
+fn next_from_twilio<'a, S>(
+    socket: &'a mut S,
+    toward: Option<&'a mut TowardDrive>,
+) -> impl std::future::Future<Output = Option<Result<WsMessage, axum::Error>>> + 'a
+where
+    S: Stream<Item = Result<WsMessage, axum::Error>>
+        + Sink<WsMessage, Error = axum::Error>
+        + Unpin,
+{
+    let mut toward = toward;
+    std::future::poll_fn(move |cx| {
+        if let Some(drive) = toward.as_deref_mut() {
+            drive.drive(socket, cx);
+        }
+        Pin::new(&mut *socket).poll_next(cx)
+    })
 }
 
 struct Session {
@@ -134,7 +208,10 @@ where
             _ = &mut cancelled => {
                 break End::new(Outcome::shutdown, close::GOING_AWAY, "service shutting down");
             }
-            incoming = socket.next() => {
+            incoming = next_from_twilio(
+                &mut socket,
+                session.streaming.as_mut().and_then(|c| c.toward.as_mut()),
+            ) => {
                 let step = match incoming {
                     None => {
                         debug!("Twilio closed the socket");
@@ -433,13 +510,30 @@ impl Session {
             reconnect_max_tries: backends.reconnect_max_tries,
             reconnect_window: Duration::from_millis(backends.reconnect_window_ms),
             max_message_bytes: self.hub.settings.media.max_message_bytes,
+            max_unsolicited: (
+                backends.max_unsolicited_messages_per_second,
+                backends.max_unsolicited_bytes_per_second,
+            ),
         };
+        // The route leaves at most one speaker; its words reach the caller through this.
+        let toward = targets.iter().find(|t| t.speaks).map(|t| {
+            (
+                Arc::new(TowardTwilio::new(
+                    self.hub.settings.media.talkback_queue_ms,
+                )),
+                self.hub.metrics.link(&t.metrics_label),
+            )
+        });
         let links: Vec<Link> = targets
             .iter()
             .map(|t| {
                 fanout::spawn(
                     t,
                     self.hub.endpoint(t),
+                    toward
+                        .as_ref()
+                        .filter(|_| t.speaks)
+                        .map(|(queue, _)| queue.clone()),
                     wire::start(t.format, &raw, t.sample_rate),
                     policy.clone(),
                     self.hub.metrics.link(&t.metrics_label),
@@ -472,6 +566,13 @@ impl Session {
             any_compact: links.iter().any(|l| l.shared.format == WireFormat::Compact),
             any_twilio: links.iter().any(|l| l.shared.format == WireFormat::Twilio),
             any_pcm: links.iter().any(|l| l.pcm.is_some()),
+            toward: toward.map(|(queue, metrics)| TowardDrive {
+                queue,
+                stream_sid: start.stream_sid.clone(),
+                held: None,
+                unflushed: false,
+                metrics,
+            }),
             caller_track,
             links,
             start,
