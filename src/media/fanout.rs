@@ -16,8 +16,8 @@ use tokio_tungstenite::MaybeTlsStream;
 use tracing::{info, warn, Instrument};
 
 use super::link::{BackendSocket, ConnectError, Endpoint};
-use super::talkback::{FloodMeter, Reader, TowardTwilio};
 use super::route::Target;
+use super::talkback::{FloodMeter, Reader, TowardTwilio};
 use crate::config::WireFormat;
 use crate::metrics::{LatencyBatch, LinkMetrics};
 
@@ -277,7 +277,7 @@ const SPEAKER_MAX_MESSAGE: usize = 2 << 20;
 enum Hearing {
     /// Checked, and queued toward the caller.
     Speaker {
-        reader: Reader,
+        reader: Box<Reader>,
         toward: Arc<TowardTwilio>,
         /// Reasons already logged on this link (each once; every one is counted).
         logged: u32,
@@ -340,11 +340,18 @@ impl Link {
 
 /// Opens a link: spawns its writer, which connects, sends `start`, then everything queued.
 /// `changed` is notified whenever the link connects, reconnects, gives up or finishes.
+/// How a link reaches its backend and what it says first.
+pub struct Opening {
+    pub endpoint: Arc<Endpoint>,
+    /// The call's `start` in the backend's format, sent on every (re)connect.
+    pub start: Message,
+    /// For the call's speaker: where its words go.
+    pub toward: Option<Arc<TowardTwilio>>,
+}
+
 pub fn spawn(
     target: &Target,
-    endpoint: Arc<Endpoint>,
-    toward: Option<Arc<TowardTwilio>>,
-    start: Message,
+    opening: Opening,
     policy: Policy,
     metrics: LinkMetrics,
     changed: Arc<Notify>,
@@ -360,6 +367,11 @@ pub fn spawn(
         dropped: AtomicU64::new(0),
         reconnects: AtomicU32::new(0),
     });
+    let Opening {
+        endpoint,
+        start,
+        toward,
+    } = opening;
     let speaker = toward.and_then(|toward| {
         Reader::new(target.format, target.sample_rate, policy.max_message_bytes)
             .inspect_err(|e| warn!(backend = %target.name, error = %e, "this backend cannot speak"))
@@ -432,7 +444,7 @@ impl Writer {
         let (max_messages, max_bytes) = self.policy.max_unsolicited;
         let mut hearing = match speaker {
             Some((reader, toward)) => Hearing::Speaker {
-                reader,
+                reader: Box::new(reader),
                 toward,
                 logged: 0,
             },

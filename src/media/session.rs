@@ -105,7 +105,9 @@ impl TowardDrive {
             }
             match Pin::new(&mut *socket).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
-                    let Some(message) = self.held.take() else { break };
+                    let Some(message) = self.held.take() else {
+                        break;
+                    };
                     if Pin::new(&mut *socket).start_send(message).is_err() {
                         return;
                     }
@@ -131,9 +133,7 @@ fn next_from_twilio<'a, S>(
     toward: Option<&'a mut TowardDrive>,
 ) -> impl std::future::Future<Output = Option<Result<WsMessage, axum::Error>>> + 'a
 where
-    S: Stream<Item = Result<WsMessage, axum::Error>>
-        + Sink<WsMessage, Error = axum::Error>
-        + Unpin,
+    S: Stream<Item = Result<WsMessage, axum::Error>> + Sink<WsMessage, Error = axum::Error> + Unpin,
 {
     let mut toward = toward;
     std::future::poll_fn(move |cx| {
@@ -518,9 +518,7 @@ impl Session {
         // The route leaves at most one speaker; its words reach the caller through this.
         let toward = targets.iter().find(|t| t.speaks).map(|t| {
             (
-                Arc::new(TowardTwilio::new(
-                    self.hub.settings.media.talkback_queue_ms,
-                )),
+                Arc::new(TowardTwilio::new(self.hub.settings.media.talkback_queue_ms)),
                 self.hub.metrics.link(&t.metrics_label),
             )
         });
@@ -529,12 +527,14 @@ impl Session {
             .map(|t| {
                 fanout::spawn(
                     t,
-                    self.hub.endpoint(t),
-                    toward
-                        .as_ref()
-                        .filter(|_| t.speaks)
-                        .map(|(queue, _)| queue.clone()),
-                    wire::start(t.format, &raw, t.sample_rate),
+                    fanout::Opening {
+                        endpoint: self.hub.endpoint(t),
+                        start: wire::start(t.format, &raw, t.sample_rate),
+                        toward: toward
+                            .as_ref()
+                            .filter(|_| t.speaks)
+                            .map(|(queue, _)| queue.clone()),
+                    },
                     policy.clone(),
                     self.hub.metrics.link(&t.metrics_label),
                     self.links_changed.clone(),

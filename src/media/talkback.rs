@@ -127,11 +127,12 @@ impl Reader {
                 // Twilio's shape carries `media.payload`; the compact one `media` itself.
                 let payload = match (self.format, envelope.media) {
                     (WireFormat::Compact, Some(serde_json::Value::String(p))) => p,
-                    (_, Some(serde_json::Value::Object(mut body))) => match body.remove("payload")
-                    {
-                        Some(serde_json::Value::String(p)) => p,
-                        _ => return Err(Refused::Malformed),
-                    },
+                    (_, Some(serde_json::Value::Object(mut body))) => {
+                        match body.remove("payload") {
+                            Some(serde_json::Value::String(p)) => p,
+                            _ => return Err(Refused::Malformed),
+                        }
+                    }
                     _ => return Err(Refused::Malformed),
                 };
                 if payload.len() > self.max_payload {
@@ -178,7 +179,9 @@ impl PcmUp {
             return Ok(None);
         }
         let codes: Vec<u8> = self.out.iter().map(|&s| mulaw::encode(s)).collect();
-        Ok(Some(base64::engine::general_purpose::STANDARD.encode(codes)))
+        Ok(Some(
+            base64::engine::general_purpose::STANDARD.encode(codes),
+        ))
     }
 }
 
@@ -343,14 +346,21 @@ mod tests {
     fn each_format_says_media_mark_and_clear_its_own_way() {
         let mut twilio = Reader::new(WireFormat::Twilio, 8000, 1000).unwrap();
         assert_eq!(
-            twilio.read(&text(r#"{"event":"media","streamSid":"MZx","media":{"payload":"AAEC"}}"#)),
+            twilio.read(&text(
+                r#"{"event":"media","streamSid":"MZx","media":{"payload":"AAEC"}}"#
+            )),
             Ok(Some(Said::Media("AAEC".into())))
         );
         assert_eq!(
-            twilio.read(&text(r#"{"event":"mark","streamSid":"MZx","mark":{"name":"turn-1"}}"#)),
+            twilio.read(&text(
+                r#"{"event":"mark","streamSid":"MZx","mark":{"name":"turn-1"}}"#
+            )),
             Ok(Some(Said::Mark("turn-1".into())))
         );
-        assert_eq!(twilio.read(&text(r#"{"event":"clear"}"#)), Ok(Some(Said::Clear)));
+        assert_eq!(
+            twilio.read(&text(r#"{"event":"clear"}"#)),
+            Ok(Some(Said::Clear))
+        );
         let mut compact = Reader::new(WireFormat::Compact, 8000, 1000).unwrap();
         assert_eq!(
             compact.read(&text(r#"{"event":"media","media":"AAEC"}"#)),
@@ -368,12 +378,17 @@ mod tests {
         let Ok(Some(Said::Media(b64))) = pcm.read(&Message::Binary(samples.into())) else {
             panic!("PCM at 8 kHz is audio at once")
         };
-        let codes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let codes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         assert_eq!(
             codes,
             [1000i16, -1000, 0, 32000].map(mulaw::encode).to_vec()
         );
-        assert_eq!(pcm.read(&text(r#"{"event":"clear"}"#)), Ok(Some(Said::Clear)));
+        assert_eq!(
+            pcm.read(&text(r#"{"event":"clear"}"#)),
+            Ok(Some(Said::Clear))
+        );
     }
 
     #[test]
@@ -381,10 +396,16 @@ mod tests {
         let mut twilio = Reader::new(WireFormat::Twilio, 8000, 100).unwrap();
         let cases: &[(Message, Refused)] = &[
             (text("not json"), Refused::Malformed),
-            (text(r#"{"event":"media","media":{"payload":"not base64!"}}"#), Refused::NotBase64),
+            (
+                text(r#"{"event":"media","media":{"payload":"not base64!"}}"#),
+                Refused::NotBase64,
+            ),
             (text(r#"{"event":"media","media":{}}"#), Refused::Malformed),
             (
-                text(&format!(r#"{{"event":"media","media":{{"payload":"{}"}}}}"#, "A".repeat(1 << 20))),
+                text(&format!(
+                    r#"{{"event":"media","media":{{"payload":"{}"}}}}"#,
+                    "A".repeat(1 << 20)
+                )),
                 Refused::TooLarge,
             ),
             (text(r#"{"event":"start"}"#), Refused::UnknownEvent),
@@ -395,8 +416,14 @@ mod tests {
             assert_eq!(twilio.read(message), Err(*why), "{message:?}");
         }
         let mut pcm = Reader::new(WireFormat::Pcm16, 16000, 100).unwrap();
-        assert_eq!(pcm.read(&Message::Binary(vec![0u8; 3].into())), Err(Refused::BadPcm));
-        assert_eq!(pcm.read(&Message::Binary(vec![0u8; 200].into())), Err(Refused::TooLarge));
+        assert_eq!(
+            pcm.read(&Message::Binary(vec![0u8; 3].into())),
+            Err(Refused::BadPcm)
+        );
+        assert_eq!(
+            pcm.read(&Message::Binary(vec![0u8; 200].into())),
+            Err(Refused::TooLarge)
+        );
         assert_eq!(
             pcm.read(&text(r#"{"event":"media","media":{"payload":"AAEC"}}"#)),
             Err(Refused::UnknownEvent),
@@ -430,6 +457,10 @@ mod tests {
         assert!(q.queued_ms() <= 100);
         let cleared = q.push(Said::Clear);
         assert_eq!(cleared.cleared, 3);
-        assert_eq!(drain(&q), [Said::Clear, Said::Mark("a".into())], "clear first, marks kept");
+        assert_eq!(
+            drain(&q),
+            [Said::Clear, Said::Mark("a".into())],
+            "clear first, marks kept"
+        );
     }
 }

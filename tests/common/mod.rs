@@ -8,6 +8,7 @@ mod backend;
 mod process;
 mod proxy;
 mod redis;
+mod speaker;
 mod tls;
 mod twilio;
 
@@ -15,6 +16,7 @@ pub use backend::*;
 pub use process::*;
 pub use proxy::*;
 pub use redis::*;
+pub use speaker::*;
 pub use tls::*;
 pub use twilio::*;
 

@@ -24,7 +24,7 @@ pub fn sized_payload(i: usize, bytes: usize) -> String {
     base64::engine::general_purpose::STANDARD.encode(audio)
 }
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Plays Twilio's side of one media stream.
 pub struct TwilioCall {
@@ -41,6 +41,22 @@ pub struct TwilioCall {
 impl TwilioCall {
     pub async fn connect(proxy: &Proxy, name: &str) -> TwilioCall {
         Self::connect_url(&proxy.ws_url(), name).await
+    }
+
+    /// A call on a socket the test opened itself (to shape its TCP connection).
+    pub async fn from_socket(mut ws: Socket, name: &str) -> TwilioCall {
+        ws.send(Message::Text(outbound::connected().into()))
+            .await
+            .unwrap();
+        TwilioCall {
+            ws,
+            stream_sid: format!("MZ{name}"),
+            call_sid: format!("CA{name}"),
+            seq: 1,
+            chunk: 0,
+            start_text: String::new(),
+            sent_media: Vec::new(),
+        }
     }
 
     pub async fn connect_url(ws_url: &str, name: &str) -> TwilioCall {
