@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod flow;
 pub mod load;
 pub mod loadgen;

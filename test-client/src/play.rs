@@ -52,6 +52,10 @@ pub struct CallSpec {
     pub custom_parameters: BTreeMap<String, String>,
     /// Extra headers on the upgrade (an `X-Twilio-Signature`, for example).
     pub headers: Vec<(String, String)>,
+    /// Keys the caller presses, each at its time into the call.
+    pub dtmf: Vec<(char, Duration)>,
+    /// How long to stay on the line after the audio, to hear the rest of an answer.
+    pub linger: Duration,
 }
 
 impl CallSpec {
@@ -70,8 +74,22 @@ impl CallSpec {
             tracks: vec!["inbound".into()],
             custom_parameters: BTreeMap::new(),
             headers: Vec::new(),
+            dtmf: Vec::new(),
+            linger: Duration::ZERO,
         }
     }
+}
+
+/// What came back to the caller: what a voice agent said, as Twilio would have played it.
+#[derive(Debug, Default, Clone)]
+pub struct Reply {
+    /// The audio the caller heard (mu-law, 8 kHz): what a `clear` cut off is not in it.
+    pub audio: Vec<u8>,
+    /// From the `start` to the first audio back.
+    pub first_audio: Option<Duration>,
+    /// Marks echoed back once the audio before them had played (or a clear cut it).
+    pub marks_echoed: u32,
+    pub clears: u32,
 }
 
 /// What happened on one played call.
@@ -83,9 +101,92 @@ pub struct CallReport {
     pub took: Duration,
     /// How the proxy closed the stream, if it sent a close frame.
     pub close: Option<(u16, String)>,
+    pub reply: Reply,
 }
 
-/// Connects, streams `frames` in real time, stops and closes. Fails when the proxy cannot be
+/// Twilio's side of the way back: plays what comes in at real time, echoes each mark when
+/// the audio before it has played, and on `clear` cuts what has not played yet.
+struct Playback {
+    reply: Reply,
+    started: Instant,
+    /// When the audio received so far will have finished playing.
+    played_until: Instant,
+    /// Marks waiting for their audio, with when it will have played.
+    marks: std::collections::VecDeque<(Instant, String)>,
+}
+
+impl Playback {
+    fn new(started: Instant) -> Playback {
+        Playback {
+            reply: Reply::default(),
+            started,
+            played_until: started,
+            marks: Default::default(),
+        }
+    }
+
+    /// One message from the proxy; answers the marks to echo now.
+    fn heard(&mut self, text: &str) -> Vec<String> {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        match v["event"].as_str() {
+            Some("media") => {
+                let Some(audio) = v["media"]["payload"]
+                    .as_str()
+                    .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok())
+                else {
+                    return Vec::new();
+                };
+                self.reply
+                    .first_audio
+                    .get_or_insert_with(|| now.duration_since(self.started));
+                let length = Duration::from_micros(audio.len() as u64 * 125);
+                self.played_until = self.played_until.max(now) + length;
+                self.reply.audio.extend_from_slice(&audio);
+                Vec::new()
+            }
+            Some("mark") => {
+                let name = v["mark"]["name"].as_str().unwrap_or_default().to_string();
+                self.marks.push_back((self.played_until.max(now), name));
+                self.due(now)
+            }
+            Some("clear") => {
+                self.reply.clears += 1;
+                // What has not played yet never will.
+                let unplayed = self.played_until.saturating_duration_since(now);
+                let cut = (unplayed.as_micros() / 125) as usize;
+                let keep = self.reply.audio.len().saturating_sub(cut);
+                self.reply.audio.truncate(keep);
+                self.played_until = now;
+                let names: Vec<String> = self.marks.drain(..).map(|(_, n)| n).collect();
+                self.reply.marks_echoed += names.len() as u32;
+                names
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Marks whose audio has played by `now`.
+    fn due(&mut self, now: Instant) -> Vec<String> {
+        let mut names = Vec::new();
+        while self.marks.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, name)) = self.marks.pop_front() {
+                names.push(name);
+            }
+        }
+        self.reply.marks_echoed += names.len() as u32;
+        names
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.marks.front().map(|(at, _)| *at)
+    }
+}
+
+/// Connects, streams `frames` in real time (pressing the keys `spec.dtmf` names), listens to
+/// what comes back as Twilio would play it, stops and closes. Fails when the proxy cannot be
 /// reached, refuses the upgrade, or closes the stream before the audio is done.
 pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
     let mut request = spec
@@ -118,19 +219,6 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
     };
     let (mut tx, mut rx) = ws.split();
 
-    // Whatever the proxy says (a close, in practice) is watched for while we stream.
-    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<(u16, String)>>();
-    let reader = tokio::spawn(async move {
-        let mut close = None;
-        while let Some(Ok(m)) = rx.next().await {
-            if let Message::Close(frame) = m {
-                close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-                break;
-            }
-        }
-        let _ = closed_tx.send(close);
-    });
-
     let tracks: Vec<&str> = spec.tracks.iter().map(String::as_str).collect();
     tx.send(Message::Text(outbound::connected().into())).await?;
     tx.send(Message::Text(
@@ -147,34 +235,100 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
         .into(),
     ))
     .await?;
+    let began = Instant::now();
+
+    // What the proxy says is heard while we stream: a close ends the call early; the way
+    // back is played, its marks echoed through `echo`.
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel::<Option<Option<(u16, String)>>>(None);
+    let (echo_tx, mut echo_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = tokio::spawn(async move {
+        let mut playback = Playback::new(began);
+        loop {
+            let due = playback.next_due();
+            tokio::select! {
+                _ = async { tokio::time::sleep_until(due.expect("guarded").into()).await }, if due.is_some() => {
+                    for name in playback.due(Instant::now()) {
+                        let _ = echo_tx.send(name);
+                    }
+                }
+                m = rx.next() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        for name in playback.heard(t.as_str()) {
+                            let _ = echo_tx.send(name);
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let _ = closed_tx.send(Some(frame.map(|f| (u16::from(f.code), f.reason.to_string()))));
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => {
+                        let _ = closed_tx.send(Some(None));
+                        break;
+                    }
+                },
+            }
+        }
+        playback.reply
+    });
 
     let b64 = base64::engine::general_purpose::STANDARD;
-    let began = Instant::now();
     let start = tokio::time::Instant::now();
     let mut seq = 2u64;
-    for (i, frame) in frames.iter().enumerate() {
-        // Paced against the start, not the previous frame, so delays never accumulate.
-        tokio::time::sleep_until(start + Duration::from_millis(i as u64 * FRAME_MS)).await;
-        if let Ok(close) = closed_rx.try_recv() {
+    let mut keys: Vec<(char, Duration)> = spec.dtmf.clone();
+    keys.sort_by_key(|(_, at)| *at);
+    let mut keys = keys.into_iter().peekable();
+    let audio_end = Duration::from_millis(frames.len() as u64 * FRAME_MS);
+    let mut next = 0usize;
+    loop {
+        let frame_at = Duration::from_millis(next as u64 * FRAME_MS);
+        let key_at = keys.peek().map(|(_, at)| *at);
+        let (wake, is_key) = match (next < frames.len(), key_at) {
+            (true, Some(k)) if k <= frame_at => (k, true),
+            (true, _) => (frame_at, false),
+            (false, Some(k)) if k <= audio_end + spec.linger => (k, true),
+            (false, _) => (audio_end + spec.linger, false),
+        };
+        tokio::select! {
+            Some(name) = echo_rx.recv() => {
+                tx.send(Message::Text(outbound::mark(seq, &spec.stream_sid, &name).into())).await?;
+                seq += 1;
+                continue;
+            }
+            _ = tokio::time::sleep_until(start + wake) => {}
+        }
+        if let Some(close) = closed_rx.borrow().clone() {
             let why = close
                 .map(|(c, r)| format!("{c} {r}"))
                 .unwrap_or_else(|| "no close frame".into());
-            bail!("the proxy closed the stream after {i} frames: {why}");
+            bail!("the proxy closed the stream after {next} frames: {why}");
         }
+        if is_key {
+            let (digit, _) = keys.next().expect("peeked");
+            tx.send(Message::Text(
+                outbound::dtmf(seq, &spec.stream_sid, &digit.to_string()).into(),
+            ))
+            .await?;
+            seq += 1;
+            continue;
+        }
+        let Some(frame) = frames.get(next) else {
+            break;
+        };
         let text = outbound::media(
             seq,
             &spec.stream_sid,
             "inbound",
-            i as u64 + 1,
-            i as u64 * FRAME_MS,
+            next as u64 + 1,
+            next as u64 * FRAME_MS,
             &b64.encode(frame),
         );
         tx.send(Message::Text(text.into()))
             .await
             .context("the proxy dropped the stream")?;
         seq += 1;
+        next += 1;
     }
-    tokio::time::sleep_until(start + Duration::from_millis(frames.len() as u64 * FRAME_MS)).await;
     tx.send(Message::Text(
         outbound::stop(seq, &spec.account_sid, &spec.call_sid, &spec.stream_sid).into(),
     ))
@@ -185,18 +339,20 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
             reason: "call ended".into(),
         })))
         .await;
-    let close = tokio::time::timeout(Duration::from_secs(3), closed_rx)
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten();
-    reader.abort();
+    let mut closed_rx = closed_rx;
+    let _ = tokio::time::timeout(Duration::from_secs(3), closed_rx.wait_for(|c| c.is_some())).await;
+    let close = closed_rx.borrow().clone().flatten();
+    let reply = match tokio::time::timeout(Duration::from_secs(1), reader).await {
+        Ok(Ok(reply)) => reply,
+        _ => Reply::default(),
+    };
     Ok(CallReport {
         call_sid: spec.call_sid.clone(),
         frames: frames.len(),
-        audio: Duration::from_millis(frames.len() as u64 * FRAME_MS),
+        audio: audio_end,
         took: began.elapsed(),
         close,
+        reply,
     })
 }
 

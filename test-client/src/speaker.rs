@@ -11,6 +11,8 @@ use anyhow::{Context, Result};
 use base64::Engine as _;
 use call_proxy::audio::{mulaw, SAMPLE_RATE};
 use futures_util::StreamExt;
+
+use crate::agent::{Agent, Format};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -24,6 +26,8 @@ pub struct Options {
     pub record_dir: Option<PathBuf>,
     /// Play on the sound card (only with the `speaker` feature).
     pub play: bool,
+    /// Answer each call as a voice agent would (the proxy's backend must speak).
+    pub speak: Option<crate::agent::Speak>,
 }
 
 /// One call as the speaker saw it.
@@ -40,6 +44,9 @@ pub struct CallSummary {
     /// Media of a second track (with `both_tracks`) seen but not played or recorded.
     pub other_track_frames: u64,
     pub marks_and_dtmf: u64,
+    /// With --speak: marks the agent sent, and clears (on a key press).
+    pub marks_sent: u64,
+    pub clears_sent: u64,
     /// Whether the call ended with `stop` (rather than the connection dropping).
     pub stopped: bool,
     pub recording: Option<PathBuf>,
@@ -63,6 +70,13 @@ impl fmt::Display for CallSummary {
             self.format,
             if self.stopped { "" } else { ", no stop" }
         )?;
+        if self.marks_sent > 0 || self.clears_sent > 0 {
+            write!(
+                f,
+                "; spoke: {} mark(s) sent, {} echoed back, {} clear(s)",
+                self.marks_sent, self.marks_and_dtmf, self.clears_sent
+            )?;
+        }
         if let Some(path) = &self.recording {
             write!(f, ", recorded to {}", path.display())?;
         }
@@ -115,9 +129,13 @@ async fn handle(
             Err(refusal)
         }
     };
-    let mut ws = tokio_tungstenite::accept_hdr_async(stream, check_path)
+    let ws = tokio_tungstenite::accept_hdr_async(stream, check_path)
         .await
         .context("WebSocket handshake")?;
+    let (sink, mut ws) = ws.split();
+    // The agent takes the sending half at `start`, when the call's format is known.
+    let mut sink = Some(sink);
+    let mut agent: Option<Agent> = None;
     let mut call: Option<Call> = None;
     while let Some(message) = ws.next().await {
         let message = match message {
@@ -136,14 +154,31 @@ async fn handle(
                 match v["event"].as_str().unwrap_or("") {
                     "start" if call.is_none() => {
                         call = Some(Call::start(&v, n, options)?);
+                        if let (Some(speak), Some(sink)) = (&options.speak, sink.take()) {
+                            agent = Some(Agent::start(format_of(&v), speak.clone(), sink));
+                        }
                     }
                     "media" => {
                         let call = call.get_or_insert_with(|| Call::unannounced(n, options));
-                        call.media(&v, player)?;
+                        if let Some(codes) = call.media(&v, player)? {
+                            if let Some(agent) = agent.as_mut() {
+                                agent.heard(&codes);
+                            }
+                        }
                     }
-                    "mark" | "dtmf" => {
+                    "mark" => {
                         if let Some(call) = call.as_mut() {
                             call.summary.marks_and_dtmf += 1;
+                        }
+                    }
+                    "dtmf" => {
+                        if let Some(call) = call.as_mut() {
+                            call.summary.marks_and_dtmf += 1;
+                            // A key press while the agent talks: barge-in.
+                            if let Some(agent) = agent.as_mut() {
+                                agent.barge_in();
+                                call.summary.clears_sent += 1;
+                            }
                         }
                     }
                     "stop" => {
@@ -158,12 +193,37 @@ async fn handle(
             Message::Binary(pcm) => {
                 let call = call.get_or_insert_with(|| Call::unannounced(n, options));
                 call.pcm16(&pcm, player)?;
+                if let Some(agent) = agent.as_mut() {
+                    agent.heard_pcm(&pcm);
+                }
             }
             Message::Close(_) => break,
             _ => {}
         }
     }
+    if let (Some(call), Some(agent)) = (call.as_mut(), &agent) {
+        call.summary.marks_sent = agent.marks_sent();
+    }
     call.map(Call::finish).transpose()
+}
+
+/// The call's wire format, from its `start`.
+fn format_of(start: &serde_json::Value) -> Format {
+    let body = &start["start"];
+    if !body.is_object() {
+        return Format::Compact;
+    }
+    if body["mediaFormat"]["encoding"] == "audio/l16" {
+        let rate = body["mediaFormat"]["sampleRate"].as_u64().unwrap_or(16000) as u32;
+        return Format::Pcm16 { rate };
+    }
+    Format::Twilio {
+        stream_sid: start["streamSid"]
+            .as_str()
+            .or_else(|| body["streamSid"].as_str())
+            .unwrap_or_default()
+            .to_string(),
+    }
 }
 
 struct Call {
@@ -218,7 +278,8 @@ impl Call {
         }
     }
 
-    fn media(&mut self, v: &serde_json::Value, player: &player::Player) -> Result<()> {
+    /// One media message; answers the caller's audio (mu-law) it carried, if any.
+    fn media(&mut self, v: &serde_json::Value, player: &player::Player) -> Result<Option<Vec<u8>>> {
         let (payload, chunk) = match &v["media"] {
             serde_json::Value::String(compact) => (compact.as_str(), None),
             media => {
@@ -226,7 +287,7 @@ impl Call {
                 if let Some(ours) = &self.track {
                     if track != ours {
                         self.summary.other_track_frames += 1;
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
                 let chunk = media["chunk"].as_str().and_then(|c| c.parse::<u64>().ok());
@@ -238,7 +299,7 @@ impl Call {
                 "local-speaker: call {}: payload is not base64",
                 self.summary.id
             );
-            return Ok(());
+            return Ok(None);
         };
         match chunk {
             Some(c) => {
@@ -252,7 +313,8 @@ impl Call {
             None => self.note_arrival(),
         }
         let samples: Vec<i16> = codes.iter().map(|&c| mulaw::decode(c)).collect();
-        self.audio(&samples, player)
+        self.audio(&samples, player)?;
+        Ok(Some(codes))
     }
 
     fn pcm16(&mut self, bytes: &[u8], player: &player::Player) -> Result<()> {

@@ -18,6 +18,7 @@ async fn start(
         path: "/media".into(),
         record_dir,
         play: false,
+        speak: None,
     };
     tokio::spawn(speaker::serve(listener, options, move |s| {
         let _ = tx.send(s);

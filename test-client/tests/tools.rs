@@ -414,3 +414,117 @@ fn the_flow_walk_passes_a_production_configured_proxy_and_only_with_the_right_to
     let out = play(&url, "testing-123.wav");
     assert!(!out.status.success());
 }
+
+fn talking_speaker(extra: &[&str]) -> (Proc, String) {
+    let p = Proc::spawn(
+        Command::new(env!("CARGO_BIN_EXE_local-speaker"))
+            .args(["--listen", "127.0.0.1:0", "--speak"])
+            .args(extra),
+    );
+    let url = p.line(Duration::from_secs(10), |l| {
+        l.strip_prefix("local-speaker listening on ")
+            .map(|rest| rest.split(' ').next().unwrap().to_string())
+    });
+    (p, url)
+}
+
+fn talking_proxy(speaker_url: &str, format: &str) -> (Proc, String) {
+    let mut cmd = Command::new(call_proxy_bin());
+    cmd.env_remove("RUN_MODE")
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", speaker_url)
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", format)
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__SPEAKS", "true");
+    start_proxy(cmd)
+}
+
+/// The reply line test-client prints: seconds of audio, first audio (ms), marks, clears.
+fn reply_line(stdout: &str) -> (f64, u64, u32, u32) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("test-client: reply: "))
+        .unwrap_or_else(|| panic!("no reply line in {stdout}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let seconds: f64 = words[2].parse().unwrap();
+    let first: u64 = words[8].parse().unwrap_or(u64::MAX);
+    let marks: u32 = words[10].parse().unwrap();
+    let clears: u32 = words[13].parse().unwrap();
+    (seconds, first, marks, clears)
+}
+
+/// A voice agent answering through the proxy, all real binaries: the echo comes back to the
+/// caller exactly, marks go round, and a key press makes the agent clear and stop.
+#[test]
+fn a_voice_agent_answers_the_caller_through_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_frames("testing-123.wav");
+    let seconds = source.len() as f64 / 8000.0;
+
+    // Twilio format, no interruption: the caller hears its own audio back, sample for sample.
+    let (speaker, speaker_url) = talking_speaker(&["--echo-delay", "300ms"]);
+    let (_proxy, url) = talking_proxy(&speaker_url, "twilio");
+    let reply = dir.path().join("reply.wav");
+    let out = Command::new(env!("CARGO_BIN_EXE_test-client"))
+        .args(["--once", "--url", &url, "--wav"])
+        .arg(sample("testing-123.wav"))
+        .arg("--reply")
+        .arg(&reply)
+        .args(["--linger", "2s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (got_seconds, first_ms, marks, clears) = reply_line(&stdout);
+    assert!(
+        (250..=1000).contains(&first_ms),
+        "first audio after {first_ms} ms: {stdout}"
+    );
+    assert!(marks >= 1, "{stdout}");
+    assert_eq!(clears, 0);
+    assert!(
+        (got_seconds - seconds).abs() < 0.05,
+        "{got_seconds} of {seconds} s back"
+    );
+    let mut wav = hound::WavReader::open(&reply).unwrap();
+    let heard: Vec<i16> = wav.samples::<i16>().map(Result::unwrap).collect();
+    let said: Vec<i16> = source.iter().map(|&c| mulaw::decode(c)).collect();
+    assert!(heard == said, "the echo is the caller's audio exactly");
+    let summary = speaker.line(Duration::from_secs(10), |l| {
+        l.starts_with("call ").then(|| l.to_string())
+    });
+    assert!(summary.contains("mark(s) sent"), "{summary}");
+
+    // Compact and pcm16 agents saying a long message, interrupted: a key press 1 s in, the
+    // agent clears and stops, and the caller hears no more of it.
+    let message = sample("hello-en-us.wav");
+    let message_seconds = source_frames("hello-en-us.wav").len() as f64 / 8000.0;
+    for format in ["compact", "pcm16"] {
+        let (_speaker, speaker_url) = talking_speaker(&["--say", message.to_str().unwrap()]);
+        let (_proxy, url) = talking_proxy(&speaker_url, format);
+        let out = Command::new(env!("CARGO_BIN_EXE_test-client"))
+            .args(["--once", "--url", &url, "--wav"])
+            .arg(sample("testing-123.wav"))
+            .arg("--reply")
+            .arg(dir.path().join(format!("{format}.wav")))
+            .args(["--linger", "1s", "--dtmf", "9@1s"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{format}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (got_seconds, first_ms, _, clears) = reply_line(&stdout);
+        assert!(first_ms < 1000, "{format}: {stdout}");
+        assert_eq!(clears, 1, "{format}: {stdout}");
+        assert!(
+            got_seconds < 1.5 && message_seconds > 3.0,
+            "{format}: after the clear the agent stopped: {got_seconds} s of {message_seconds} s heard"
+        );
+    }
+}

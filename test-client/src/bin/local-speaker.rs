@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use test_client::agent::Speak;
 use test_client::speaker::{self, Options};
 
 #[derive(Parser)]
@@ -25,6 +26,17 @@ struct Cli {
     /// Do not play on the sound card (builds with the `speaker` feature play by default).
     #[arg(long)]
     mute: bool,
+    /// Answer each call as a voice agent would: echo the caller after --echo-delay (or say
+    /// --say FILE), send a mark after each stretch of speech, and on a key press send clear
+    /// and stop talking. The proxy's backend must have `speaks = true`.
+    #[arg(long)]
+    speak: bool,
+    /// With --speak: say this 8 kHz mono WAV instead of echoing.
+    #[arg(long, value_name = "FILE", requires = "speak")]
+    say: Option<PathBuf>,
+    /// With --speak: how long after the caller the echo comes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "speak")]
+    echo_delay: std::time::Duration,
 }
 
 #[tokio::main]
@@ -56,10 +68,16 @@ async fn run(cli: Cli) -> Result<()> {
             "not playing: built without the speaker feature or --mute"
         }
     );
+    let speak = match (cli.speak, &cli.say) {
+        (false, _) => None,
+        (true, Some(file)) => Some(Speak::Say(test_client::play::load_audio(file)?)),
+        (true, None) => Some(Speak::Echo(cli.echo_delay)),
+    };
     let options = Options {
         path: cli.path,
         record_dir: cli.record_dir,
         play,
+        speak,
     };
     tokio::select! {
         served = speaker::serve(listener, options, |summary| println!("{summary}")) => served,

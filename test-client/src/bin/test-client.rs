@@ -62,6 +62,31 @@ struct Cli {
     /// The URL Twilio calls the proxy on (its twilio.public_url), when signing.
     #[arg(long)]
     public_url: Option<String>,
+    /// Press a key during the call: DIGIT@TIME, e.g. 9@3s; repeatable.
+    #[arg(long = "dtmf", value_parser = parse_dtmf)]
+    dtmf: Vec<(char, Duration)>,
+    /// Record what comes back to the caller (a voice agent's answer, as Twilio would play
+    /// it) to this WAV file, and say how it went: time to first audio, marks, clears.
+    #[arg(long, value_name = "FILE")]
+    reply: Option<PathBuf>,
+    /// How long to stay on the line after the audio, to hear the answer out.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    linger: Duration,
+}
+
+fn parse_dtmf(s: &str) -> Result<(char, Duration), String> {
+    let (digit, at) = s
+        .split_once('@')
+        .ok_or_else(|| format!("`{s}` is not DIGIT@TIME (e.g. 9@3s)"))?;
+    let mut chars = digit.chars();
+    let (Some(digit), None) = (chars.next(), chars.next()) else {
+        return Err(format!("`{digit}` is not one key"));
+    };
+    if !(digit.is_ascii_digit() || digit == '*' || digit == '#') {
+        return Err(format!("`{digit}` is not a keypad key (0-9, * and #)"));
+    }
+    let at = humantime::parse_duration(at).map_err(|e| format!("`{at}`: {e}"))?;
+    Ok((digit, at))
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -133,6 +158,10 @@ async fn run(cli: Cli) -> Result<()> {
         let began = tokio::time::Instant::now();
         let mut spec = CallSpec::new(&cli.url, n);
         spec.custom_parameters = params.clone();
+        spec.dtmf = cli.dtmf.clone();
+        if cli.reply.is_some() {
+            spec.linger = cli.linger;
+        }
         let report = play::play(&spec, &frames)
             .await
             .with_context(|| format!("call {}", spec.call_sid))?;
@@ -147,6 +176,20 @@ async fn run(cli: Cli) -> Result<()> {
             report.audio.as_secs_f64(),
             report.took.as_secs_f64()
         );
+        if let Some(path) = &cli.reply {
+            write_reply(path, &report.reply)?;
+            let r = &report.reply;
+            println!(
+                "test-client: reply: {:.2} s of audio, first after {}, {} mark(s) echoed, {} clear(s); recorded to {}",
+                r.audio.len() as f64 / 8000.0,
+                r.first_audio
+                    .map(|d| format!("{} ms", d.as_millis()))
+                    .unwrap_or_else(|| "never".into()),
+                r.marks_echoed,
+                r.clears,
+                path.display()
+            );
+        }
         n += 1;
         let Some(every) = cli.every else {
             return Ok(());
@@ -166,6 +209,23 @@ async fn run(cli: Cli) -> Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// The caller's side of the answer, as a 16-bit WAV.
+fn write_reply(path: &std::path::Path, reply: &play::Reply) -> Result<()> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut wav = hound::WavWriter::create(path, spec)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    for &code in &reply.audio {
+        wav.write_sample(call_proxy::audio::mulaw::decode(code))?;
+    }
+    wav.finalize()?;
+    Ok(())
 }
 
 async fn flow(cli: &Cli, frames: &[Vec<u8>]) -> Result<()> {
