@@ -574,3 +574,54 @@ async fn dtmf_reaches_every_format_and_compact_speakers_talk_their_way() {
         .await;
     call.stop().await;
 }
+
+/// The original service's own test client: `tracks` as a string, counters as numbers and
+/// words, and a whole WAV file as one `media` payload. A compact backend gets the audio in it,
+/// a Twilio-format one the messages as sent.
+#[tokio::test]
+async fn the_originals_test_client_works_through_the_proxy() {
+    let mut compact = Backend::start(Behaviour::Normal).await;
+    let mut twilio = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[
+        ("co", &compact.url(), WireFormat::Compact),
+        ("tw", &twilio.url(), WireFormat::Twilio),
+    ]))
+    .await;
+    let audio: Vec<u8> = (0..1600u32).map(|i| (i * 7 % 256) as u8).collect();
+    let mut file = Vec::new();
+    file.extend_from_slice(b"RIFF");
+    file.extend_from_slice(&(36 + audio.len() as u32).to_le_bytes());
+    file.extend_from_slice(b"WAVEfmt ");
+    file.extend_from_slice(&16u32.to_le_bytes());
+    file.extend_from_slice(&7u16.to_le_bytes());
+    file.extend_from_slice(&1u16.to_le_bytes());
+    file.extend_from_slice(&8000u32.to_le_bytes());
+    file.extend_from_slice(&8000u32.to_le_bytes());
+    file.extend_from_slice(&1u16.to_le_bytes());
+    file.extend_from_slice(&8u16.to_le_bytes());
+    file.extend_from_slice(b"data");
+    file.extend_from_slice(&(audio.len() as u32).to_le_bytes());
+    file.extend_from_slice(&audio);
+
+    let mut call = TwilioCall::connect(&proxy, "orig").await;
+    call.send_text(
+        r#"{"event":"start","start":{"streamSid":"MZorig","callSid":"CAorig","tracks":"inbound","customParameters":{"backendIds":"co,tw"}},"streamSid":"MZorig"}"#.into(),
+    )
+    .await;
+    let media = format!(
+        r#"{{"event":"media","sequenceNumber":2,"media":{{"track":"inbound","chunk":1,"timestamp":"now","payload":"{}"}},"streamSid":"MZorig"}}"#,
+        B64.encode(&file)
+    );
+    call.send_text(media.clone()).await;
+    call.stop().await;
+    compact.wait_for_stop().await;
+    twilio.wait_for_stop().await;
+    let got = payloads(&compact.texts());
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        B64.decode(&got[0]).unwrap(),
+        audio,
+        "the WAV's audio, header stripped"
+    );
+    assert!(twilio.texts().contains(&media), "the message as sent");
+}

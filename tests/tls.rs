@@ -185,3 +185,49 @@ async fn a_tls_backend_that_restarts_is_reconnected_and_gets_start_again() {
     assert_eq!(again.authorization.as_deref(), Some(TOKEN));
     call.stop().await;
 }
+
+/// A pcm16 voice agent behind TLS: the caller's audio reaches it as PCM at 16 kHz, and what it
+/// says comes back to the caller as Twilio's audio.
+#[tokio::test]
+async fn a_pcm16_agent_over_wss_hears_the_caller_and_talks_back() {
+    use base64::Engine as _;
+    use futures_util::StreamExt;
+    let ca = TestCa::new("call-proxy test CA");
+    let mut agent = TlsBackend::start_echoing(ca.server_cert(Made::Good)).await;
+    let mut s = settings(&[("agent", "ws://placeholder/", WireFormat::Pcm16)]);
+    tls_backend(&mut s, "agent", &agent.url("/v1/realtime?rate=16000"), &ca);
+    let spec = s.backends.table.get_mut("agent").unwrap();
+    spec.speaks = true;
+    spec.sample_rate = Some(16000);
+    s.validate().unwrap();
+    let proxy = Proxy::start(s).await;
+    let mut call = TwilioCall::connect(&proxy, "wsspcm").await;
+    call.start(&[("backendIds", "agent")]).await;
+    agent
+        .wait_for("start", |c| !c.is_empty() && !c[0].texts.is_empty())
+        .await;
+    for i in 0..50 {
+        call.media(&payload(i)).await;
+    }
+    let mut heard = 0usize;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while heard < 8000 * 8 / 10 {
+        let m = tokio::time::timeout_at(deadline, call.ws.next())
+            .await
+            .expect("the agent's answer reaches the caller")
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if v["event"] == "media" {
+            heard += base64::engine::general_purpose::STANDARD
+                .decode(v["media"]["payload"].as_str().unwrap())
+                .unwrap()
+                .len();
+        }
+    }
+    assert!(
+        *agent.binary_bytes.lock().unwrap() >= 50 * 320 * 2 * 9 / 10,
+        "a second of 16 kHz PCM reached the agent"
+    );
+    call.stop().await;
+}

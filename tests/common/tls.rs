@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
@@ -97,6 +97,10 @@ pub struct TlsBackend {
     pub connections: Arc<Mutex<Vec<TlsConnection>>>,
     /// TLS handshakes the server saw fail (the client refused the certificate).
     pub refused: Arc<Mutex<u32>>,
+    /// Talks back: every binary frame it gets (pcm16 audio) is sent back as it came.
+    echo: bool,
+    /// Binary bytes received, over every connection.
+    pub binary_bytes: Arc<Mutex<usize>>,
     changed: mpsc::UnboundedReceiver<()>,
     notify: mpsc::UnboundedSender<()>,
     task: Option<JoinHandle<()>>,
@@ -110,6 +114,15 @@ impl Drop for TlsBackend {
 
 impl TlsBackend {
     pub async fn start(cert: ServerCert) -> TlsBackend {
+        Self::start_with(cert, false).await
+    }
+
+    /// A backend that echoes the binary audio it gets, as a pcm16 speaker would talk.
+    pub async fn start_echoing(cert: ServerCert) -> TlsBackend {
+        Self::start_with(cert, true).await
+    }
+
+    async fn start_with(cert: ServerCert, echo: bool) -> TlsBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (notify, changed) = mpsc::unbounded_channel();
         let mut b = TlsBackend {
@@ -117,6 +130,8 @@ impl TlsBackend {
             cert,
             connections: Default::default(),
             refused: Default::default(),
+            echo,
+            binary_bytes: Default::default(),
             changed,
             notify,
             task: None,
@@ -167,6 +182,8 @@ impl TlsBackend {
         let connections = self.connections.clone();
         let refused = self.refused.clone();
         let notify = self.notify.clone();
+        let echo = self.echo;
+        let binary_bytes = self.binary_bytes.clone();
         self.task = Some(tokio::spawn(async move {
             let mut handlers = tokio::task::JoinSet::new();
             while let Ok((tcp, _)) = listener.accept().await {
@@ -174,6 +191,7 @@ impl TlsBackend {
                 let connections = connections.clone();
                 let refused = refused.clone();
                 let notify = notify.clone();
+                let binary_bytes = binary_bytes.clone();
                 handlers.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         *refused.lock().unwrap() += 1;
@@ -207,10 +225,19 @@ impl TlsBackend {
                     };
                     let _ = notify.send(());
                     while let Some(Ok(m)) = ws.next().await {
-                        if let Message::Text(t) = m {
-                            connections.lock().unwrap()[index].texts.push(t.to_string());
-                            let _ = notify.send(());
+                        match m {
+                            Message::Text(t) => {
+                                connections.lock().unwrap()[index].texts.push(t.to_string());
+                            }
+                            Message::Binary(b) => {
+                                *binary_bytes.lock().unwrap() += b.len();
+                                if echo && ws.send(Message::Binary(b)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            _ => {}
                         }
+                        let _ = notify.send(());
                     }
                 });
             }
