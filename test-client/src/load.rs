@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -100,6 +100,47 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// A tally of stamped frames that is no backend: what the callers hear back from a
+    /// speaking sink, measured on the callers' side.
+    pub fn tally() -> Arc<Sink> {
+        Arc::new(Sink {
+            port: 0,
+            received: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
+            latency: Mutex::new(histogram()),
+        })
+    }
+
+    /// Counts what the proxy sends one caller: stamped media (a speaking sink's words) into
+    /// the latency record, until the call's socket ends.
+    pub async fn hear<S>(&self, mut stream: S, origin: Instant)
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
+    {
+        let mut local = histogram();
+        let mut unmerged = 0u64;
+        let mut last_merge = Instant::now();
+        while let Some(Ok(message)) = stream.next().await {
+            let Message::Text(text) = &message else {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+                continue;
+            };
+            if let Some(stamp) = read_stamp(text.as_str()) {
+                let now_us = origin.elapsed().as_micros() as u64;
+                let _ = local.record(now_us.saturating_sub(stamp.sent_us).max(1));
+                unmerged += 1;
+            }
+            if unmerged >= 5_000 || last_merge.elapsed() > Duration::from_secs(2) {
+                self.merge(&mut local, &mut unmerged);
+                last_merge = Instant::now();
+            }
+        }
+        self.merge(&mut local, &mut unmerged);
+    }
+
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
@@ -131,11 +172,33 @@ pub async fn start_sink(origin: Instant) -> std::io::Result<Arc<Sink>> {
     start_sink_on(origin, 0, None).await
 }
 
+/// What a sink does besides counting what it receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Listens.
+    #[default]
+    Listen,
+    /// Answers every stamped frame at once with a frame stamped with its own send time, as a
+    /// voice agent talking back (in Twilio's format): the proxy's way back is measured.
+    Speak,
+    /// Sends junk as fast as it can while it listens: a misbehaving backend.
+    Flood,
+}
+
 /// A sink on `port` (0: any free one), speaking TLS when given an acceptor.
 pub async fn start_sink_on(
     origin: Instant,
     port: u16,
     tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<Arc<Sink>> {
+    start_sink_as(origin, port, tls, Role::Listen).await
+}
+
+pub async fn start_sink_as(
+    origin: Instant,
+    port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    role: Role,
 ) -> std::io::Result<Arc<Sink>> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     let sink = Arc::new(Sink {
@@ -152,10 +215,10 @@ pub async fn start_sink_on(
             let tls = tls.clone();
             tokio::spawn(async move {
                 match tls {
-                    None => serve_sink(stream, &sink, origin).await,
+                    None => serve_sink(stream, &sink, origin, role).await,
                     Some(acceptor) => {
                         if let Ok(stream) = acceptor.accept(stream).await {
-                            serve_sink(stream, &sink, origin).await;
+                            serve_sink(stream, &sink, origin, role).await;
                         }
                     }
                 }
@@ -165,17 +228,34 @@ pub async fn start_sink_on(
     Ok(sink)
 }
 
-async fn serve_sink<S>(stream: S, sink: &Sink, origin: Instant)
+async fn serve_sink<S>(stream: S, sink: &Sink, origin: Instant, role: Role)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // Small reads: tungstenite zeroes its whole read buffer on each one, and loadgen must
     // stay lighter than what it measures.
     let config =
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
-    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };
+    let (mut answer, mut ws) = ws.split();
+    if role == Role::Flood {
+        // As fast as the socket takes it, until the proxy hangs up.
+        tokio::spawn(async move {
+            let junk = Message::Text(r#"{"event":"media","media":{"payload":"AAAA"}}"#.into());
+            while answer.send(junk.clone()).await.is_ok() {}
+        });
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Text(t) = &message {
+                if read_stamp(t.as_str()).is_some() {
+                    sink.received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        return;
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
     // Recorded locally and merged now and then, so connections never contend.
     let mut local = histogram();
     let mut unmerged = 0u64;
@@ -184,6 +264,11 @@ where
         let text = match &message {
             Message::Text(t) => t.as_str(),
             Message::Close(_) => break,
+            // pcm16: the audio came resampled, the stamp did not survive; it is counted.
+            Message::Binary(_) => {
+                unmerged += 1;
+                continue;
+            }
             _ => continue,
         };
         if !text.contains(r#""event":"media""#) {
@@ -194,6 +279,21 @@ where
                 let now_us = origin.elapsed().as_micros() as u64;
                 let _ = local.record(now_us.saturating_sub(stamp.sent_us).max(1));
                 unmerged += 1;
+                if role == Role::Speak {
+                    let stream_sid = text
+                        .split(r#""streamSid":""#)
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .unwrap_or_default();
+                    let sent_us = origin.elapsed().as_micros() as u64;
+                    let payload = b64.encode(stamped_payload(stamp.call, stamp.seq, sent_us));
+                    let reply = format!(
+                        r#"{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"{payload}"}}}}"#
+                    );
+                    if answer.send(Message::Text(reply.into())).await.is_err() {
+                        break;
+                    }
+                }
             }
             None => {
                 sink.foreign.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,12 @@ pub struct Options {
     pub progress: bool,
     /// How the proxy reaches the sinks.
     pub sinks: SinkMode,
+    /// With table sinks: the first sink talks back (the proxy's table must say it speaks),
+    /// and the callers measure the way back.
+    pub speak: bool,
+    /// With table sinks: one more sink, `sink<fanout>`, that floods the proxy with junk
+    /// (a misbehaving backend that does not speak); the others are measured as usual.
+    pub flood: bool,
 }
 
 /// How calls name their sinks to the proxy.
@@ -53,6 +59,12 @@ pub struct SinkReport {
     pub received: u64,
     pub lost: u64,
     pub foreign: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TalkbackReport {
+    pub received: u64,
+    pub latency: Latency,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,6 +99,9 @@ pub struct Report {
     pub loss_percent: f64,
     /// Added latency over the full-load window (ramp excluded).
     pub latency: Latency,
+    /// With --speak: what the callers heard back, and the latency the proxy added on the way
+    /// back (the sink's send to the caller's read).
+    pub talkback: Option<TalkbackReport>,
     pub proxy: Option<ProcReport>,
     /// Proxy CPU per 1000 frames written to sinks, milliseconds.
     pub proxy_cpu_ms_per_1000_frames: Option<f64>,
@@ -106,14 +121,37 @@ struct Call {
     call_sid: String,
     /// One socket, not split: the driver writes and, now and then, looks for a close without
     /// waiting. A reader task per call and the lock between split halves cost more than the
-    /// proxy's work on small loads.
-    socket: CallSocket,
+    /// proxy's work on small loads: only calls that must hear the way back have one.
+    socket: Conn,
     seq: u64,
     chunk: u64,
     closed: bool,
 }
 
-async fn open_call(opts: &Options, index: u32, route: &(String, String)) -> Result<Call> {
+enum Conn {
+    Whole(Box<CallSocket>),
+    /// The reading half is with a task that hears the way back; it flags the end.
+    Split(
+        futures_util::stream::SplitSink<CallSocket, Message>,
+        Arc<AtomicBool>,
+    ),
+}
+
+impl Conn {
+    async fn send(&mut self, message: Message) -> bool {
+        match self {
+            Conn::Whole(s) => s.send(message).await.is_ok(),
+            Conn::Split(s, _) => s.send(message).await.is_ok(),
+        }
+    }
+}
+
+async fn open_call(
+    opts: &Options,
+    index: u32,
+    route: &(String, String),
+    heard: Option<(&Arc<Sink>, Instant)>,
+) -> Result<Call> {
     let (mut socket, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(&opts.url),
@@ -145,6 +183,19 @@ async fn open_call(opts: &Options, index: u32, route: &(String, String)) -> Resu
             .into(),
         ))
         .await?;
+    let socket = match heard {
+        None => Conn::Whole(Box::new(socket)),
+        Some((tally, origin)) => {
+            let (tx, rx) = socket.split();
+            let ended = Arc::new(AtomicBool::new(false));
+            let (tally, flag) = (tally.clone(), ended.clone());
+            tokio::spawn(async move {
+                tally.hear(rx, origin).await;
+                flag.store(true, Ordering::Relaxed);
+            });
+            Conn::Split(tx, ended)
+        }
+    };
     Ok(Call {
         index,
         stream_sid,
@@ -160,12 +211,17 @@ impl Call {
     /// The proxy says nothing on a healthy call: anything but a ping, or an error, or the end
     /// of the stream means the proxy dropped the call. Looks without waiting.
     fn check_closed(&mut self) -> bool {
-        while !self.closed {
-            match self.socket.next().now_or_never() {
-                None => break,
-                Some(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                Some(_) => self.closed = true,
+        match &mut self.socket {
+            Conn::Whole(socket) => {
+                while !self.closed {
+                    match socket.next().now_or_never() {
+                        None => break,
+                        Some(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                        Some(_) => self.closed = true,
+                    }
+                }
             }
+            Conn::Split(_, ended) => self.closed |= ended.load(Ordering::Relaxed),
         }
         self.closed
     }
@@ -189,7 +245,7 @@ impl Call {
             &b64.encode(payload),
         );
         self.seq += 1;
-        if self.socket.send(Message::Text(text.into())).await.is_err() {
+        if !self.socket.send(Message::Text(text.into())).await {
             self.closed = true;
         }
         !self.closed
@@ -202,8 +258,15 @@ impl Call {
             &self.call_sid,
             &self.stream_sid,
         );
-        let _ = self.socket.send(Message::Text(text.into())).await;
-        let _ = self.socket.close(None).await;
+        self.socket.send(Message::Text(text.into())).await;
+        match &mut self.socket {
+            Conn::Whole(s) => {
+                let _ = (**s).close(None).await;
+            }
+            Conn::Split(s, _) => {
+                let _ = s.close().await;
+            }
+        }
     }
 }
 
@@ -234,20 +297,29 @@ pub async fn run(
                 None => None,
             };
             let mut ids = Vec::new();
-            for i in 0..opts.fanout {
+            for i in 0..opts.fanout + u32::from(opts.flood) {
                 let port = base_port
                     .checked_add(i as u16)
                     .context("sink ports past 65535")?;
-                sinks.push(
-                    load::start_sink_on(origin, port, acceptor.clone())
-                        .await
-                        .with_context(|| format!("sink on port {port}"))?,
-                );
+                let role = if i == opts.fanout {
+                    load::Role::Flood
+                } else if i == 0 && opts.speak {
+                    load::Role::Speak
+                } else {
+                    load::Role::Listen
+                };
+                let sink = load::start_sink_as(origin, port, acceptor.clone(), role)
+                    .await
+                    .with_context(|| format!("sink on port {port}"))?;
+                if role != load::Role::Flood {
+                    sinks.push(sink);
+                }
                 ids.push(format!("sink{i}"));
             }
             ("backendIds".to_string(), serde_json::to_string(&ids)?)
         }
     };
+    let heard = opts.speak.then(Sink::tally);
     let pid = opts.proxy_pid.clone();
     let proc_idle = pid.as_deref().and_then(load::sample_proc);
     let self_start = load::sample_proc("self");
@@ -323,27 +395,32 @@ pub async fn run(
     let mut tasks = Vec::new();
     for d in 0..drivers {
         let indices: Vec<u32> = (0..opts.calls).filter(|i| i % drivers == d).collect();
-        let (opts, hosts, sent, connected, held) = (
+        let (opts, hosts, sent, connected, held, heard) = (
             opts.clone(),
             hosts.clone(),
             sent.clone(),
             connected.clone(),
             held.clone(),
+            heard.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            drive(
-                &opts, &indices, &hosts, origin, ramp_end, end, &sent, &connected, &held,
-            )
-            .await
+            let counts = Counts {
+                sent: &sent,
+                connected: &connected,
+                held: &held,
+                heard: heard.as_ref(),
+            };
+            drive(&opts, &indices, &hosts, origin, ramp_end, end, counts).await
         }));
     }
     // Sample the proxy once everything is up: the start of the full-load window.
     {
-        let (pid, full_load, sinks, connected) = (
+        let (pid, full_load, sinks, connected, heard) = (
             pid.clone(),
             full_load.clone(),
             sinks.clone(),
             connected.clone(),
+            heard.clone(),
         );
         let calls = opts.calls as u64;
         tokio::spawn(async move {
@@ -357,7 +434,7 @@ pub async fn run(
             }
             let sample = pid.as_deref().and_then(load::sample_proc);
             let received = sinks.iter().map(|s| s.received()).collect();
-            for s in &sinks {
+            for s in sinks.iter().chain(&heard) {
                 s.reset_latency();
             }
             if let Some(sample) = sample {
@@ -460,6 +537,10 @@ pub async fn run(
             lost_total as f64 * 100.0 / expected as f64
         },
         latency: Latency::of(&window),
+        talkback: heard.as_ref().map(|h| TalkbackReport {
+            received: h.received(),
+            latency: Latency::of(&h.latency()),
+        }),
         proxy,
         proxy_cpu_ms_per_1000_frames: cpu_per_1000,
         proxy_rss_kib_per_call: rss_per_call,
@@ -470,7 +551,15 @@ pub async fn run(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the driver tasks count together.
+struct Counts<'a> {
+    sent: &'a AtomicU64,
+    connected: &'a AtomicU64,
+    held: &'a AtomicU64,
+    /// With --speak: what the callers hear back.
+    heard: Option<&'a Arc<Sink>>,
+}
+
 async fn drive(
     opts: &Options,
     indices: &[u32],
@@ -478,10 +567,14 @@ async fn drive(
     origin: Instant,
     ramp_end: Instant,
     end: Instant,
-    sent: &AtomicU64,
-    connected: &AtomicU64,
-    held: &AtomicU64,
+    counts: Counts<'_>,
 ) -> Result<()> {
+    let Counts {
+        sent,
+        connected,
+        held,
+        heard,
+    } = counts;
     let b64 = base64::engine::general_purpose::STANDARD;
     // Phase slots: a call with phase p sends on every tick where tick % 20 == p.
     let mut slots: Vec<Vec<Call>> = (0..20).map(|_| Vec::new()).collect();
@@ -506,7 +599,7 @@ async fn drive(
             if now < start + per_call * (*k as u32) && now < ramp_end {
                 break;
             }
-            match open_call(opts, index, hosts).await {
+            match open_call(opts, index, hosts, heard.map(|h| (h, origin))).await {
                 Ok(call) => {
                     connected.fetch_add(1, Ordering::Relaxed);
                     slots[(index % 20) as usize].push(call);
@@ -565,6 +658,13 @@ impl Report {
             "added latency at full load: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)\n",
             l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples
         );
+        if let Some(t) = &self.talkback {
+            let l = &t.latency;
+            out += &format!(
+                "way back (speaker to caller): {} frames heard; added latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n",
+                t.received, l.p50_ms, l.p99_ms, l.max_ms
+            );
+        }
         if let Some(p) = &self.proxy {
             out += &format!(
                 "proxy: CPU {:.1} % of one core; RSS idle {:.1} MiB, full load {:.1} MiB, end {:.1} MiB\n",

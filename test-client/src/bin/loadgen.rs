@@ -41,6 +41,15 @@ struct Cli {
     /// With --sink-base-port: the sinks speak TLS with the certificate in DIR (see --make-tls).
     #[arg(long, value_name = "DIR", requires = "sink_base_port")]
     sink_tls: Option<std::path::PathBuf>,
+    /// With --sink-base-port: `sink0` talks back, answering each frame at once with one
+    /// stamped with its own send time (the proxy's table must say `speaks = true`); the report
+    /// gains the latency the proxy adds on the way back to the caller.
+    #[arg(long, requires = "sink_base_port")]
+    speak: bool,
+    /// With --sink-base-port: one more sink, `sink<FANOUT>`, floods the proxy with junk as a
+    /// misbehaving backend would; the report measures the others.
+    #[arg(long, requires = "sink_base_port")]
+    flood: bool,
     /// Write a test CA (ca.pem, for the proxy's ca_file) and a localhost certificate for the
     /// sinks into DIR, then exit.
     #[arg(long, value_name = "DIR", exclusive = true)]
@@ -85,6 +94,8 @@ async fn run(cli: Cli) -> Result<()> {
         ramp: cli.ramp,
         proxy_pid: cli.proxy_pid.map(|p| p.to_string()),
         progress: !cli.quiet,
+        speak: cli.speak,
+        flood: cli.flood,
         sinks: match cli.sink_base_port {
             None => SinkMode::Hosts,
             Some(base_port) => SinkMode::Table {
