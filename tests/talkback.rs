@@ -110,10 +110,10 @@ async fn the_agents_audio_reaches_the_caller_exactly_and_a_listener_is_never_hea
     call.stop().await;
 }
 
-#[tokio::test]
-async fn a_mark_goes_round_and_only_the_speaker_hears_its_echo() {
+/// A call to a speaking agent and a recorder beside it, both Twilio format, under way.
+async fn agent_and_recorder(name: &str) -> (TalkingBackend, Backend, Proxy, TwilioCall) {
     let mut agent = TalkingBackend::start().await;
-    let mut rec = Backend::start(Behaviour::Normal).await;
+    let rec = Backend::start(Behaviour::Normal).await;
     let proxy = Proxy::start(talking(
         &[
             ("agent", &agent.url(), WireFormat::Twilio),
@@ -122,9 +122,15 @@ async fn a_mark_goes_round_and_only_the_speaker_hears_its_echo() {
         &["agent"],
     ))
     .await;
-    let mut call = TwilioCall::connect(&proxy, "mark").await;
+    let mut call = TwilioCall::connect(&proxy, name).await;
     call.start(&[("backendIds", "agent,rec")]).await;
     agent.wait_for_start(1).await;
+    (agent, rec, proxy, call)
+}
+
+#[tokio::test]
+async fn a_mark_goes_round_and_only_the_speaker_hears_its_echo() {
+    let (mut agent, mut rec, _proxy, mut call) = agent_and_recorder("mark").await;
     agent.say_text(twilio_media(&payload(0)));
     agent.say_text(r#"{"event":"mark","streamSid":"MZagent","mark":{"name":"greeting-done"}}"#);
     let heard = caller_hears(&mut call, "the mark", |m| {
@@ -252,19 +258,7 @@ async fn clear_reaches_the_caller_first_and_the_backlog_before_it_is_never_playe
 
 #[tokio::test]
 async fn bad_messages_from_a_speaker_are_dropped_and_counted_and_the_call_goes_on() {
-    let mut agent = TalkingBackend::start().await;
-    let mut rec = Backend::start(Behaviour::Normal).await;
-    let proxy = Proxy::start(talking(
-        &[
-            ("agent", &agent.url(), WireFormat::Twilio),
-            ("rec", &rec.url(), WireFormat::Twilio),
-        ],
-        &["agent"],
-    ))
-    .await;
-    let mut call = TwilioCall::connect(&proxy, "bad").await;
-    call.start(&[("backendIds", "agent,rec")]).await;
-    agent.wait_for_start(1).await;
+    let (agent, mut rec, proxy, mut call) = agent_and_recorder("bad").await;
     agent.say_text("this is not JSON");
     agent.say_text(r#"{"event":"media","media":{"payload":"*** not base64 ***"}}"#);
     agent.say_text(twilio_media(&"A".repeat(1 << 20)));
@@ -588,20 +582,7 @@ async fn the_originals_test_client_works_through_the_proxy() {
     ]))
     .await;
     let audio: Vec<u8> = (0..1600u32).map(|i| (i * 7 % 256) as u8).collect();
-    let mut file = Vec::new();
-    file.extend_from_slice(b"RIFF");
-    file.extend_from_slice(&(36 + audio.len() as u32).to_le_bytes());
-    file.extend_from_slice(b"WAVEfmt ");
-    file.extend_from_slice(&16u32.to_le_bytes());
-    file.extend_from_slice(&7u16.to_le_bytes());
-    file.extend_from_slice(&1u16.to_le_bytes());
-    file.extend_from_slice(&8000u32.to_le_bytes());
-    file.extend_from_slice(&8000u32.to_le_bytes());
-    file.extend_from_slice(&1u16.to_le_bytes());
-    file.extend_from_slice(&8u16.to_le_bytes());
-    file.extend_from_slice(b"data");
-    file.extend_from_slice(&(audio.len() as u32).to_le_bytes());
-    file.extend_from_slice(&audio);
+    let file = call_proxy::audio::wav::mulaw_file(&audio);
 
     let mut call = TwilioCall::connect(&proxy, "orig").await;
     call.send_text(

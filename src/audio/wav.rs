@@ -101,6 +101,26 @@ pub fn read(bytes: &[u8]) -> Result<Wav, WavError> {
     })
 }
 
+/// A WAV file of Twilio audio: 8 kHz mono mu-law, as the original service's test client sent
+/// whole in one media payload (and as tests build one).
+pub fn mulaw_file(audio: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(44 + audio.len());
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + audio.len() as u32).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&FORMAT_MULAW.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&super::SAMPLE_RATE.to_le_bytes());
+    b.extend_from_slice(&super::SAMPLE_RATE.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&8u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&(audio.len() as u32).to_le_bytes());
+    b.extend_from_slice(audio);
+    b
+}
+
 impl Wav {
     /// The audio as Twilio carries it: mu-law bytes, 8 kHz mono.
     pub fn to_twilio_mulaw(&self) -> Result<Vec<u8>, WavError> {
@@ -146,6 +166,13 @@ mod tests {
         b.extend_from_slice(&(data.len() as u32).to_le_bytes());
         b.extend_from_slice(data);
         b
+    }
+
+    #[test]
+    fn a_mulaw_file_reads_back_as_its_audio() {
+        let audio = [1u8, 2, 3, 250];
+        let w = read(&mulaw_file(&audio)).unwrap();
+        assert_eq!(w.to_twilio_mulaw().unwrap(), audio);
     }
 
     #[test]

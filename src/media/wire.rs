@@ -237,21 +237,7 @@ mod tests {
     #[test]
     fn a_whole_wav_in_one_payload_is_its_audio() {
         let samples: Vec<u8> = (0..800).map(|i| (i % 251) as u8).collect();
-        let mut file = Vec::new();
-        let data_len = samples.len() as u32;
-        file.extend_from_slice(b"RIFF");
-        file.extend_from_slice(&(36 + data_len).to_le_bytes());
-        file.extend_from_slice(b"WAVEfmt ");
-        file.extend_from_slice(&16u32.to_le_bytes());
-        file.extend_from_slice(&7u16.to_le_bytes()); // mu-law
-        file.extend_from_slice(&1u16.to_le_bytes());
-        file.extend_from_slice(&8000u32.to_le_bytes());
-        file.extend_from_slice(&8000u32.to_le_bytes());
-        file.extend_from_slice(&1u16.to_le_bytes());
-        file.extend_from_slice(&8u16.to_le_bytes());
-        file.extend_from_slice(b"data");
-        file.extend_from_slice(&data_len.to_le_bytes());
-        file.extend_from_slice(&samples);
+        let file = wav::mulaw_file(&samples);
         let b64 = base64::engine::general_purpose::STANDARD.encode(&file);
         assert_eq!(caller_audio(&b64).unwrap().as_ref(), samples.as_slice());
         let compact = compact_payload(&b64).unwrap();

@@ -60,21 +60,10 @@ impl TwilioCall {
     }
 
     pub async fn connect_url(ws_url: &str, name: &str) -> TwilioCall {
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
             .await
             .expect("upgrade accepted");
-        ws.send(Message::Text(outbound::connected().into()))
-            .await
-            .unwrap();
-        TwilioCall {
-            ws,
-            stream_sid: format!("MZ{name}"),
-            call_sid: format!("CA{name}"),
-            seq: 1,
-            chunk: 0,
-            start_text: String::new(),
-            sent_media: Vec::new(),
-        }
+        Self::from_socket(ws, name).await
     }
 
     pub async fn start(&mut self, params: &[(&str, &str)]) {
