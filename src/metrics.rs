@@ -99,6 +99,9 @@ pub struct Metrics {
     pub talkback_dropped: Family<BackendLabel, Counter>,
     pub talkback_cleared: Family<BackendLabel, Counter>,
     pub forward_latency: LatencyHistogram,
+    /// Totals over every label, for the operator page's headline figures.
+    signature_failures_total: std::sync::atomic::AtomicU64,
+    rate_limited_total: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -133,6 +136,8 @@ impl Metrics {
             talkback_dropped: Family::default(),
             talkback_cleared: Family::default(),
             forward_latency: LatencyHistogram::default(),
+            signature_failures_total: Default::default(),
+            rate_limited_total: Default::default(),
             registry: Registry::default(),
         };
         registry.register("live_calls", "Calls streaming now", m.live_calls.clone());
@@ -236,13 +241,25 @@ impl Metrics {
         self.calls.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
+    /// Signature failures, rate-limit hits and wrong PINs since start-up, whatever their labels.
+    pub fn headline(&self) -> (u64, u64, u64) {
+        (
+            self.signature_failures_total.load(Ordering::Relaxed),
+            self.rate_limited_total.load(Ordering::Relaxed),
+            self.pin_failures.get(),
+        )
+    }
+
     pub fn signature_failed(&self, scope: &'static str) {
+        self.signature_failures_total
+            .fetch_add(1, Ordering::Relaxed);
         self.signature_failures
             .get_or_create(&ScopeLabel { scope })
             .inc();
     }
 
     pub fn limited(&self, scope: &'static str) {
+        self.rate_limited_total.fetch_add(1, Ordering::Relaxed);
         self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
     }
 

@@ -127,13 +127,16 @@ async fn blocks_hold_list_and_lift(e: Engine) {
     s.record_failure("+5", Duration::from_secs(60))
         .await
         .unwrap();
-    let b = s.block("+5", None).await.unwrap();
+    let b = s.block("+5", None, "a test").await.unwrap();
     assert_eq!(b.caller, "+5");
     assert_eq!(b.expires_at, None);
     assert_eq!(s.blocked("+5").await.unwrap(), Some(b.clone()));
-    let again = s.block("+5", Some(Duration::from_secs(1))).await.unwrap();
+    let again = s
+        .block("+5", Some(Duration::from_secs(1)), "a test")
+        .await
+        .unwrap();
     assert_eq!(again, b, "an existing block is kept as it is");
-    s.block("+6", None).await.unwrap();
+    s.block("+6", None, "a test").await.unwrap();
     let mut listed: Vec<String> = s
         .blocks()
         .await
@@ -152,7 +155,10 @@ async fn blocks_hold_list_and_lift(e: Engine) {
     assert!(!s.unblock("+5").await.unwrap());
     assert_eq!(s.blocked("+5").await.unwrap(), None);
 
-    let t = s.block("+7", Some(Duration::from_secs(1))).await.unwrap();
+    let t = s
+        .block("+7", Some(Duration::from_secs(1)), "a test")
+        .await
+        .unwrap();
     assert!(t.expires_at.is_some());
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
@@ -166,7 +172,9 @@ async fn blocks_hold_list_and_lift(e: Engine) {
 async fn many_blocks_are_all_listed(e: Engine) {
     let s = e.store;
     for i in 0..1200 {
-        s.block(&format!("+1555{i:07}"), None).await.unwrap();
+        s.block(&format!("+1555{i:07}"), None, "a test")
+            .await
+            .unwrap();
     }
     assert_eq!(s.blocks().await.unwrap().len(), 1200);
 }
@@ -285,10 +293,16 @@ async fn executions_refresh_in_one_batch(e: Engine) {
 
 async fn a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry(e: Engine) {
     let s = e.store;
-    let first = s.block("+7", Some(Duration::from_secs(1))).await.unwrap();
+    let first = s
+        .block("+7", Some(Duration::from_secs(1)), "a test")
+        .await
+        .unwrap();
     assert!(first.expires_at.is_some());
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let second = s.block("+7", Some(Duration::from_secs(1))).await.unwrap();
+    let second = s
+        .block("+7", Some(Duration::from_secs(1)), "a test")
+        .await
+        .unwrap();
     assert!(second.expires_at.is_some(), "never a permanent block");
     assert!(s.blocked("+7").await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -360,7 +374,7 @@ async fn redis_down_is_unavailable_not_a_hang_and_comes_back() {
     s.redis_url = server.url();
     s.timeout_ms = 300;
     let store = store::from_settings(&s).unwrap();
-    store.block("+8", None).await.unwrap();
+    store.block("+8", None, "a test").await.unwrap();
     server.stop();
     let began = std::time::Instant::now();
     let err = store.blocked("+8").await.unwrap_err();
@@ -380,5 +394,5 @@ async fn redis_down_is_unavailable_not_a_hang_and_comes_back() {
     }
     // A fresh server: the block is gone with it, but the store works again.
     assert_eq!(store.blocked("+8").await.unwrap(), None);
-    store.block("+8", None).await.unwrap();
+    store.block("+8", None, "a test").await.unwrap();
 }

@@ -183,7 +183,7 @@ impl Gate {
             0 => None,
             secs => Some(Duration::from_secs(secs)),
         };
-        let block = self.store.block(caller, ttl).await?;
+        let block = self.store.block(caller, ttl, why).await?;
         self.metrics.blocks.inc();
         warn!(caller = %self.masked(caller), reason = why, "caller blocked");
         Ok(block)

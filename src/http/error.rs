@@ -75,10 +75,12 @@ pub async fn every_response(response: Response) -> Response {
 
 fn is_unwrapped_error(response: &Response) -> bool {
     let status = response.status();
-    let json = response
+    // Framework rejections are plain text (or have no type); JSON errors and the operator
+    // page's HTML are answers already.
+    let plain = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    (status.is_client_error() || status.is_server_error()) && !json
+        .is_none_or(|v| v.starts_with("text/plain"));
+    (status.is_client_error() || status.is_server_error()) && plain
 }

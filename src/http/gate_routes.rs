@@ -44,6 +44,7 @@ fn block_json(block: &Block) -> Value {
         "id": block.caller,
         "blockedOn": rfc3339(block.blocked_on),
         "expiresAt": block.expires_at.map(rfc3339),
+        "reason": block.reason,
         "blocked": true,
     })
 }

@@ -4,6 +4,7 @@
 //! `crate::twilio::signature` defines; `gate_routes` answers for the caller gate in
 //! `crate::gate`.
 
+mod admin;
 mod api_key;
 mod body;
 mod error;
@@ -95,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/calls", get(handlers::calls.layer(key)))
         .route("/metrics", metrics)
+        .merge(admin::routes())
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.twilio.max_body_bytes))

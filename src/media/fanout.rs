@@ -289,6 +289,7 @@ enum Hearing {
 /// The part of a link the session, `/calls` and the writer all see.
 pub struct LinkShared {
     pub name: String,
+    pub speaks: bool,
     pub metrics_label: String,
     pub format: WireFormat,
     pub queue: Queue,
@@ -359,6 +360,7 @@ pub fn spawn(
 ) -> Link {
     let shared = Arc::new(LinkShared {
         name: target.name.clone(),
+        speaks: target.speaks,
         metrics_label: target.metrics_label.clone(),
         format: target.format,
         queue: Queue::new(target.queue_frames, policy.queue_bytes),

@@ -49,6 +49,24 @@ pub struct MediaHub {
     instance_id: String,
     /// Every enabled table backend, ready to connect (TLS trust and headers built once).
     endpoints: HashMap<String, Arc<Endpoint>>,
+    /// The calls that ended last, newest first, for the operator page.
+    recent: std::sync::Mutex<std::collections::VecDeque<EndedCall>>,
+    started: SystemTime,
+}
+
+/// How many ended calls the hub remembers.
+const RECENT_CALLS: usize = 100;
+
+/// A call that has ended, as the operator page lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndedCall {
+    pub call_sid: String,
+    pub caller: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+    pub seconds: f64,
+    pub outcome: String,
+    pub backends: Vec<BackendSnapshot>,
 }
 
 /// The header that marks a backend link's upgrade with the proxy instance that opened it.
@@ -75,11 +93,13 @@ pub struct CallSnapshot {
     pub backends: Vec<BackendSnapshot>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Debug, Clone)]
 pub struct BackendSnapshot {
     pub name: String,
     pub format: &'static str,
     pub state: &'static str,
+    /// Talks back to the caller.
+    pub speaks: bool,
     pub frames_sent: u64,
     pub frames_dropped: u64,
     pub frames_queued: usize,
@@ -119,6 +139,8 @@ impl MediaHub {
             local_addr: OnceLock::new(),
             instance_id: instance_id(),
             endpoints,
+            recent: Default::default(),
+            started: SystemTime::now(),
         }))
     }
 
@@ -145,6 +167,39 @@ impl MediaHub {
 
     pub fn instance_id(&self) -> &str {
         &self.instance_id
+    }
+
+    /// When this instance started.
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// Remembers a call that ended (the last `RECENT_CALLS`), while its entry is still live.
+    fn record_ended(&self, admission: &Admission, outcome: crate::metrics::Outcome) {
+        let Some(info) = self.calls.get(&admission.id).map(|c| c.value().clone()) else {
+            return;
+        };
+        let ended = EndedCall {
+            call_sid: info.call_sid.clone(),
+            caller: info.caller.clone(),
+            started_at: crate::clock::unix_secs(info.started_at),
+            seconds: info.started_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+            outcome: format!("{outcome:?}"),
+            backends: info.links.iter().map(|l| backend_snapshot(l)).collect(),
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.push_front(ended);
+        recent.truncate(RECENT_CALLS);
+    }
+
+    /// The calls that ended last, newest first.
+    pub fn recent(&self) -> Vec<EndedCall> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Refreshes every live call's execution entry in the store, all in one batch every third
@@ -241,19 +296,7 @@ impl MediaHub {
                     caller: c.caller.clone(),
                     execution_id: c.execution_id.clone(),
                     started_at: crate::clock::unix_secs(c.started_at),
-                    backends: c
-                        .links
-                        .iter()
-                        .map(|l| BackendSnapshot {
-                            name: l.name.clone(),
-                            format: l.format.as_str(),
-                            state: l.state().as_str(),
-                            frames_sent: l.sent.load(Ordering::Relaxed),
-                            frames_dropped: l.dropped.load(Ordering::Relaxed),
-                            frames_queued: l.queue.len(),
-                            reconnects: l.reconnects.load(Ordering::Relaxed),
-                        })
-                        .collect(),
+                    backends: c.links.iter().map(|l| backend_snapshot(l)).collect(),
                 }
             })
             .collect();
@@ -287,4 +330,17 @@ fn instance_id() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     format!("{:016x}", h.finish())
+}
+
+fn backend_snapshot(l: &LinkShared) -> BackendSnapshot {
+    BackendSnapshot {
+        name: l.name.clone(),
+        format: l.format.as_str(),
+        state: l.state().as_str(),
+        speaks: l.speaks,
+        frames_sent: l.sent.load(Ordering::Relaxed),
+        frames_dropped: l.dropped.load(Ordering::Relaxed),
+        frames_queued: l.queue.len(),
+        reconnects: l.reconnects.load(Ordering::Relaxed),
+    }
 }

@@ -639,6 +639,7 @@ impl Session {
     {
         self.report_frames();
         self.hub.metrics.call_ended(end.outcome);
+        self.hub.record_ended(&self.admission, end.outcome);
         if let Some((code, reason)) = &end.close {
             let frame = CloseFrame {
                 code: *code,

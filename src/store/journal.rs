@@ -228,6 +228,7 @@ mod tests {
             caller: caller.into(),
             blocked_on: 100,
             expires_at,
+            reason: None,
         })
     }
 

@@ -166,14 +166,21 @@ impl StateStore for MemoryStore {
         })
     }
 
-    fn block<'a>(&'a self, caller: &'a str, ttl: Option<Duration>) -> StoreFuture<'a, Block> {
+    fn block<'a>(
+        &'a self,
+        caller: &'a str,
+        ttl: Option<Duration>,
+        reason: &'a str,
+    ) -> StoreFuture<'a, Block> {
         let caller = caller.to_string();
+        let reason = reason.to_string();
         self.change(move |maps| {
             let now = unix_now();
             let fresh = Block {
                 caller: caller.clone(),
                 blocked_on: now,
                 expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
+                reason: Some(reason.clone()),
             };
             match maps.blocks.entry(caller) {
                 Entry::Occupied(e) if live(e.get(), now) => (e.get().clone(), None),
@@ -457,12 +464,12 @@ mod tests {
             .record_failure("+1", Duration::from_secs(60))
             .await
             .unwrap();
-        let b = store.block("+1", None).await.unwrap();
+        let b = store.block("+1", None, "a test").await.unwrap();
         assert_eq!(b.expires_at, None);
         assert_eq!(store.blocked("+1").await.unwrap(), Some(b.clone()));
         assert_eq!(
             store
-                .block("+1", Some(Duration::from_secs(5)))
+                .block("+1", Some(Duration::from_secs(5)), "a test")
                 .await
                 .unwrap(),
             b,
@@ -481,8 +488,8 @@ mod tests {
         let path = dir.path().join("state.log");
         {
             let store = MemoryStore::open(&path).unwrap();
-            store.block("+1", None).await.unwrap();
-            store.block("+2", None).await.unwrap();
+            store.block("+1", None, "a test").await.unwrap();
+            store.block("+2", None, "a test").await.unwrap();
             store.unblock("+2").await.unwrap();
             for _ in 0..3 {
                 store
@@ -546,7 +553,7 @@ mod tests {
         for _ in 0..5000 {
             store.record_failure("+1", ttl).await.unwrap();
         }
-        store.block("+2", None).await.unwrap();
+        store.block("+2", None, "a test").await.unwrap();
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert!(lines < 1000, "{lines} lines for two live entries");
         drop(store);
@@ -571,6 +578,7 @@ mod tests {
                 caller: "+2".into(),
                 blocked_on: u64::MAX,
                 expires_at: Some(u64::MAX),
+                reason: None,
             }))
             .unwrap();
         }

@@ -33,6 +33,9 @@ pub struct Block {
     pub blocked_on: u64,
     /// `None`: blocked until removed.
     pub expires_at: Option<u64>,
+    /// Why: too many wrong PINs, or an operator's hand. (Older records carry none.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The order every engine lists blocks in: oldest first, then by caller.
@@ -55,8 +58,14 @@ pub trait StateStore: Send + Sync + 'static {
 
     fn clear_attempts<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, ()>;
 
-    /// Blocks the caller (for `ttl`, or until removed); an existing block is kept as it is.
-    fn block<'a>(&'a self, caller: &'a str, ttl: Option<Duration>) -> StoreFuture<'a, Block>;
+    /// Blocks the caller (for `ttl`, or until removed) for `reason`; an existing block is kept
+    /// as it is.
+    fn block<'a>(
+        &'a self,
+        caller: &'a str,
+        ttl: Option<Duration>,
+        reason: &'a str,
+    ) -> StoreFuture<'a, Block>;
 
     /// Removes a block and the caller's attempts; answers whether there was a block.
     fn unblock<'a>(&'a self, caller: &'a str) -> StoreFuture<'a, bool>;

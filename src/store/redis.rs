@@ -119,7 +119,12 @@ impl StateStore for RedisStore {
         })
     }
 
-    fn block<'a>(&'a self, caller: &'a str, ttl: Option<Duration>) -> StoreFuture<'a, Block> {
+    fn block<'a>(
+        &'a self,
+        caller: &'a str,
+        ttl: Option<Duration>,
+        reason: &'a str,
+    ) -> StoreFuture<'a, Block> {
         Box::pin(async move {
             let key = self.key("block", caller);
             let now = unix_now();
@@ -127,6 +132,7 @@ impl StateStore for RedisStore {
                 caller: caller.to_string(),
                 blocked_on: now,
                 expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
+                reason: Some(reason.to_string()),
             };
             let json = serde_json::to_string(&fresh).expect("blocks serialize");
             let ttl = ttl.map(|t| t.as_secs().max(1)).unwrap_or(0);

@@ -1,0 +1,554 @@
+//! The operator page, `/admin`: live calls and their backends, recent calls, blocked callers
+//! with block and unblock, attempts, and the service's health, rendered on the server from
+//! the templates in `templates/admin/`. A small script beside it refreshes the live part.
+//!
+//! Access is the API key, typed once into a login form: the answer is a session cookie
+//! (HttpOnly, SameSite=Strict, Secure when the page is served over TLS) holding an expiry
+//! signed with a key derived from the API key, so every instance accepts it and changing the
+//! key ends every session. Forms carry a CSRF token bound to the session.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use askama::Template;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use super::rate_limit::{ClientIp, Limited};
+use super::AppState;
+use crate::clock::{rfc3339, unix_now};
+use crate::logging::mask_caller;
+use crate::media::{BackendSnapshot, EndedCall};
+
+const COOKIE: &str = "cp_admin";
+/// How long a login lasts.
+const SESSION_SECS: u64 = 8 * 3600;
+/// Wrong keys one address may type into the login form in an hour.
+const LOGIN_FAILURES_PER_HOUR: u64 = 20;
+
+/// Content-Security-Policy: nothing from elsewhere, and no inline script or style.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+const SCRIPT: &str = include_str!("templates/admin/app.js");
+const STYLE: &str = include_str!("templates/admin/app.css");
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin", get(page))
+        .route("/admin/live", get(live))
+        .route("/admin/login", post(login))
+        .route("/admin/logout", post(logout))
+        .route("/admin/block", post(block))
+        .route("/admin/unblock", post(unblock))
+        .route("/admin/app.js", get(script))
+        .route("/admin/app.css", get(style))
+}
+
+// ---- sessions and CSRF ----------------------------------------------------------------------
+
+fn mac(api_key: &str, purpose: &str, data: &str) -> Vec<u8> {
+    // A key of its own for the page, derived from the API key.
+    let mut derive = Hmac::<Sha256>::new_from_slice(api_key.as_bytes()).expect("any key length");
+    derive.update(b"call-proxy operator page");
+    let key = derive.finalize().into_bytes();
+    let mut m = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
+    m.update(purpose.as_bytes());
+    m.update(b":");
+    m.update(data.as_bytes());
+    m.finalize().into_bytes().to_vec()
+}
+
+fn new_session(api_key: &str, now: u64) -> String {
+    let expires = now + SESSION_SECS;
+    let tag = URL_SAFE_NO_PAD.encode(mac(api_key, "session", &expires.to_string()));
+    format!("{expires}.{tag}")
+}
+
+/// The session cookie's value, if it holds a live session signed under `api_key`.
+fn session(api_key: &str, headers: &HeaderMap, now: u64) -> Option<String> {
+    if api_key.is_empty() {
+        return None;
+    }
+    let value = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+        .next()?
+        .to_string();
+    let (expires, tag) = value.split_once('.')?;
+    let at: u64 = expires.parse().ok()?;
+    if at <= now || at > now + SESSION_SECS {
+        return None;
+    }
+    let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+    let expected = mac(api_key, "session", expires);
+    bool::from(tag.ct_eq(&expected)).then_some(value)
+}
+
+fn csrf_token(api_key: &str, session: &str) -> String {
+    URL_SAFE_NO_PAD.encode(mac(api_key, "csrf", session))
+}
+
+fn csrf_ok(api_key: &str, session: &str, presented: &str) -> bool {
+    bool::from(
+        csrf_token(api_key, session)
+            .as_bytes()
+            .ct_eq(presented.as_bytes()),
+    )
+}
+
+/// Whether the page is served over TLS (so the cookie must be `Secure`).
+fn over_tls(state: &AppState, headers: &HeaderMap) -> bool {
+    let t = &state.settings.twilio;
+    t.public_url.starts_with("https://")
+        || (t.trust_forwarded_headers
+            && headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
+}
+
+fn cookie(value: &str, max_age: u64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/admin; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
+    ))
+    .expect("cookie text is ASCII")
+}
+
+// ---- rendering ------------------------------------------------------------------------------
+
+fn html(status: StatusCode, body: Result<String, askama::Error>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "operator page could not be rendered");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "page error").into_response();
+        }
+    };
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+#[derive(Template)]
+#[template(path = "admin/no_key.html")]
+struct NoKey;
+
+#[derive(Template)]
+#[template(path = "admin/login.html")]
+struct Login<'a> {
+    error: Option<&'a str>,
+}
+
+/// One live call as the page shows it.
+struct LiveCall {
+    call_sid: String,
+    stream_sid: String,
+    caller: String,
+    started: String,
+    duration: String,
+    backends: Vec<BackendSnapshot>,
+}
+
+struct RecentCall {
+    call_sid: String,
+    caller: String,
+    started: String,
+    duration: String,
+    outcome: String,
+    trouble: bool,
+}
+
+struct BlockedRow {
+    caller: String,
+    since: String,
+    until: String,
+    reason: String,
+}
+
+struct Health {
+    store: String,
+    store_ok: bool,
+    uptime: String,
+    version: &'static str,
+    live: usize,
+    max_calls: usize,
+    signature_failures: u64,
+    pin_failures: u64,
+    rate_limited: u64,
+}
+
+#[derive(Template)]
+#[template(path = "admin/live.html")]
+struct Live {
+    calls: Vec<LiveCall>,
+    health: Health,
+}
+
+#[derive(Template)]
+#[template(path = "admin/dashboard.html")]
+struct Dashboard {
+    live: Live,
+    recent: Vec<RecentCall>,
+    blocked: Option<Vec<BlockedRow>>,
+    csrf: String,
+    lookup: Option<(String, String)>,
+    notice: Option<String>,
+}
+
+fn duration_text(secs: u64) -> String {
+    format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+fn masked(state: &AppState, caller: Option<&str>) -> String {
+    match caller {
+        Some(c) if !c.is_empty() => mask_caller(c, state.settings.log.mask_callers).to_string(),
+        _ => "(withheld)".to_string(),
+    }
+}
+
+async fn live_view(state: &AppState) -> Live {
+    let now = unix_now();
+    let calls = state
+        .hub
+        .snapshot()
+        .into_iter()
+        .map(|c| LiveCall {
+            caller: masked(state, c.caller.as_deref()),
+            started: rfc3339(c.started_at),
+            duration: duration_text(now.saturating_sub(c.started_at)),
+            call_sid: c.call_sid,
+            stream_sid: c.stream_sid,
+            backends: c.backends,
+        })
+        .collect();
+    let store_ok = tokio::time::timeout(Duration::from_secs(1), state.store.ping())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let (signature_failures, rate_limited, pin_failures) = state.metrics.headline();
+    Live {
+        calls,
+        health: Health {
+            store: format!("{:?}", state.settings.store.kind).to_lowercase(),
+            store_ok,
+            uptime: duration_text(
+                SystemTime::now()
+                    .duration_since(state.hub.started())
+                    .map_or(0, |d| d.as_secs()),
+            ),
+            version: env!("CARGO_PKG_VERSION"),
+            live: state.hub.live_calls(),
+            max_calls: state.settings.media.max_calls,
+            signature_failures,
+            pin_failures,
+            rate_limited,
+        },
+    }
+}
+
+fn recent_view(state: &AppState, recent: Vec<EndedCall>) -> Vec<RecentCall> {
+    recent
+        .into_iter()
+        .map(|c| RecentCall {
+            caller: masked(state, c.caller.as_deref()),
+            started: rfc3339(c.started_at),
+            duration: duration_text(c.seconds as u64),
+            trouble: c.outcome != "completed" && c.outcome != "twilio_closed",
+            outcome: c.outcome,
+            call_sid: c.call_sid,
+        })
+        .collect()
+}
+
+// ---- handlers -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct PageQuery {
+    /// A caller id whose failed attempts to show.
+    attempts: Option<String>,
+    /// What the last form did.
+    done: Option<String>,
+}
+
+async fn page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    let key = state.settings.security.api_key.expose();
+    if key.is_empty() {
+        return html(StatusCode::OK, NoKey.render());
+    }
+    let Some(session) = session(key, &headers, unix_now()) else {
+        return html(StatusCode::OK, Login { error: None }.render());
+    };
+    let blocked = state.gate.blocks().await.ok().map(|blocks| {
+        blocks
+            .into_iter()
+            .map(|b| BlockedRow {
+                caller: b.caller,
+                since: rfc3339(b.blocked_on),
+                until: b
+                    .expires_at
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "until removed".into()),
+                reason: b.reason.unwrap_or_else(|| "(not recorded)".into()),
+            })
+            .collect()
+    });
+    let lookup = match query.attempts.as_deref().map(str::trim) {
+        Some(id) if !id.is_empty() && crate::gate::check_caller_id(id).is_ok() => {
+            let answer = match state.gate.attempts(id).await {
+                Ok(Some(n)) => format!("{n} failed attempt(s)"),
+                Ok(None) => "no failed attempts".to_string(),
+                Err(_) => "the state store did not answer".to_string(),
+            };
+            Some((id.to_string(), answer))
+        }
+        Some(id) if !id.is_empty() => Some((
+            "(not a caller id)".to_string(),
+            "at most 64 characters, no control characters".to_string(),
+        )),
+        _ => None,
+    };
+    let dashboard = Dashboard {
+        live: live_view(&state).await,
+        recent: recent_view(&state, state.hub.recent()),
+        blocked,
+        csrf: csrf_token(key, &session),
+        lookup,
+        notice: query.done,
+    };
+    html(StatusCode::OK, dashboard.render())
+}
+
+async fn live(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let key = state.settings.security.api_key.expose();
+    if session(key, &headers, unix_now()).is_none() {
+        return super::ApiError::new(StatusCode::UNAUTHORIZED, "log in at /admin").into_response();
+    }
+    html(StatusCode::OK, live_view(&state).await.render())
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    key: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    Extension(ClientIp(client)): Extension<ClientIp>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let key = state.settings.security.api_key.expose();
+    if key.is_empty() {
+        return html(StatusCode::FORBIDDEN, NoKey.render());
+    }
+    let window = format!("admin-login:{client}");
+    if let Ok(Some((failures, left))) = state.store.window(&window).await {
+        if failures >= LOGIN_FAILURES_PER_HOUR {
+            state.metrics.limited("admin_login");
+            return Limited(left).into_response();
+        }
+    }
+    if !bool::from(form.key.trim().as_bytes().ct_eq(key.as_bytes())) {
+        record_failure(&state, &window, client).await;
+        let page = Login {
+            error: Some("That is not the API key."),
+        };
+        return html(StatusCode::FORBIDDEN, page.render());
+    }
+    tracing::info!(%client, "operator logged in to the page");
+    let mut r = Redirect::to("/admin").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        cookie(
+            &new_session(key, unix_now()),
+            SESSION_SECS,
+            over_tls(&state, &headers),
+        ),
+    );
+    r
+}
+
+async fn record_failure(state: &AppState, window: &str, client: IpAddr) {
+    tracing::warn!(%client, "wrong API key typed into the operator page");
+    let _ = state
+        .store
+        .count_in_window(window, Duration::from_secs(3600))
+        .await;
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+#[derive(Deserialize)]
+struct CallerForm {
+    csrf: String,
+    #[serde(rename = "callerId")]
+    caller_id: String,
+}
+
+/// Whether a form comes with a live session and that session's CSRF token.
+fn checked(state: &AppState, headers: &HeaderMap, csrf: &str) -> Result<(), super::ApiError> {
+    let key = state.settings.security.api_key.expose();
+    match session(key, headers, unix_now()) {
+        Some(s) if csrf_ok(key, &s, csrf) => Ok(()),
+        Some(_) => Err(super::ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the form's CSRF token does not match this session; reload the page",
+        )),
+        None => Err(super::ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "log in at /admin",
+        )),
+    }
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(refused) = checked(&state, &headers, &form.csrf) {
+        return refused.into_response();
+    }
+    let mut r = Redirect::to("/admin").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        cookie("", 0, over_tls(&state, &headers)),
+    );
+    r
+}
+
+fn back_with(notice: &str) -> Response {
+    let notice: String = form_urlencoded::byte_serialize(notice.as_bytes()).collect();
+    Redirect::to(&format!("/admin?done={notice}")).into_response()
+}
+
+async fn block(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CallerForm>,
+) -> Response {
+    if let Err(refused) = checked(&state, &headers, &form.csrf) {
+        return refused.into_response();
+    }
+    let caller = form.caller_id.trim();
+    if caller.is_empty() || crate::gate::check_caller_id(caller).is_err() {
+        return back_with("Not blocked: a caller id is 1 to 64 characters, no control characters.");
+    }
+    match state.gate.block(caller, "blocked by an operator").await {
+        Ok(_) => back_with(&format!("Blocked {caller}.")),
+        Err(_) => back_with("Not blocked: the state store did not answer."),
+    }
+}
+
+async fn unblock(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CallerForm>,
+) -> Response {
+    if let Err(refused) = checked(&state, &headers, &form.csrf) {
+        return refused.into_response();
+    }
+    let caller = form.caller_id.trim();
+    match state.gate.unblock(caller).await {
+        Ok(true) => back_with(&format!("Unblocked {caller}.")),
+        Ok(false) => back_with(&format!("{caller} was not blocked.")),
+        Err(_) => back_with("Not unblocked: the state store did not answer."),
+    }
+}
+
+async fn script() -> Response {
+    static_file("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style() -> Response {
+    static_file("text/css; charset=utf-8", STYLE)
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cookie(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            format!("other=1; {COOKIE}={value}").parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn sessions_are_signed_expire_and_die_with_the_key() {
+        let now = 1_000_000;
+        let s = new_session("key-one", now);
+        assert_eq!(
+            session("key-one", &with_cookie(&s), now + 10).as_deref(),
+            Some(s.as_str())
+        );
+        assert!(
+            session("key-two", &with_cookie(&s), now + 10).is_none(),
+            "another key"
+        );
+        assert!(
+            session("key-one", &with_cookie(&s), now + SESSION_SECS).is_none(),
+            "expired"
+        );
+        let (expires, tag) = s.split_once('.').unwrap();
+        let stretched = format!("{}.{tag}", expires.parse::<u64>().unwrap() + 3600);
+        assert!(
+            session("key-one", &with_cookie(&stretched), now).is_none(),
+            "forged expiry"
+        );
+        assert!(
+            session("", &with_cookie(&s), now).is_none(),
+            "no key, no sessions"
+        );
+        let token = csrf_token("key-one", &s);
+        assert!(csrf_ok("key-one", &s, &token));
+        assert!(
+            !csrf_ok("key-one", &new_session("key-one", now + 1), &token),
+            "bound to its session"
+        );
+        assert!(!csrf_ok("key-one", &s, ""));
+    }
+}

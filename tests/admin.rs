@@ -1,0 +1,238 @@
+//! The operator page over HTTP: what it shows with and without a key, the login and its
+//! cookie, CSRF on every form, blocking and unblocking, the headers that keep it in its lane.
+//! (`admin_browser.rs` drives it in a real browser.)
+
+mod common;
+
+use call_proxy::config::WireFormat;
+use common::*;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Logs in; answers the `cp_admin=...` pair to send back.
+async fn log_in(proxy: &Proxy, key: &str) -> String {
+    let r = client()
+        .post(proxy.url("/admin/login"))
+        .form(&[("key", key)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "a good key is let in");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/admin", "Max-Age="] {
+        assert!(cookie.contains(flag), "{flag} missing: {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP here: {cookie}");
+    cookie.split(';').next().unwrap().to_string()
+}
+
+async fn page(proxy: &Proxy, cookie: &str) -> String {
+    let r = client()
+        .get(proxy.url("/admin"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'self'"),
+        "{csp}"
+    );
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    r.text().await.unwrap()
+}
+
+fn csrf_of(html: &str) -> String {
+    let at = html.find(r#"name="csrf" value=""#).expect("a CSRF field") + 19;
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn without_a_key_the_page_says_how_to_set_one_and_shows_nothing_else() {
+    let mut s = settings(&[]);
+    s.security.api_key = "".into();
+    let proxy = Proxy::start(s).await;
+    let html = client()
+        .get(proxy.url("/admin"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("No API key is configured") && html.contains("SERVER_API_KEY"));
+    assert!(!html.contains("Live calls"));
+    let r = client()
+        .post(proxy.url("/admin/login"))
+        .form(&[("key", "")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn a_wrong_key_a_forged_cookie_and_a_missing_csrf_token_are_refused() {
+    let proxy = Proxy::start(settings(&[])).await;
+    let r = client()
+        .post(proxy.url("/admin/login"))
+        .form(&[("key", "test-kez")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.unwrap().contains("not the API key"));
+
+    // A cookie made up, or one whose expiry was stretched, is a login page, not the page.
+    for forged in ["cp_admin=9999999999.AAAA", "cp_admin=junk"] {
+        let html = page(&proxy, forged).await;
+        assert!(
+            html.contains("Log in") && !html.contains("Live calls"),
+            "{forged}"
+        );
+    }
+    let cookie = log_in(&proxy, "test-key").await;
+    let (expires, tag) = cookie["cp_admin=".len()..].split_once('.').unwrap();
+    let stretched = format!("cp_admin={}.{tag}", expires.parse::<u64>().unwrap() + 3600);
+    assert!(page(&proxy, &stretched).await.contains("Log in"));
+    let r = client().get(proxy.url("/admin/live")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the live part needs the session too");
+
+    // A form without the session's CSRF token does nothing.
+    let html = page(&proxy, &cookie).await;
+    let token = csrf_of(&html);
+    for csrf in ["", "not-the-token"] {
+        let r = client()
+            .post(proxy.url("/admin/block"))
+            .header("cookie", &cookie)
+            .form(&[("csrf", csrf), ("callerId", "+15550001234")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "csrf {csrf:?}");
+    }
+    // ...and a token without its session neither.
+    let r = client()
+        .post(proxy.url("/admin/block"))
+        .form(&[("csrf", token.as_str()), ("callerId", "+15550001234")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let blocked = proxy.get("/blocked-callers/+15550001234").await;
+    assert_eq!(blocked.status(), 404, "nobody was blocked");
+}
+
+#[tokio::test]
+async fn the_page_shows_live_calls_blocks_unblocks_and_logs_out() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let spk = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[
+        ("rec", &rec.url(), WireFormat::Twilio),
+        ("spk", &spk.url(), WireFormat::Compact),
+    ]);
+    s.log.mask_callers = true;
+    let proxy = Proxy::start(s).await;
+    let cookie = log_in(&proxy, "test-key").await;
+
+    let mut call = TwilioCall::connect(&proxy, "page").await;
+    call.start(&[("backendIds", "rec,spk"), ("callerId", "+15557654321")])
+        .await;
+    call.media(&payload(0)).await;
+    rec.wait_for("a frame", |log| payloads(&texts(log)).len() == 1)
+        .await;
+    let html = page(&proxy, &cookie).await;
+    assert!(html.contains("CApage") && html.contains(r#"data-backend="rec""#));
+    assert!(html.contains(r#"data-backend="spk""#));
+    assert!(
+        html.contains("+155***21"),
+        "the caller masked as the logs mask it"
+    );
+    assert!(!html.contains("+15557654321"));
+
+    // Block a caller with the form, see it listed with why, unblock it.
+    let token = csrf_of(&html);
+    let r = client()
+        .post(proxy.url("/admin/block"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", token.as_str()), ("callerId", "+15550009999")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        proxy.get("/blocked-callers/+15550009999").await.status(),
+        200
+    );
+    let html = page(&proxy, &cookie).await;
+    assert!(html.contains(r#"data-blocked="+15550009999""#));
+    assert!(html.contains("blocked by an operator"));
+    let r = client()
+        .post(proxy.url("/admin/unblock"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", token.as_str()), ("callerId", "+15550009999")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        proxy.get("/blocked-callers/+15550009999").await.status(),
+        404
+    );
+
+    // A hostile caller id is escaped, never markup.
+    let r = client()
+        .post(proxy.url("/admin/block"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", token.as_str()), ("callerId", "<script>x</script>")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let html = page(&proxy, &cookie).await;
+    assert!(!html.contains("<script>x</script>"));
+    assert!(
+        html.contains("&#60;script&#62;x") || html.contains("&lt;script&gt;x"),
+        "listed, escaped"
+    );
+
+    // The call ends: it is listed among the recent calls, with its outcome.
+    call.stop().await;
+    rec.wait_for_stop().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let html = page(&proxy, &cookie).await;
+        if html.contains("Recent calls") && html.contains("completed") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ended call never listed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let r = client()
+        .post(proxy.url("/admin/logout"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    drop(spk);
+}
