@@ -50,6 +50,19 @@ async fn page(proxy: &Proxy, cookie: &str) -> String {
     r.text().await.unwrap()
 }
 
+/// Posts one of the page's forms with the session's cookie.
+async fn submit(proxy: &Proxy, path: &str, cookie: &str, fields: &[(&str, &str)]) -> u16 {
+    client()
+        .post(proxy.url(path))
+        .header("cookie", cookie)
+        .form(fields)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 fn csrf_of(html: &str) -> String {
     let at = html.find(r#"name="csrf" value=""#).expect("a CSRF field") + 19;
     html[at..].split('"').next().unwrap().to_string()
@@ -162,14 +175,16 @@ async fn the_page_shows_live_calls_blocks_unblocks_and_logs_out() {
 
     // Block a caller with the form, see it listed with why, unblock it.
     let token = csrf_of(&html);
-    let r = client()
-        .post(proxy.url("/admin/block"))
-        .header("cookie", &cookie)
-        .form(&[("csrf", token.as_str()), ("callerId", "+15550009999")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    assert_eq!(
+        submit(
+            &proxy,
+            "/admin/block",
+            &cookie,
+            &[("csrf", token.as_str()), ("callerId", "+15550009999")]
+        )
+        .await,
+        303
+    );
     assert_eq!(
         proxy.get("/blocked-callers/+15550009999").await.status(),
         200
@@ -177,28 +192,32 @@ async fn the_page_shows_live_calls_blocks_unblocks_and_logs_out() {
     let html = page(&proxy, &cookie).await;
     assert!(html.contains(r#"data-blocked="+15550009999""#));
     assert!(html.contains("blocked by an operator"));
-    let r = client()
-        .post(proxy.url("/admin/unblock"))
-        .header("cookie", &cookie)
-        .form(&[("csrf", token.as_str()), ("callerId", "+15550009999")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    assert_eq!(
+        submit(
+            &proxy,
+            "/admin/unblock",
+            &cookie,
+            &[("csrf", token.as_str()), ("callerId", "+15550009999")]
+        )
+        .await,
+        303
+    );
     assert_eq!(
         proxy.get("/blocked-callers/+15550009999").await.status(),
         404
     );
 
     // A hostile caller id is escaped, never markup.
-    let r = client()
-        .post(proxy.url("/admin/block"))
-        .header("cookie", &cookie)
-        .form(&[("csrf", token.as_str()), ("callerId", "<script>x</script>")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    assert_eq!(
+        submit(
+            &proxy,
+            "/admin/block",
+            &cookie,
+            &[("csrf", token.as_str()), ("callerId", "<script>x</script>")]
+        )
+        .await,
+        303
+    );
     let html = page(&proxy, &cookie).await;
     assert!(!html.contains("<script>x</script>"));
     assert!(
