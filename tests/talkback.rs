@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine as _;
+use call_proxy::audio::measure::{db, level, tone};
 use call_proxy::audio::mulaw;
 use call_proxy::config::WireFormat;
 use common::*;
@@ -362,32 +363,6 @@ async fn a_listener_that_floods_is_disconnected_and_the_call_goes_on() {
 }
 
 // ---- pcm16 -------------------------------------------------------------------------------
-
-/// The level of `freq` (Goertzel), as an amplitude relative to full scale.
-fn level(samples: &[i16], rate: u32, freq: f64) -> f64 {
-    let w = 2.0 * std::f64::consts::PI * freq / f64::from(rate);
-    let (mut s1, mut s2) = (0.0f64, 0.0f64);
-    for &x in samples {
-        let s = f64::from(x) / 32768.0 + 2.0 * w.cos() * s1 - s2;
-        s2 = s1;
-        s1 = s;
-    }
-    let power = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
-    2.0 * power.sqrt() / samples.len() as f64
-}
-
-fn tone(rate: u32, freq: f64, amplitude: f64, samples: usize) -> Vec<i16> {
-    (0..samples)
-        .map(|n| {
-            let t = n as f64 / f64::from(rate);
-            (amplitude * 32767.0 * (2.0 * std::f64::consts::PI * freq * t).sin()) as i16
-        })
-        .collect()
-}
-
-fn db(ratio: f64) -> f64 {
-    20.0 * ratio.log10()
-}
 
 fn middle(samples: &[i16]) -> &[i16] {
     &samples[samples.len() / 4..samples.len() * 3 / 4]

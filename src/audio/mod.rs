@@ -1,6 +1,7 @@
 //! Audio helpers shared by the service and the tools: the G.711 mu-law codec and a reader for
 //! the WAV files Twilio-style audio comes in.
 
+pub mod measure;
 pub mod mulaw;
 pub mod resample;
 pub mod wav;

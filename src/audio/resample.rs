@@ -98,32 +98,7 @@ fn to_i16(v: f32) -> i16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The level of `freq` in `samples` (Goertzel), as an amplitude relative to full scale.
-    fn level(samples: &[i16], rate: u32, freq: f64) -> f64 {
-        let w = 2.0 * std::f64::consts::PI * freq / f64::from(rate);
-        let (mut s1, mut s2) = (0.0f64, 0.0f64);
-        for &x in samples {
-            let s = f64::from(x) / 32768.0 + 2.0 * w.cos() * s1 - s2;
-            s2 = s1;
-            s1 = s;
-        }
-        let power = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
-        2.0 * power.sqrt() / samples.len() as f64
-    }
-
-    fn tone(rate: u32, freq: f64, amplitude: f64, samples: usize) -> Vec<i16> {
-        (0..samples)
-            .map(|n| {
-                let t = n as f64 / f64::from(rate);
-                (amplitude * 32767.0 * (2.0 * std::f64::consts::PI * freq * t).sin()) as i16
-            })
-            .collect()
-    }
-
-    fn db(ratio: f64) -> f64 {
-        20.0 * ratio.log10()
-    }
+    use crate::audio::measure::{db, level, tone};
 
     /// Pushed in the odd sizes a backend might send, after the filter has settled.
     fn resample(from: u32, to: u32, input: &[i16]) -> Vec<i16> {
