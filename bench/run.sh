@@ -6,6 +6,7 @@
 # the proxy's own log goes to target/bench-proxy.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 calls=${1:-500}
 fanout=${2:-2}
 duration=${3:-60s}
@@ -29,14 +30,10 @@ for target in $targets; do
       # The proxy as the benchmark needs it: loopback sinks via backendHosts in the Twilio
       # format (bytes forwarded as received, like the relay), no limits on upgrades from one
       # address (every simulated call comes from loadgen's), nothing written to disk.
-      CALL_PROXY__SERVER__HOST=127.0.0.1 CALL_PROXY__SERVER__PORT=18999 \
-      CALL_PROXY__BACKENDS__HOSTS_FORMAT=twilio CALL_PROXY__BACKENDS__DEFAULT= \
-      CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE=0 \
-      CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE=0 \
-      CALL_PROXY__STORE__PATH= CALL_PROXY__LOG__FILTER=warn \
-        "$bin/call-proxy" 2>target/bench-proxy.log &
+      env "${BENCH_PROXY_ENV[@]}" CALL_PROXY__BACKENDS__HOSTS_FORMAT=twilio \
+        CALL_PROXY__LOG__FILTER=warn "$bin/call-proxy" 2>target/bench-proxy.log &
       pid=$!
-      url=ws://127.0.0.1:18999/media
+      url=$BENCH_PROXY_URL
       ;;
     relay)
       "$bin/bare-relay" 127.0.0.1:19000 >/dev/null &

@@ -7,6 +7,7 @@
 # through ca_file. Prints each run's figures, then the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 calls=${1:-500}
 fanout=${2:-2}
 duration=${3:-20s}
@@ -20,10 +21,7 @@ bin=target/release
 
 run_once() {
   local scheme=$1
-  local env=(CALL_PROXY__SERVER__HOST=127.0.0.1 CALL_PROXY__SERVER__PORT=18999
-    CALL_PROXY__BACKENDS__DEFAULT= CALL_PROXY__STORE__PATH= CALL_PROXY__LOG__FILTER=warn
-    CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE=0
-    CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE=0)
+  local env=("${BENCH_PROXY_ENV[@]}" CALL_PROXY__LOG__FILTER=warn)
   local tls_args=()
   for i in $(seq 0 $((fanout - 1))); do
     local key=CALL_PROXY__BACKENDS__TABLE__SINK${i}
@@ -38,7 +36,7 @@ run_once() {
   env "${env[@]}" "$bin/call-proxy" 2>target/bench-proxy.log &
   local pid=$!
   sleep 1
-  "$bin/loadgen" --url ws://127.0.0.1:18999/media --calls "$calls" --fanout "$fanout" \
+  "$bin/loadgen" --url "$BENCH_PROXY_URL" --calls "$calls" --fanout "$fanout" \
     --duration "$duration" --ramp 5s --proxy-pid "$pid" --json --quiet \
     --sink-base-port "$base_port" "${tls_args[@]}" \
     | python3 -c '

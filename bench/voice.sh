@@ -8,6 +8,7 @@
 # loadgen's sinks sit on fixed loopback ports, named in the proxy's backend table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 calls=${1:-500}
 fanout=${2:-2}
 duration=${3:-20s}
@@ -20,10 +21,7 @@ bin=target/release
 # run_once LABEL FORMAT [speak|flood|plain]
 run_once() {
   local label=$1 format=$2 mode=$3
-  local env=(CALL_PROXY__SERVER__HOST=127.0.0.1 CALL_PROXY__SERVER__PORT=18999
-    CALL_PROXY__BACKENDS__DEFAULT= CALL_PROXY__STORE__PATH= CALL_PROXY__LOG__FILTER=error
-    CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE=0
-    CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE=0)
+  local env=("${BENCH_PROXY_ENV[@]}" CALL_PROXY__LOG__FILTER=error)
   local sinks=$fanout
   [ "$mode" = flood ] && sinks=$((fanout + 1))
   for i in $(seq 0 $((sinks - 1))); do
@@ -38,7 +36,7 @@ run_once() {
   env "${env[@]}" "$bin/call-proxy" 2>target/bench-proxy.log &
   local pid=$!
   sleep 1
-  "$bin/loadgen" --url ws://127.0.0.1:18999/media --calls "$calls" --fanout "$fanout" \
+  "$bin/loadgen" --url "$BENCH_PROXY_URL" --calls "$calls" --fanout "$fanout" \
     --duration "$duration" --ramp 5s --proxy-pid "$pid" --json --quiet \
     --sink-base-port "$base_port" "${args[@]}" \
     | python3 -c '

@@ -1,0 +1,13 @@
+# Shared by the bench scripts: how the proxy is started for a measurement. Loopback only,
+# no limits on upgrades from one address (every simulated call comes from loadgen's), no
+# default backend, nothing written to disk, quiet logs.
+# shellcheck shell=bash
+BENCH_PROXY_ENV=(
+  CALL_PROXY__SERVER__HOST=127.0.0.1
+  CALL_PROXY__SERVER__PORT=18999
+  CALL_PROXY__BACKENDS__DEFAULT=
+  CALL_PROXY__STORE__PATH=
+  CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE=0
+  CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE=0
+)
+BENCH_PROXY_URL=ws://127.0.0.1:18999/media
