@@ -176,20 +176,12 @@ impl StateStore for MemoryStore {
         let reason = reason.to_string();
         self.change(move |maps| {
             let now = unix_now();
-            let fresh = Block {
-                caller: caller.clone(),
-                blocked_on: now,
-                expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
-                reason: Some(reason.clone()),
-            };
+            let fresh = Block::placed(&caller, now, ttl, &reason);
             match maps.blocks.entry(caller) {
                 Entry::Occupied(e) if live(e.get(), now) => (e.get().clone(), None),
-                Entry::Occupied(mut e) => {
-                    e.insert(fresh.clone());
-                    (fresh.clone(), Some(Record::Block(fresh)))
-                }
-                Entry::Vacant(e) => {
-                    e.insert(fresh.clone());
+                // None, or one that has expired: this block is the new one.
+                entry => {
+                    entry.insert(fresh.clone());
                     (fresh.clone(), Some(Record::Block(fresh)))
                 }
             }

@@ -38,6 +38,18 @@ pub struct Block {
     pub reason: Option<String>,
 }
 
+impl Block {
+    /// A block placed `now` (Unix seconds), lasting `ttl` (at least a second) or until removed.
+    pub fn placed(caller: &str, now: u64, ttl: Option<Duration>, reason: &str) -> Block {
+        Block {
+            caller: caller.to_string(),
+            blocked_on: now,
+            expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
+            reason: Some(reason.to_string()),
+        }
+    }
+}
+
 /// The order every engine lists blocks in: oldest first, then by caller.
 pub fn sort_blocks(blocks: &mut [Block]) {
     blocks.sort_by(|a, b| {

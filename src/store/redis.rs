@@ -128,12 +128,7 @@ impl StateStore for RedisStore {
         Box::pin(async move {
             let key = self.key("block", caller);
             let now = unix_now();
-            let fresh = Block {
-                caller: caller.to_string(),
-                blocked_on: now,
-                expires_at: ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
-                reason: Some(reason.to_string()),
-            };
+            let fresh = Block::placed(caller, now, ttl, reason);
             let json = serde_json::to_string(&fresh).expect("blocks serialize");
             let ttl = ttl.map(|t| t.as_secs().max(1)).unwrap_or(0);
             let mut conn = self.conn.clone();
