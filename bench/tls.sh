@@ -21,7 +21,7 @@ bin=target/release
 
 run_once() {
   local scheme=$1
-  local env=("${BENCH_PROXY_ENV[@]}" CALL_PROXY__LOG__FILTER=warn)
+  local env=(CALL_PROXY__LOG__FILTER=warn)
   local tls_args=()
   for i in $(seq 0 $((fanout - 1))); do
     local key=CALL_PROXY__BACKENDS__TABLE__SINK${i}
@@ -33,20 +33,13 @@ run_once() {
     fi
   done
   [ "$scheme" = wss ] && tls_args=(--sink-tls "$tls_dir")
-  env "${env[@]}" "$bin/call-proxy" 2>target/bench-proxy.log &
-  local pid=$!
-  sleep 1
-  "$bin/loadgen" --url "$BENCH_PROXY_URL" --calls "$calls" --fanout "$fanout" \
-    --duration "$duration" --ramp 5s --proxy-pid "$pid" --json --quiet \
-    --sink-base-port "$base_port" "${tls_args[@]}" \
+  bench_point "${env[@]}" -- --calls "$calls" --fanout "$fanout" --duration "$duration" \
+    --ramp 5s --sink-base-port "$base_port" "${tls_args[@]}" \
     | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
 print(round(r["proxy_cpu_ms_per_1000_frames"] or 0, 2), round(r["proxy_rss_kib_per_call"] or 0, 1),
-      r["frames_lost"], r["latency"]["p99_ms"])' || echo "0 0 -1 0"
-  kill -TERM "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  sleep 1
+      r["frames_lost"], r["latency"]["p99_ms"])' 2>/dev/null || echo "0 0 -1 0"
 }
 
 figures=()

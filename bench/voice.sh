@@ -18,10 +18,10 @@ base_port=19200
 cargo build --release --workspace --quiet
 bin=target/release
 
-# run_once LABEL FORMAT [speak|flood|plain]
+# run_once FORMAT speak|flood|plain
 run_once() {
-  local label=$1 format=$2 mode=$3
-  local env=("${BENCH_PROXY_ENV[@]}" CALL_PROXY__LOG__FILTER=error)
+  local format=$1 mode=$2
+  local env=(CALL_PROXY__LOG__FILTER=error)
   local sinks=$fanout
   [ "$mode" = flood ] && sinks=$((fanout + 1))
   for i in $(seq 0 $((sinks - 1))); do
@@ -33,12 +33,8 @@ run_once() {
   local args=()
   [ "$mode" = speak ] && args=(--speak)
   [ "$mode" = flood ] && args=(--flood)
-  env "${env[@]}" "$bin/call-proxy" 2>target/bench-proxy.log &
-  local pid=$!
-  sleep 1
-  "$bin/loadgen" --url "$BENCH_PROXY_URL" --calls "$calls" --fanout "$fanout" \
-    --duration "$duration" --ramp 5s --proxy-pid "$pid" --json --quiet \
-    --sink-base-port "$base_port" "${args[@]}" \
+  bench_point "${env[@]}" -- --calls "$calls" --fanout "$fanout" --duration "$duration" \
+    --ramp 5s --sink-base-port "$base_port" "${args[@]}" \
     | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -46,17 +42,14 @@ t = r.get("talkback") or {}
 tl = t.get("latency") or {}
 print(round(r["proxy_cpu_ms_per_1000_frames"] or 0, 2), r["frames_lost"], r["latency"]["p99_ms"],
       round(r["proxy"]["rss_full_mib"], 1), t.get("received", 0), tl.get("p50_ms", 0), tl.get("p99_ms", 0))' \
-    || echo "0 -1 0 0 0 0 0"
-  kill -TERM "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  sleep 1
+    2>/dev/null || echo "0 -1 0 0 0 0 0"
 }
 
 figures=()
 for i in $(seq "$pairs"); do
   for run in "twilio twilio plain" "pcm16 pcm16 plain" "speak twilio speak" "flood twilio flood"; do
     set -- $run
-    line=$(run_once "$1" "$2" "$3")
+    line=$(run_once "$2" "$3")
     echo "$1 run=$i calls=$calls fanout=$fanout cpu_ms_per_1000,lost,p99_ms,rss_mib,heard_back,back_p50_ms,back_p99_ms= $line"
     figures+=("$1 $line")
   done
