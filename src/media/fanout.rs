@@ -179,20 +179,21 @@ impl Queue {
         std::mem::swap(&mut q.items, taken);
     }
 
-    /// Ready once something is queued (immediately if something already is).
-    fn ready(&self) -> impl std::future::Future<Output = ()> + '_ {
+    /// Waits until something is queued, then moves it all into `into` as [`Queue::take_all`]
+    /// does: one lock a wait, where checking and then taking would be two.
+    fn taken<'a>(
+        &'a self,
+        into: &'a mut VecDeque<Frame>,
+        written: &'a mut Held,
+    ) -> impl std::future::Future<Output = ()> + 'a {
         std::future::poll_fn(move |cx| {
+            // Registered before the look, so a push after the look wakes the writer.
             self.waker.register(cx.waker());
-            let queued = !self
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .items
-                .is_empty();
-            if queued {
-                std::task::Poll::Ready(())
-            } else {
+            self.take_all(into, written);
+            if into.is_empty() {
                 std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
             }
         })
     }
@@ -553,7 +554,7 @@ impl Writer {
             Ok(sent) => sent?,
         }
         let mut meter = Meter::default();
-        meter.written(1, &self.shared);
+        meter.written(1, None, &self.shared, &self.metrics);
         let result = self
             .forward(&mut socket, pending, written, hearing, &mut meter)
             .await;
@@ -571,15 +572,10 @@ impl Writer {
     ) -> Result<(), LinkError> {
         loop {
             while pending.is_empty() {
-                self.shared.queue.take_all(pending, written);
-                if !pending.is_empty() {
-                    break;
-                }
-                meter.flush_if_due(&self.metrics);
                 tokio::select! {
                     // Frames first; the backend seldom says anything.
                     biased;
-                    _ = self.shared.queue.ready() => {}
+                    _ = self.shared.queue.taken(pending, written) => {}
                     _ = readable(socket) => self.read_backend(socket, hearing)?,
                 }
             }
@@ -599,14 +595,15 @@ impl Writer {
                 }
                 socket.flush().await
             };
-            match tokio::time::timeout(self.policy.write_timeout, batch).await {
-                Err(_) => return Err(LinkError::WriteStalled(self.policy.write_timeout)),
-                Ok(result) => result?,
-            }
-            if let Some(t) = oldest {
-                meter.latency.record(t.elapsed());
-            }
-            meter.written((written.frames - before) as u64, &self.shared);
+            within(self.policy.write_timeout, batch)
+                .await
+                .ok_or(LinkError::WriteStalled(self.policy.write_timeout))??;
+            meter.written(
+                (written.frames - before) as u64,
+                oldest,
+                &self.shared,
+                &self.metrics,
+            );
             if stop {
                 meter.flush(&self.metrics);
                 // A polite close; a backend that does not answer it is not waited on long.
@@ -687,6 +684,17 @@ impl Writer {
 /// A writer waits on this rather than on the WebSocket stream itself: a read attempt through
 /// the WebSocket layer on every wait (once per frame sent) costs buffer set-up and waker
 /// bookkeeping, while a readiness check is one atomic load.
+/// Runs `work` with a deadline that starts only if it has to wait: a write to a socket with
+/// room finishes at once, and then costs neither a clock read nor a timer. `None` when the
+/// deadline passed first.
+async fn within<T>(deadline: Duration, work: impl std::future::Future<Output = T>) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    if let Some(done) = work.as_mut().now_or_never() {
+        return Some(done);
+    }
+    tokio::time::timeout(deadline, work).await.ok()
+}
+
 async fn readable(socket: &BackendSocket) {
     // Under TLS too the TCP socket tells: the writer drains every complete record each time
     // it reads, so nothing waits decrypted in rustls's buffer while this waits on the socket.
@@ -698,12 +706,16 @@ async fn readable(socket: &BackendSocket) {
             return;
         }
     };
-    let _ = tcp.readable().await;
+    // The socket's one read-interest slot (this task is its only reader), not `readable()`,
+    // whose waiter joins and leaves a locked list each time: the writer waits here between
+    // every two frames.
+    let _ = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await;
 }
 
 /// A writer's counts, added to the shared metrics a few times a second rather than per
 /// frame: the metrics are shared by every call's writers, and updating them per frame made
-/// the cores fight over the same cache lines.
+/// the cores fight over the same cache lines. They are added after a write that finds them
+/// due, and when the link ends: a link that goes quiet holds at most one period's worth.
 #[derive(Default)]
 struct Meter {
     frames: u64,
@@ -711,24 +723,37 @@ struct Meter {
     last_flush: Option<Instant>,
 }
 
+/// How often a writer adds its counts to the shared metrics.
+const METER_PERIOD: Duration = Duration::from_millis(250);
+
 impl Meter {
-    /// `sent` (what `/calls` shows) is the link's own counter, so it stays exact.
-    fn written(&mut self, n: u64, shared: &LinkShared) {
+    /// Counts `n` frames written, the oldest of them received at `oldest`; one clock read
+    /// serves the latency and the flush. `sent` (what `/calls` shows) is the link's own
+    /// counter, so it stays exact.
+    fn written(
+        &mut self,
+        n: u64,
+        oldest: Option<Instant>,
+        shared: &LinkShared,
+        metrics: &LinkMetrics,
+    ) {
         self.frames += n;
         shared.sent.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn flush_if_due(&mut self, metrics: &LinkMetrics) {
-        let due = self
-            .last_flush
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
-        if due {
-            self.flush(metrics);
+        let now = Instant::now();
+        if let Some(t) = oldest {
+            self.latency.record(now.saturating_duration_since(t));
+        }
+        if self.last_flush.is_none_or(|t| now - t >= METER_PERIOD) {
+            self.flush_at(now, metrics);
         }
     }
 
     fn flush(&mut self, metrics: &LinkMetrics) {
-        self.last_flush = Some(Instant::now());
+        self.flush_at(Instant::now(), metrics);
+    }
+
+    fn flush_at(&mut self, now: Instant, metrics: &LinkMetrics) {
+        self.last_flush = Some(now);
         if self.frames > 0 {
             metrics.frames_out.inc_by(self.frames);
             self.frames = 0;

@@ -13,6 +13,7 @@ pub mod link;
 pub mod route;
 pub mod session;
 pub mod talkback;
+mod watch;
 pub mod wire;
 
 use std::net::SocketAddr;

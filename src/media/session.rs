@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes as WsText};
-use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
@@ -18,6 +17,7 @@ use tracing::{debug, info, warn, Instrument as _, Span};
 use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
 use super::talkback::{self, TowardTwilio};
+use super::watch::Watches;
 use super::wire;
 use super::{Admission, CallInfo, MediaHub};
 use crate::clock::unix_now;
@@ -144,6 +144,18 @@ where
     })
 }
 
+/// What a session waits for besides Twilio's next message (see [`Watches`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    Shutdown,
+    /// Time to check for idleness and report the frame count.
+    Tick,
+    StartDeadline,
+    LinksChanged,
+    /// The grace period after every backend gave up has run out.
+    BackendsGone,
+}
+
 struct Session {
     hub: Arc<MediaHub>,
     admission: Admission,
@@ -151,6 +163,8 @@ struct Session {
     links_changed: Arc<Notify>,
     frames_in: u64,
     frames_in_reported: u64,
+    /// A media payload too big for the stack, decoded (kept for its capacity).
+    decoded: Vec<u8>,
     /// Reasons already logged for this call: each is logged once and counted always, so a
     /// misbehaving peer cannot flood the log at 50 messages a second.
     logged: u32,
@@ -173,28 +187,30 @@ where
         links_changed: Arc::new(Notify::new()),
         frames_in: 0,
         frames_in_reported: 0,
+        decoded: Vec::new(),
         logged: 0,
     };
 
     let idle_timeout = settings.idle_timeout();
     let tick_every = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(tick_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let grace = Duration::from_millis(settings.media.all_backends_gone_grace_ms);
     // A socket that never starts a stream would hold a call slot for nothing.
     let start_timeout = Duration::from_millis(settings.media.start_timeout_ms);
-    let start_deadline = tokio::time::sleep(start_timeout);
-    tokio::pin!(start_deadline);
 
-    // A child of the service's token: waiting on the shared token itself would take its
-    // lock (and its waiter list's) on every poll of every session, a lock all cores contend
-    // for on every frame; the child's are this session's alone.
-    let shutdown = hub.shutdown_token().child_token();
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    let links_changed = session.links_changed.clone();
-    let mut changed = Box::pin(links_changed.notified());
-    let mut gone_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // A child of the service's token, so that cancelling reaches this session alone through
+    // its own node.
+    let mut watches = Watches::<Watch>::default();
+    watches.add(
+        hub.shutdown_token().child_token().cancelled_owned(),
+        Watch::Shutdown,
+    );
+    watches.add(tokio::time::sleep(tick_every), Watch::Tick);
+    watches.add(tokio::time::sleep(start_timeout), Watch::StartDeadline);
+    watches.add(
+        session.links_changed.clone().notified_owned(),
+        Watch::LinksChanged,
+    );
+    let mut backends_gone = false;
 
     // The runtime's clock, so paused-time tests can drive the idle timeout.
     let mut last_activity = tokio::time::Instant::now();
@@ -205,9 +221,40 @@ where
     let end = loop {
         tokio::select! {
             biased;
-            _ = &mut cancelled => {
-                break End::new(Outcome::shutdown, close::GOING_AWAY, "service shutting down");
-            }
+            watch = watches.next() => match watch {
+                Watch::Shutdown => {
+                    break End::new(Outcome::shutdown, close::GOING_AWAY, "service shutting down");
+                }
+                Watch::Tick => {
+                    let now = tokio::time::Instant::now();
+                    if messages != frames_at_tick {
+                        frames_at_tick = messages;
+                        last_activity = now;
+                    } else if now.duration_since(last_activity) >= idle_timeout {
+                        warn!(fault = "twilio", idle_ms = idle_timeout.as_millis() as u64, "stream idle; closing");
+                        break End::new(Outcome::idle_timeout, close::NORMAL, "idle timeout: no message received");
+                    }
+                    session.report_frames();
+                    watches.add(tokio::time::sleep(tick_every), Watch::Tick);
+                }
+                Watch::StartDeadline => {
+                    if session.streaming.is_none() {
+                        warn!(fault = "twilio", start_timeout_ms = start_timeout.as_millis() as u64, "no start message in time; closing");
+                        break End::new(Outcome::start_timeout, close::POLICY, "no start message in time");
+                    }
+                }
+                Watch::LinksChanged => {
+                    watches.add(session.links_changed.clone().notified_owned(), Watch::LinksChanged);
+                    if !backends_gone && session.all_links_gone() {
+                        backends_gone = true;
+                        warn!(grace_ms = grace.as_millis() as u64, fault = "backend", "every backend is gone; closing the stream after the grace period");
+                        watches.add(tokio::time::sleep(grace), Watch::BackendsGone);
+                    }
+                }
+                Watch::BackendsGone => {
+                    break End::new(Outcome::backends_gone, close::INTERNAL, "every backend of this call is gone");
+                }
+            },
             incoming = next_from_twilio(
                 &mut socket,
                 session.streaming.as_mut().and_then(|c| c.toward.as_mut()),
@@ -238,31 +285,6 @@ where
                 if let Step::End(end) = step {
                     break end;
                 }
-            }
-            _ = tick.tick() => {
-                let now = tokio::time::Instant::now();
-                if messages != frames_at_tick {
-                    frames_at_tick = messages;
-                    last_activity = now;
-                } else if now.duration_since(last_activity) >= idle_timeout {
-                    warn!(fault = "twilio", idle_ms = idle_timeout.as_millis() as u64, "stream idle; closing");
-                    break End::new(Outcome::idle_timeout, close::NORMAL, "idle timeout: no message received");
-                }
-                session.report_frames();
-            }
-            _ = &mut start_deadline, if session.streaming.is_none() => {
-                warn!(fault = "twilio", start_timeout_ms = start_timeout.as_millis() as u64, "no start message in time; closing");
-                break End::new(Outcome::start_timeout, close::POLICY, "no start message in time");
-            }
-            _ = &mut changed => {
-                changed = Box::pin(links_changed.notified());
-                if gone_timer.is_none() && session.all_links_gone() {
-                    warn!(grace_ms = grace.as_millis() as u64, fault = "backend", "every backend is gone; closing the stream after the grace period");
-                    gone_timer = Some(Box::pin(tokio::time::sleep(grace)));
-                }
-            }
-            _ = async { gone_timer.as_mut().expect("guarded").await }, if gone_timer.is_some() => {
-                break End::new(Outcome::backends_gone, close::INTERNAL, "every backend of this call is gone");
             }
         }
     };
@@ -302,10 +324,17 @@ impl Session {
                     self.reject(Rejection::media_before_start, "media before start");
                     return Step::Continue;
                 }
-                if !payload_is_base64(&media.payload) {
+                // Decoded once: the check that it is base64, and the audio that compact and
+                // pcm16 backends may need. An ordinary frame decodes on the stack, which is
+                // warm; a buffer of the call's own would be memory gone cold since its last
+                // frame.
+                let mut stack = [0u8; wire::STACK_PAYLOAD];
+                let Some(decoded) =
+                    wire::decode_payload(&media.payload, &mut stack, &mut self.decoded)
+                else {
                     self.reject(Rejection::invalid_payload, "media payload is not base64");
                     return Step::Continue;
-                }
+                };
                 let now = Instant::now();
                 let Some(call) = &mut self.streaming else {
                     return Step::Continue;
@@ -314,13 +343,14 @@ impl Session {
                     .any_twilio
                     .then(|| wire::forward(Bytes::from(text.clone())));
                 // Compact and pcm16 backends carry one track: the caller's voice.
-                let callers = media.track == call.caller_track;
+                let callers =
+                    (call.any_compact || call.any_pcm) && media.track == call.caller_track;
                 let compact = (call.any_compact && callers)
-                    .then(|| wire::compact_payload(&media.payload))
+                    .then(|| wire::compact_payload(&media.payload, decoded))
                     .flatten()
                     .map(|payload| wire::compact_media(&payload));
                 let audio = (call.any_pcm && callers)
-                    .then(|| wire::caller_audio(&media.payload))
+                    .then(|| wire::caller_audio(&media.payload, decoded))
                     .flatten();
                 for link in &mut call.links {
                     let message = match link.shared.format {
@@ -715,17 +745,6 @@ impl Streaming {
     }
 }
 
-/// Checks a payload is base64 without allocating for ordinary (20 ms) frames.
-fn payload_is_base64(payload: &str) -> bool {
-    let engine = &base64::engine::general_purpose::STANDARD;
-    let mut buf = [0u8; 1024];
-    if payload.len() / 4 * 3 <= buf.len() {
-        engine.decode_slice(payload, &mut buf).is_ok()
-    } else {
-        engine.decode(payload).is_ok()
-    }
-}
-
 /// Close reasons are limited to 123 bytes by the protocol.
 fn truncate_reason(reason: &str) -> String {
     if reason.len() <= 123 {
@@ -741,14 +760,6 @@ fn truncate_reason(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn payload_check() {
-        assert!(payload_is_base64("AAEC"));
-        assert!(payload_is_base64(&"A".repeat(4000)));
-        assert!(!payload_is_base64("not base64!"));
-        assert!(!payload_is_base64("AAE"));
-    }
 
     #[test]
     fn close_reasons_fit_the_protocol() {

@@ -68,29 +68,48 @@ pub fn compact_media(payload: &str) -> Message {
 /// test client sent.
 const WAV_PREFIX: &str = "UklGR";
 
-/// The caller's audio in a media payload, as mu-law bytes: the payload itself, or, for a
-/// whole WAV file sent as one payload, its samples. `None` when it holds no usable audio.
-pub fn caller_audio(payload: &str) -> Option<Cow<'static, [u8]>> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(payload)
-        .ok()?;
+/// The largest decoded payload [`decode_payload`] takes on the stack: Twilio's 20 ms frames
+/// are 160 bytes.
+pub const STACK_PAYLOAD: usize = 512;
+
+/// Decodes a media payload: into `stack` when it fits, else into `spill` (emptied first, its
+/// capacity reused). `None` when the payload is not base64.
+pub fn decode_payload<'a>(
+    payload: &str,
+    stack: &'a mut [u8; STACK_PAYLOAD],
+    spill: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    if payload.len() / 4 * 3 <= STACK_PAYLOAD {
+        let n = engine.decode_slice(payload, stack).ok()?;
+        return Some(&stack[..n]);
+    }
+    spill.clear();
+    engine.decode_vec(payload, spill).ok()?;
+    Some(spill)
+}
+
+/// The caller's audio in a media payload, as mu-law bytes, given the payload and its decoded
+/// bytes: those bytes themselves, or, for a whole WAV file sent as one payload, its samples.
+/// `None` when it holds no usable audio.
+pub fn caller_audio<'a>(payload: &str, decoded: &'a [u8]) -> Option<Cow<'a, [u8]>> {
     if payload.starts_with(WAV_PREFIX) {
-        return wav::read(&bytes)
+        return wav::read(decoded)
             .ok()?
             .to_twilio_mulaw()
             .ok()
             .map(Cow::Owned);
     }
-    Some(Cow::Owned(bytes))
+    Some(Cow::Borrowed(decoded))
 }
 
 /// The payload a compact backend gets: the same base64 unless it is a whole WAV file, whose
 /// samples are sent as mu-law instead (compact backends expect raw audio).
-pub fn compact_payload(payload: &str) -> Option<Cow<'_, str>> {
+pub fn compact_payload<'a>(payload: &'a str, decoded: &[u8]) -> Option<Cow<'a, str>> {
     if !payload.starts_with(WAV_PREFIX) {
         return Some(Cow::Borrowed(payload));
     }
-    let audio = caller_audio(payload)?;
+    let audio = caller_audio(payload, decoded)?;
     Some(Cow::Owned(
         base64::engine::general_purpose::STANDARD.encode(audio),
     ))
@@ -239,8 +258,13 @@ mod tests {
         let samples: Vec<u8> = (0..800).map(|i| (i % 251) as u8).collect();
         let file = wav::mulaw_file(&samples);
         let b64 = base64::engine::general_purpose::STANDARD.encode(&file);
-        assert_eq!(caller_audio(&b64).unwrap().as_ref(), samples.as_slice());
-        let compact = compact_payload(&b64).unwrap();
+        let (mut stack, mut spill) = ([0; STACK_PAYLOAD], Vec::new());
+        let decoded = decode_payload(&b64, &mut stack, &mut spill).unwrap();
+        assert_eq!(
+            caller_audio(&b64, decoded).unwrap().as_ref(),
+            samples.as_slice()
+        );
+        let compact = compact_payload(&b64, decoded).unwrap();
         assert_eq!(
             base64::engine::general_purpose::STANDARD
                 .decode(compact.as_ref())
@@ -248,9 +272,37 @@ mod tests {
             samples
         );
         // Ordinary frames pass through untouched.
+        let decoded = decode_payload("AAEC", &mut stack, &mut spill).unwrap();
+        assert_eq!(decoded, [0, 1, 2]);
         assert!(matches!(
-            compact_payload("AAEC"),
+            compact_payload("AAEC", decoded),
             Some(Cow::Borrowed("AAEC"))
         ));
+    }
+
+    #[test]
+    fn payloads_are_checked_as_they_are_decoded() {
+        let (mut stack, mut spill) = ([0; STACK_PAYLOAD], vec![9; 8]);
+        let mut decode =
+            |payload: &str| decode_payload(payload, &mut stack, &mut spill).map(<[u8]>::to_vec);
+        assert_eq!(decode("AAEC").unwrap(), [0, 1, 2]);
+        // At the stack's size, one past it, and far past it: the same answer either way.
+        for chars in [STACK_PAYLOAD / 3 * 4, STACK_PAYLOAD / 3 * 4 + 4, 4000] {
+            let payload = "AAEC".repeat(chars / 4);
+            let decoded = decode(&payload).unwrap();
+            assert_eq!(decoded.len(), chars / 4 * 3);
+            assert!(decoded.chunks(3).all(|c| c == [0, 1, 2]));
+        }
+        let long_bad = format!("{}!", "A".repeat(4000));
+        for bad in [
+            "not base64!",
+            "AAE",
+            "AAE=A",
+            "AA\nEC",
+            "AAEC\u{0}",
+            long_bad.as_str(),
+        ] {
+            assert!(decode(bad).is_none(), "{bad:?} passed");
+        }
     }
 }
