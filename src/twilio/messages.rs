@@ -258,8 +258,18 @@ struct StopBody {
     call_sid: String,
 }
 
-/// Parses one text message from Twilio.
+/// Parses one text message from Twilio. Media frames in Twilio's own shape take a fast path
+/// (see [`super::fast_media`]); everything else, and anything that path does not take, the
+/// general one.
 pub fn parse(text: &str) -> Result<Event<'_>, ParseError> {
+    match super::fast_media::media(text) {
+        Some(media) => Ok(Event::Media(media)),
+        None => parse_general(text),
+    }
+}
+
+/// Parses any message with serde: every event, every shape the service accepts.
+pub(crate) fn parse_general(text: &str) -> Result<Event<'_>, ParseError> {
     let env: Envelope<'_> =
         serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
     let seq = counter(env.sequence_number).unwrap_or(Cow::Borrowed(""));
