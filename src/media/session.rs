@@ -17,7 +17,7 @@ use tracing::{debug, info, warn, Instrument as _, Span};
 use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
 use super::talkback::{self, TowardTwilio};
-use super::watch::Watches;
+use super::watch::{Watches, Woke};
 use super::wire;
 use super::{Admission, CallInfo, MediaHub};
 use crate::clock::unix_now;
@@ -225,11 +225,23 @@ where
     let mut messages = 0u64;
 
     let end = loop {
-        tokio::select! {
-            biased;
-            watch = watches.next() => match watch {
+        let woke = watches
+            .beside(next_from_twilio(
+                &mut socket,
+                session
+                    .streaming
+                    .as_mut()
+                    .and_then(|c| c.toward.as_deref_mut()),
+            ))
+            .await;
+        match woke {
+            Woke::Watch(watch) => match watch {
                 Watch::Shutdown => {
-                    break End::new(Outcome::shutdown, close::GOING_AWAY, "service shutting down");
+                    break End::new(
+                        Outcome::shutdown,
+                        close::GOING_AWAY,
+                        "service shutting down",
+                    );
                 }
                 Watch::Tick => {
                     let now = tokio::time::Instant::now();
@@ -237,38 +249,65 @@ where
                         frames_at_tick = messages;
                         last_activity = now;
                     } else if now.duration_since(last_activity) >= idle_timeout {
-                        warn!(fault = "twilio", idle_ms = idle_timeout.as_millis() as u64, "stream idle; closing");
-                        break End::new(Outcome::idle_timeout, close::NORMAL, "idle timeout: no message received");
+                        warn!(
+                            fault = "twilio",
+                            idle_ms = idle_timeout.as_millis() as u64,
+                            "stream idle; closing"
+                        );
+                        break End::new(
+                            Outcome::idle_timeout,
+                            close::NORMAL,
+                            "idle timeout: no message received",
+                        );
                     }
                     session.report_frames();
                     watches.add(tokio::time::sleep(tick_every), Watch::Tick);
                 }
                 Watch::StartDeadline => {
                     if session.streaming.is_none() {
-                        warn!(fault = "twilio", start_timeout_ms = start_timeout.as_millis() as u64, "no start message in time; closing");
-                        break End::new(Outcome::start_timeout, close::POLICY, "no start message in time");
+                        warn!(
+                            fault = "twilio",
+                            start_timeout_ms = start_timeout.as_millis() as u64,
+                            "no start message in time; closing"
+                        );
+                        break End::new(
+                            Outcome::start_timeout,
+                            close::POLICY,
+                            "no start message in time",
+                        );
                     }
                 }
                 Watch::LinksChanged => {
-                    watches.add(session.links_changed.clone().notified_owned(), Watch::LinksChanged);
+                    watches.add(
+                        session.links_changed.clone().notified_owned(),
+                        Watch::LinksChanged,
+                    );
                     if !backends_gone && session.all_links_gone() {
                         backends_gone = true;
-                        warn!(grace_ms = grace.as_millis() as u64, fault = "backend", "every backend is gone; closing the stream after the grace period");
+                        warn!(
+                            grace_ms = grace.as_millis() as u64,
+                            fault = "backend",
+                            "every backend is gone; closing the stream after the grace period"
+                        );
                         watches.add(tokio::time::sleep(grace), Watch::BackendsGone);
                     }
                 }
                 Watch::BackendsGone => {
-                    break End::new(Outcome::backends_gone, close::INTERNAL, "every backend of this call is gone");
+                    break End::new(
+                        Outcome::backends_gone,
+                        close::INTERNAL,
+                        "every backend of this call is gone",
+                    );
                 }
             },
-            incoming = next_from_twilio(
-                &mut socket,
-                session.streaming.as_mut().and_then(|c| c.toward.as_deref_mut()),
-            ) => {
+            Woke::Busy(incoming) => {
                 let step = match incoming {
                     None => {
                         debug!("Twilio closed the socket");
-                        Step::End(End { outcome: Outcome::twilio_closed, close: None })
+                        Step::End(End {
+                            outcome: Outcome::twilio_closed,
+                            close: None,
+                        })
                     }
                     Some(Ok(WsMessage::Text(text))) => {
                         messages += 1;
@@ -282,9 +321,10 @@ where
                             "binary frames are not part of the Media Streams protocol",
                         ))
                     }
-                    Some(Ok(WsMessage::Close(_))) => {
-                        Step::End(End { outcome: Outcome::twilio_closed, close: None })
-                    }
+                    Some(Ok(WsMessage::Close(_))) => Step::End(End {
+                        outcome: Outcome::twilio_closed,
+                        close: None,
+                    }),
                     Some(Ok(_)) => Step::Continue,
                     Some(Err(e)) => Step::End(read_error(e, settings.media.max_message_bytes)),
                 };
