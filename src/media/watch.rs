@@ -100,39 +100,34 @@ impl<T: Send + 'static> Watches<T> {
 
     /// `busy`'s result, or a watched future's, whichever comes first (see the module's
     /// comment for when the watches are looked at). Never a watch's while nothing is watched.
-    pub fn beside<'a, B: Future + 'a>(
-        &'a mut self,
-        busy: B,
-    ) -> impl Future<Output = Woke<T, B::Output>> + 'a {
-        async move {
-            let mut busy = pin!(busy);
-            // The first poll comes straight after the last result was handled, not from a
-            // wake-up: a ring since then has woken the task again, and the next poll looks.
-            let mut woken = false;
-            std::future::poll_fn(move |cx| {
-                // A ring wakes the waker the alarm holds: when the task's is another (a first
-                // poll, or a future moved between contexts), register it and look now, since
-                // a ring may have gone to the old one.
-                let stale = !self.task.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-                if stale || self.since_look >= LOOK_EVERY {
-                    if let Poll::Ready(then) = self.look(cx) {
-                        return Poll::Ready(Woke::Watch(then));
-                    }
+    pub async fn beside<B: Future>(&mut self, busy: B) -> Woke<T, B::Output> {
+        let mut busy = pin!(busy);
+        // The first poll comes straight after the last result was handled, not from a
+        // wake-up: a ring since then has woken the task again, and the next poll looks.
+        let mut woken = false;
+        std::future::poll_fn(move |cx| {
+            // A ring wakes the waker the alarm holds: when the task's is another (a first
+            // poll, or a future moved between contexts), register it and look now, since a
+            // ring may have gone to the old one.
+            let stale = !self.task.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if stale || self.since_look >= LOOK_EVERY {
+                if let Poll::Ready(then) = self.look(cx) {
+                    return Poll::Ready(Woke::Watch(then));
                 }
-                if let Poll::Ready(out) = busy.as_mut().poll(cx) {
-                    self.since_look += 1;
-                    return Poll::Ready(Woke::Busy(out));
+            }
+            if let Poll::Ready(out) = busy.as_mut().poll(cx) {
+                self.since_look += 1;
+                return Poll::Ready(Woke::Busy(out));
+            }
+            if woken {
+                if let Poll::Ready(then) = self.look(cx) {
+                    return Poll::Ready(Woke::Watch(then));
                 }
-                if woken {
-                    if let Poll::Ready(then) = self.look(cx) {
-                        return Poll::Ready(Woke::Watch(then));
-                    }
-                }
-                woken = true;
-                Poll::Pending
-            })
-            .await
-        }
+            }
+            woken = true;
+            Poll::Pending
+        })
+        .await
     }
 
     /// The first watched future that is ready, if the alarm has rung.
