@@ -17,9 +17,9 @@ echo "== knee, fan-out 1 2 4"
 bench/knee.sh "1" 1000 100 2000 30s 10s | tee "$out/$stamp-knee.txt"
 bench/knee.sh "2" 500 100 2000 30s 10s | tee -a "$out/$stamp-knee.txt"
 bench/knee.sh "4" 300 50 1000 30s 10s | tee -a "$out/$stamp-knee.txt"
-echo "== CPU per frame, alternating proxy and relay"
-bench/cpu.sh 500 2 20s 5 | tee "$out/$stamp-cpu.txt"
-bench/cpu.sh 800 1 20s 5 | tee -a "$out/$stamp-cpu.txt"
-bench/cpu.sh 250 4 20s 3 | tee -a "$out/$stamp-cpu.txt"
+echo "== CPU per frame and p99 against the relay's, alternating proxy and relay"
+for fanout in 1 2 4; do
+  bench/cpu.sh 500 "$fanout" 20s 5 | tee -a "$out/$stamp-cpu.txt"
+done
 echo "== soak: 500 calls x fan-out 2, 10 minutes, proxy only"
 TARGETS=proxy bench/run.sh 500 2 600s 20s | tee "$out/$stamp-soak.jsonl"
