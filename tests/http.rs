@@ -112,3 +112,87 @@ async fn metrics_are_prometheus_text_and_can_require_the_key() {
         200
     );
 }
+
+/// The media endpoint's upgrade checks, each tried with the rest of a good request: every
+/// refusal is a JSON error with its status, and the same request done right is accepted.
+#[tokio::test]
+async fn a_media_upgrade_is_refused_unless_it_is_a_websocket_handshake() {
+    let proxy = Proxy::start(settings(&[])).await;
+    let client = reqwest::Client::new();
+    let good = [
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "WebSocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let request = |method: reqwest::Method, skip: &str, replace: Option<(&str, &str)>| {
+        let mut r = client.request(method, proxy.url("/media"));
+        for (name, value) in good {
+            if name == skip {
+                continue;
+            }
+            let value = match replace {
+                Some((n, v)) if n == name => v,
+                _ => value,
+            };
+            r = r.header(name, value);
+        }
+        r
+    };
+    let refused = [
+        (request(reqwest::Method::POST, "", None), 405),
+        (request(reqwest::Method::GET, "connection", None), 400),
+        (
+            request(reqwest::Method::GET, "", Some(("connection", "upgraded"))),
+            400,
+        ),
+        (request(reqwest::Method::GET, "upgrade", None), 400),
+        (
+            request(reqwest::Method::GET, "", Some(("upgrade", "h2c"))),
+            400,
+        ),
+        (
+            request(reqwest::Method::GET, "sec-websocket-version", None),
+            400,
+        ),
+        (
+            request(
+                reqwest::Method::GET,
+                "",
+                Some(("sec-websocket-version", "8")),
+            ),
+            400,
+        ),
+        (
+            request(reqwest::Method::GET, "sec-websocket-key", None),
+            400,
+        ),
+    ];
+    for (i, (r, status)) in refused.into_iter().enumerate() {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "case {i}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(body["error"].is_string(), "case {i}: {body}");
+    }
+
+    // The same handshake by hand, answered as RFC 6455 says (the key is the RFC's example).
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut head = String::from("GET /media HTTP/1.1\r\nHost: proxy\r\n");
+    for (name, value) in good {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, raw.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 101"), "{answer}");
+    assert!(
+        answer.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{answer}"
+    );
+}

@@ -572,3 +572,63 @@ async fn backend_hosts_on_the_allowlist_get_the_compact_form() {
         "the off-list entry is counted"
     );
 }
+
+/// A client may send its first frames in the same write as the handshake, before it has seen
+/// the `101`: hyper reads them with the request, and they must reach the session first, in
+/// order, not be lost between the HTTP server and the WebSocket.
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
+    let custom: std::collections::BTreeMap<String, String> =
+        [("backendIds".to_string(), r#"["rec"]"#.to_string())].into();
+    let start = call_proxy::twilio::messages::outbound::start(
+        1,
+        &call_proxy::twilio::messages::outbound::StartInfo {
+            account_sid: "ACtest",
+            call_sid: "CApipelined",
+            stream_sid: "MZpipelined",
+            tracks: &["inbound"],
+            custom_parameters: &custom,
+        },
+    );
+    let media: Vec<String> = (0..5)
+        .map(|i| {
+            call_proxy::twilio::messages::outbound::media(
+                i + 2,
+                "MZpipelined",
+                "inbound",
+                i + 1,
+                i * 20,
+                &payload(i as usize),
+            )
+        })
+        .collect();
+    let stop =
+        call_proxy::twilio::messages::outbound::stop(7, "ACtest", "CApipelined", "MZpipelined");
+
+    let mut bytes = b"GET /media HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    for text in std::iter::once(&start).chain(&media).chain([&stop]) {
+        let mut frame = Frame::message(text.clone(), OpCode::Data(Data::Text), true);
+        frame.header_mut().mask = Some([0x37, 0xfa, 0x21, 0x3d]);
+        frame.format(&mut bytes).unwrap();
+    }
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(&bytes).await.unwrap();
+    let mut answer = [0u8; 12];
+    raw.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 101");
+
+    rec.wait_for_stop().await;
+    let got = rec.texts();
+    assert_eq!(got[0], start, "start first, byte for byte");
+    assert_eq!(&got[1..6], &media[..], "every frame, in order");
+    assert_eq!(event(&got[6]), "stop");
+}

@@ -1,14 +1,14 @@
 //! Request handlers: health, the media upgrade, execution liveness, live calls, metrics.
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
+use super::upgrade::MediaUpgrade;
 use super::{ApiError, AppState};
 use crate::media::session;
 use crate::metrics::Outcome;
@@ -38,9 +38,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 pub async fn media(
     State(state): State<AppState>,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<MediaUpgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let upgrade = upgrade?;
     let from_here = headers
         .get_all(crate::media::HOP_HEADER)
         .iter()
@@ -79,18 +79,17 @@ pub async fn media(
         stream_sid = tracing::field::Empty,
         caller = tracing::field::Empty,
     );
-    Ok(upgrade
+    let config = WebSocketConfig::default()
         .read_buffer_size(crate::media::READ_CHUNK)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_failed_upgrade(|e| tracing::warn!(error = %e, "media upgrade failed"))
-        .on_upgrade(move |socket| {
-            async move {
-                session::run(hub, admission, socket).await;
-                drop(token);
-            }
-            .instrument(span)
-        }))
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    Ok(upgrade.accept(config, move |socket| {
+        async move {
+            session::run(hub, admission, socket).await;
+            drop(token);
+        }
+        .instrument(span)
+    }))
 }
 
 /// 200 while a stream of the Studio execution is live on any instance, 410 otherwise.

@@ -13,6 +13,7 @@ mod handlers;
 pub mod rate_limit;
 pub mod server;
 mod twilio_guard;
+mod upgrade;
 
 use std::sync::Arc;
 

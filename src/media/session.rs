@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes as WsText};
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::{debug, info, warn, Instrument as _, Span};
 
 use super::fanout::{self, Frame, Kind, Link, Policy};
@@ -83,7 +83,7 @@ struct TowardDrive {
     queue: Arc<TowardTwilio>,
     stream_sid: String,
     /// A message taken from the queue that the socket was not yet ready for.
-    held: Option<WsMessage>,
+    held: Option<Message>,
     unflushed: bool,
     metrics: crate::metrics::LinkMetrics,
 }
@@ -93,7 +93,7 @@ impl TowardDrive {
     /// more to write or room to write it. A failed write is left for the read side to see.
     fn drive<S>(&mut self, socket: &mut S, cx: &mut std::task::Context<'_>)
     where
-        S: Sink<WsMessage, Error = axum::Error> + Unpin,
+        S: Sink<Message, Error = tungstenite::Error> + Unpin,
     {
         use std::task::Poll;
         loop {
@@ -101,7 +101,7 @@ impl TowardDrive {
                 match self.queue.poll_next(cx) {
                     Poll::Ready(said) => {
                         let text = talkback::to_twilio(said, &self.stream_sid);
-                        self.held = Some(WsMessage::Text(text.into()));
+                        self.held = Some(Message::Text(text.into()));
                     }
                     Poll::Pending => break,
                 }
@@ -134,9 +134,11 @@ impl TowardDrive {
 fn next_from_twilio<'a, S>(
     socket: &'a mut S,
     toward: Option<&'a mut TowardDrive>,
-) -> impl std::future::Future<Output = Option<Result<WsMessage, axum::Error>>> + 'a
+) -> impl std::future::Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a
 where
-    S: Stream<Item = Result<WsMessage, axum::Error>> + Sink<WsMessage, Error = axum::Error> + Unpin,
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin,
 {
     let mut toward = toward;
     std::future::poll_fn(move |cx| {
@@ -177,11 +179,11 @@ struct Session {
 }
 
 /// Runs the session for an accepted upgrade. Generic over the socket: the service hands it
-/// axum's WebSocket, the unit tests below a pair of channels under paused time.
+/// the upgraded TCP socket, the unit tests below a pair of channels under paused time.
 pub async fn run<S>(hub: Arc<MediaHub>, admission: Admission, mut socket: S)
 where
-    S: Stream<Item = Result<WsMessage, axum::Error>>
-        + Sink<WsMessage, Error = axum::Error>
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
         + Unpin
         + Send,
 {
@@ -309,11 +311,11 @@ where
                             close: None,
                         })
                     }
-                    Some(Ok(WsMessage::Text(text))) => {
+                    Some(Ok(Message::Text(text))) => {
                         messages += 1;
                         session.on_text(text).await
                     }
-                    Some(Ok(WsMessage::Binary(_))) => {
+                    Some(Ok(Message::Binary(_))) => {
                         warn!(fault = "twilio", "binary frame on a media stream; closing");
                         Step::End(End::new(
                             Outcome::protocol_error,
@@ -321,7 +323,7 @@ where
                             "binary frames are not part of the Media Streams protocol",
                         ))
                     }
-                    Some(Ok(WsMessage::Close(_))) => Step::End(End {
+                    Some(Ok(Message::Close(_))) => Step::End(End {
                         outcome: Outcome::twilio_closed,
                         close: None,
                     }),
@@ -337,9 +339,8 @@ where
     session.finish(end, &mut socket).await;
 }
 
-fn read_error(e: axum::Error, limit: usize) -> End {
-    let inner = e.into_inner();
-    if let Some(tungstenite::Error::Capacity(cap)) = inner.downcast_ref::<tungstenite::Error>() {
+fn read_error(e: tungstenite::Error, limit: usize) -> End {
+    if let tungstenite::Error::Capacity(cap) = &e {
         warn!(fault = "twilio", error = %cap, limit, "message over the size limit; closing");
         return End::new(
             Outcome::protocol_error,
@@ -347,7 +348,7 @@ fn read_error(e: axum::Error, limit: usize) -> End {
             format!("message over the {limit}-byte limit"),
         );
     }
-    info!(fault = "twilio", error = %inner, "Twilio socket failed");
+    info!(fault = "twilio", error = %e, "Twilio socket failed");
     End {
         outcome: Outcome::twilio_closed,
         close: None,
@@ -355,7 +356,7 @@ fn read_error(e: axum::Error, limit: usize) -> End {
 }
 
 impl Session {
-    async fn on_text(&mut self, text: WsText) -> Step {
+    async fn on_text(&mut self, text: Utf8Bytes) -> Step {
         let event = match messages::parse(text.as_str()) {
             Ok(event) => event,
             Err(e) => {
@@ -385,9 +386,7 @@ impl Session {
                 let Some(call) = &mut self.streaming else {
                     return Step::Continue;
                 };
-                let twilio = call
-                    .any_twilio
-                    .then(|| wire::forward(Bytes::from(text.clone())));
+                let twilio = call.any_twilio.then(|| Message::Text(text.clone()));
                 // Compact and pcm16 backends carry one track: the caller's voice.
                 let callers =
                     (call.any_compact || call.any_pcm) && *media.track == *call.caller_track;
@@ -709,8 +708,8 @@ impl Session {
     /// closed with a reason, backends given a bounded time to take their last frames.
     async fn finish<S>(mut self, end: End, socket: &mut S)
     where
-        S: Stream<Item = Result<WsMessage, axum::Error>>
-            + Sink<WsMessage, Error = axum::Error>
+        S: Stream<Item = Result<Message, tungstenite::Error>>
+            + Sink<Message, Error = tungstenite::Error>
             + Unpin
             + Send,
     {
@@ -719,18 +718,18 @@ impl Session {
         self.hub.record_ended(&self.admission, end.outcome);
         if let Some((code, reason)) = &end.close {
             let frame = CloseFrame {
-                code: *code,
+                code: (*code).into(),
                 reason: truncate_reason(reason).into(),
             };
             let closing = async {
-                socket.send(WsMessage::Close(Some(frame))).await?;
+                socket.send(Message::Close(Some(frame))).await?;
                 // Give the peer a moment to answer the close; never wait on it for long.
                 while let Some(Ok(message)) = socket.next().await {
-                    if matches!(message, WsMessage::Close(_)) {
+                    if matches!(message, Message::Close(_)) {
                         break;
                     }
                 }
-                Ok::<_, axum::Error>(())
+                Ok::<_, tungstenite::Error>(())
             };
             let _ = tokio::time::timeout(Duration::from_millis(500), closing).await;
         }
@@ -819,12 +818,12 @@ mod tests {
 
     /// A socket made of two channels: what the test sends, and what the session answers.
     struct Channel {
-        incoming: tokio::sync::mpsc::UnboundedReceiver<Result<WsMessage, axum::Error>>,
-        outgoing: tokio::sync::mpsc::UnboundedSender<WsMessage>,
+        incoming: tokio::sync::mpsc::UnboundedReceiver<Result<Message, tungstenite::Error>>,
+        outgoing: tokio::sync::mpsc::UnboundedSender<Message>,
     }
 
     impl Stream for Channel {
-        type Item = Result<WsMessage, axum::Error>;
+        type Item = Result<Message, tungstenite::Error>;
         fn poll_next(
             mut self: std::pin::Pin<&mut Self>,
             cx: &mut std::task::Context<'_>,
@@ -833,16 +832,18 @@ mod tests {
         }
     }
 
-    impl Sink<WsMessage> for Channel {
-        type Error = axum::Error;
+    impl Sink<Message> for Channel {
+        type Error = tungstenite::Error;
         fn poll_ready(
             self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Result<(), Self::Error>> {
             std::task::Poll::Ready(Ok(()))
         }
-        fn start_send(self: std::pin::Pin<&mut Self>, item: WsMessage) -> Result<(), Self::Error> {
-            self.outgoing.send(item).map_err(axum::Error::new)
+        fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.outgoing
+                .send(item)
+                .map_err(|_| tungstenite::Error::ConnectionClosed)
         }
         fn poll_flush(
             self: std::pin::Pin<&mut Self>,
@@ -858,8 +859,8 @@ mod tests {
         }
     }
 
-    type Sent = tokio::sync::mpsc::UnboundedSender<Result<WsMessage, axum::Error>>;
-    type Answers = tokio::sync::mpsc::UnboundedReceiver<WsMessage>;
+    type Sent = tokio::sync::mpsc::UnboundedSender<Result<Message, tungstenite::Error>>;
+    type Answers = tokio::sync::mpsc::UnboundedReceiver<Message>;
 
     fn session(
         settings: crate::config::Settings,
@@ -883,21 +884,21 @@ mod tests {
         let (hub, task, tx, mut answers) = session(crate::config::Settings::defaults());
         assert_eq!(hub.live_calls(), 1);
         // Pings, and even Twilio's `connected`, do not start a stream.
-        tx.send(Ok(WsMessage::Text(
+        tx.send(Ok(Message::Text(
             r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
         )))
         .unwrap();
         for _ in 0..49 {
-            tx.send(Ok(WsMessage::Ping(vec![1].into()))).unwrap();
+            tx.send(Ok(Message::Ping(vec![1].into()))).unwrap();
             tokio::time::advance(Duration::from_millis(100)).await;
         }
         assert!(answers.try_recv().is_err(), "nothing before the deadline");
         assert!(!task.is_finished());
         tokio::time::advance(Duration::from_millis(150)).await;
-        let Some(WsMessage::Close(Some(frame))) = answers.recv().await else {
+        let Some(Message::Close(Some(frame))) = answers.recv().await else {
             panic!("a close frame")
         };
-        assert_eq!(frame.code, close::POLICY);
+        assert_eq!(u16::from(frame.code), close::POLICY);
         assert!(frame.reason.contains("no start"), "{}", frame.reason);
         drop(tx);
         task.await.unwrap();
@@ -921,13 +922,13 @@ mod tests {
                 custom_parameters: &Default::default(),
             },
         );
-        tx.send(Ok(WsMessage::Text(start.into()))).unwrap();
+        tx.send(Ok(Message::Text(start.into()))).unwrap();
         let idle = hub.settings.idle_timeout();
         let began = tokio::time::Instant::now();
         let frame = loop {
-            tx.send(Ok(WsMessage::Ping(vec![1].into()))).unwrap();
+            tx.send(Ok(Message::Ping(vec![1].into()))).unwrap();
             // Paused time moves on by itself while everything waits.
-            if let Ok(Some(WsMessage::Close(frame))) =
+            if let Ok(Some(Message::Close(frame))) =
                 tokio::time::timeout(Duration::from_millis(500), answers.recv()).await
             {
                 break frame.expect("a close frame");
