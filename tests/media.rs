@@ -632,3 +632,33 @@ async fn frames_sent_with_the_handshake_are_not_lost() {
     assert_eq!(&got[1..6], &media[..], "every frame, in order");
     assert_eq!(event(&got[6]), "stop");
 }
+
+/// A call whose backends all take Twilio's own frames has its payloads checked without being
+/// decoded: what is not base64 (a stray symbol, a stray bit before the padding, a missing
+/// `=`) is still refused and counted, and is never forwarded.
+#[tokio::test]
+async fn a_twilio_format_call_forwards_no_payload_that_is_not_base64() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
+    let mut call = TwilioCall::connect(&proxy, "b64").await;
+    call.start(&[("backendIds", r#"["rec"]"#)]).await;
+    call.media(&payload(1)).await;
+    for bad in ["%%%not base64%%%", "AB==", "AAA", "AA=A"] {
+        call.send_text(format!(
+            r#"{{"event":"media","sequenceNumber":"9","media":{{"track":"inbound","chunk":"9","timestamp":"180","payload":"{bad}"}},"streamSid":"MZb64"}}"#
+        ))
+        .await;
+    }
+    call.media(&payload(2)).await;
+    call.stop().await;
+    rec.wait_for_stop().await;
+    assert_eq!(payloads(&rec.texts()), [payload(1), payload(2)]);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_rejected_messages_total{reason="invalid_payload"}"#
+        ),
+        Some(4.0)
+    );
+}

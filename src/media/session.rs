@@ -367,29 +367,30 @@ impl Session {
         match event {
             Event::Media(media) => {
                 self.frames_in += 1;
-                if self.streaming.is_none() {
+                let Some(call) = &mut self.streaming else {
                     self.reject(Rejection::media_before_start, "media before start");
                     return Step::Continue;
-                }
-                // Decoded once: the check that it is base64, and the audio that compact and
-                // pcm16 backends may need. An ordinary frame decodes on the stack, which is
+                };
+                // Compact and pcm16 backends carry one track: the caller's voice.
+                let callers =
+                    (call.any_compact || call.any_pcm) && *media.track == *call.caller_track;
+                // Every payload is checked to be base64; it is decoded, once, only when a
+                // backend takes its audio. An ordinary frame decodes on the stack, which is
                 // warm; a buffer of the call's own would be memory gone cold since its last
                 // frame.
-                let mut stack = [0u8; wire::STACK_PAYLOAD];
-                let Some(decoded) =
+                let mut stack;
+                let decoded = if callers {
+                    stack = [0u8; wire::STACK_PAYLOAD];
                     wire::decode_payload(&media.payload, &mut stack, &mut self.decoded)
-                else {
+                } else {
+                    wire::is_base64(&media.payload).then_some(&[][..])
+                };
+                let Some(decoded) = decoded else {
                     self.reject(Rejection::invalid_payload, "media payload is not base64");
                     return Step::Continue;
                 };
                 let now = Instant::now();
-                let Some(call) = &mut self.streaming else {
-                    return Step::Continue;
-                };
                 let twilio = call.any_twilio.then(|| Message::Text(text.clone()));
-                // Compact and pcm16 backends carry one track: the caller's voice.
-                let callers =
-                    (call.any_compact || call.any_pcm) && *media.track == *call.caller_track;
                 let compact = (call.any_compact && callers)
                     .then(|| wire::compact_payload(&media.payload, decoded))
                     .flatten()
