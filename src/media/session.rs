@@ -57,6 +57,11 @@ impl End {
 enum Step {
     Continue,
     End(End),
+    /// Route the call: the one step that waits (on the store, and on connecting nothing: the
+    /// links connect in their own tasks). Every other message is handled without an `.await`,
+    /// so a media frame never sets up a future in the session's memory, which is cold since
+    /// the call's last frame.
+    Start(Box<Start>, Bytes),
 }
 
 /// The call once `start` has been routed. In declaration order (`repr(C)`), what every media
@@ -313,7 +318,10 @@ where
                     }
                     Some(Ok(Message::Text(text))) => {
                         messages += 1;
-                        session.on_text(text).await
+                        match session.on_text(text) {
+                            Step::Start(start, raw) => session.on_start(start, raw).await,
+                            step => step,
+                        }
                     }
                     Some(Ok(Message::Binary(_))) => {
                         warn!(fault = "twilio", "binary frame on a media stream; closing");
@@ -356,7 +364,7 @@ fn read_error(e: tungstenite::Error, limit: usize) -> End {
 }
 
 impl Session {
-    async fn on_text(&mut self, text: Utf8Bytes) -> Step {
+    fn on_text(&mut self, text: Utf8Bytes) -> Step {
         let event = match messages::parse(text.as_str()) {
             Ok(event) => event,
             Err(e) => {
@@ -425,7 +433,7 @@ impl Session {
                     );
                     return Step::Continue;
                 }
-                self.on_start(start, Bytes::from(text)).await
+                Step::Start(start, Bytes::from(text))
             }
             Event::Dtmf(dtmf) => {
                 // Every backend hears the keypad, in its own format.
