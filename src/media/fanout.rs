@@ -184,25 +184,6 @@ impl Queue {
         std::mem::swap(&mut q.items, taken);
     }
 
-    /// Waits until something is queued, then moves it all into `into` as [`Queue::take_all`]
-    /// does: one lock a wait, where checking and then taking would be two.
-    fn taken<'a>(
-        &'a self,
-        into: &'a mut VecDeque<Frame>,
-        written: &'a mut Held,
-    ) -> impl std::future::Future<Output = ()> + 'a {
-        std::future::poll_fn(move |cx| {
-            // Registered before the look, so a push after the look wakes the writer.
-            self.waker.register(cx.waker());
-            self.take_all(into, written);
-            if into.is_empty() {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(())
-            }
-        })
-    }
-
     /// Empties the queue of a link that has given up: nothing more will be written.
     fn discard(&self) {
         let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -553,6 +534,10 @@ impl Writer {
 
     /// Sends `start`, then queued frames as they come, until the call's `stop` has been
     /// written (Ok) or the connection fails (Err).
+    ///
+    /// One flat loop, with what each batch needs in its own locals: a writer wakes for every
+    /// frame with its memory gone cold since the last one, and each nested future and each
+    /// struct it reaches through on the way is another cache line to miss.
     async fn pump(
         &self,
         mut socket: BackendSocket,
@@ -560,37 +545,23 @@ impl Writer {
         written: &mut Held,
         hearing: &mut Hearing,
     ) -> Result<(), LinkError> {
+        let shared = &*self.shared;
+        let metrics = &self.metrics;
+        let deadline = self.policy.write_timeout;
         // One socket, not split: reading (while idle) and writing (after) never overlap, so
         // no lock is needed between two halves.
-        let deadline = self.policy.write_timeout;
         match tokio::time::timeout(deadline, socket.send(self.start.clone())).await {
             Err(_) => return Err(LinkError::WriteStalled(deadline)),
             Ok(sent) => sent?,
         }
         let mut meter = Meter::default();
-        meter.written(1, None, &self.shared, &self.metrics);
-        let result = self
-            .forward(&mut socket, pending, written, hearing, &mut meter)
-            .await;
-        meter.flush(&self.metrics);
-        result
-    }
-
-    async fn forward(
-        &self,
-        socket: &mut BackendSocket,
-        pending: &mut VecDeque<Frame>,
-        written: &mut Held,
-        hearing: &mut Hearing,
-        meter: &mut Meter,
-    ) -> Result<(), LinkError> {
-        loop {
+        meter.written(1, None, shared, metrics);
+        let ended = 'pump: loop {
             while pending.is_empty() {
-                tokio::select! {
-                    // Frames first; the backend seldom says anything.
-                    biased;
-                    _ = self.shared.queue.taken(pending, written) => {}
-                    _ = readable(socket) => self.read_backend(socket, hearing)?,
+                if next_work(&shared.queue, pending, written, &socket).await == Work::Read {
+                    if let Err(e) = self.read_backend(&mut socket, hearing) {
+                        break 'pump Err(e);
+                    }
                 }
             }
             let oldest = pending.front().map(|f| f.received);
@@ -609,22 +580,21 @@ impl Writer {
                 }
                 socket.flush().await
             };
-            within(self.policy.write_timeout, batch)
-                .await
-                .ok_or(LinkError::WriteStalled(self.policy.write_timeout))??;
-            meter.written(
-                (written.frames - before) as u64,
-                oldest,
-                &self.shared,
-                &self.metrics,
-            );
+            match within(deadline, batch).await {
+                None => break Err(LinkError::WriteStalled(deadline)),
+                Some(Err(e)) => break Err(e.into()),
+                Some(Ok(())) => {}
+            }
+            meter.written((written.frames - before) as u64, oldest, shared, metrics);
             if stop {
-                meter.flush(&self.metrics);
+                meter.flush(metrics);
                 // A polite close; a backend that does not answer it is not waited on long.
                 let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
-                return Ok(());
+                break Ok(());
             }
-        }
+        };
+        meter.flush(metrics);
+        ended
     }
 
     /// Reads whatever the backend has sent, without waiting: a close or an error ends the
@@ -693,11 +663,6 @@ impl Writer {
     }
 }
 
-/// Ready once the backend's socket has something to read (or has closed).
-///
-/// A writer waits on this rather than on the WebSocket stream itself: a read attempt through
-/// the WebSocket layer on every wait (once per frame sent) costs buffer set-up and waker
-/// bookkeeping, while a readiness check is one atomic load.
 /// Runs `work` with a deadline that starts only if it has to wait: a write to a socket with
 /// room finishes at once, and then costs neither a clock read nor a timer. `None` when the
 /// deadline passed first.
@@ -709,21 +674,46 @@ async fn within<T>(deadline: Duration, work: impl std::future::Future<Output = T
     tokio::time::timeout(deadline, work).await.ok()
 }
 
-async fn readable(socket: &BackendSocket) {
-    // Under TLS too the TCP socket tells: the writer drains every complete record each time
-    // it reads, so nothing waits decrypted in rustls's buffer while this waits on the socket.
-    let tcp = match socket.get_ref() {
-        MaybeTlsStream::Plain(tcp) => tcp,
-        MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
-        _ => {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
+/// What woke a waiting writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Frames were queued; they are in the writer's hands now.
+    Frames,
+    /// The backend's socket has something to read, or has closed.
+    Read,
+}
+
+/// Waits until frames are queued, and takes them all into `into` as [`Queue::take_all`] does
+/// (one lock a wait, where checking and then taking would be two), or until the backend's
+/// socket has something to read. Frames first: the backend seldom says anything.
+///
+/// Readiness, not a read: a read attempt through the WebSocket layer on every wait (once per
+/// frame sent) costs buffer set-up and waker bookkeeping, while the socket's one read-interest
+/// slot (this task is its only reader) costs a load and a waker check; `readable()` would
+/// join and leave a locked waiter list every time.
+fn next_work<'a>(
+    queue: &'a Queue,
+    into: &'a mut VecDeque<Frame>,
+    written: &'a mut Held,
+    socket: &'a BackendSocket,
+) -> impl std::future::Future<Output = Work> + 'a {
+    std::future::poll_fn(move |cx| {
+        // Registered before the look, so a push after the look wakes the writer.
+        queue.waker.register(cx.waker());
+        queue.take_all(into, written);
+        if !into.is_empty() {
+            return std::task::Poll::Ready(Work::Frames);
         }
-    };
-    // The socket's one read-interest slot (this task is its only reader), not `readable()`,
-    // whose waiter joins and leaves a locked list each time: the writer waits here between
-    // every two frames.
-    let _ = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await;
+        // Under TLS too the TCP socket tells: the writer drains every complete record each
+        // time it reads, so nothing waits decrypted in rustls's buffer meanwhile.
+        let tcp = match socket.get_ref() {
+            MaybeTlsStream::Plain(tcp) => tcp,
+            MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
+            // Only the two above are ever connected (see `link::Endpoint::connect`).
+            _ => return std::task::Poll::Pending,
+        };
+        tcp.poll_read_ready(cx).map(|_| Work::Read)
+    })
 }
 
 /// A writer's counts, added to the shared metrics a few times a second rather than per
