@@ -101,13 +101,19 @@ impl MediaUpgrade {
                 tracing::error!("media upgrade on a connection that is not a TCP socket; closed");
                 return;
             };
-            let socket = WebSocketStream::from_partially_read(
-                parts.io.into_inner(),
-                parts.read_buf.to_vec(),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let tcp = parts.io.into_inner();
+            let socket = if parts.read_buf.is_empty() {
+                WebSocketStream::from_raw_socket(tcp, Role::Server, Some(config)).await
+            } else {
+                // What the client sent with its request goes first. The read buffer starts
+                // out with the capacity of the bytes handed over and keeps that capacity as
+                // the size it regrows to: a buffer sized to those few bytes would be
+                // reallocated for every frame, each read in two system calls.
+                let mut part =
+                    Vec::with_capacity(config.read_buffer_size.max(parts.read_buf.len()));
+                part.extend_from_slice(&parts.read_buf);
+                WebSocketStream::from_partially_read(tcp, part, Role::Server, Some(config)).await
+            };
             session(socket).await;
         });
         let mut response = Response::new(Body::empty());
