@@ -102,18 +102,21 @@ impl MediaUpgrade {
                 return;
             };
             let tcp = parts.io.into_inner();
-            let socket = if parts.read_buf.is_empty() {
+            // What hyper read past the request is a view of its whole read buffer: used here
+            // and dropped before the call begins, not held for the call's length.
+            let read_buf = parts.read_buf;
+            let socket = if read_buf.is_empty() {
                 WebSocketStream::from_raw_socket(tcp, Role::Server, Some(config)).await
             } else {
                 // What the client sent with its request goes first. The read buffer starts
                 // out with the capacity of the bytes handed over and keeps that capacity as
                 // the size it regrows to: a buffer sized to those few bytes would be
                 // reallocated for every frame, each read in two system calls.
-                let mut part =
-                    Vec::with_capacity(config.read_buffer_size.max(parts.read_buf.len()));
-                part.extend_from_slice(&parts.read_buf);
+                let mut part = Vec::with_capacity(config.read_buffer_size.max(read_buf.len()));
+                part.extend_from_slice(&read_buf);
                 WebSocketStream::from_partially_read(tcp, part, Role::Server, Some(config)).await
             };
+            drop(read_buf);
             session(socket).await;
         });
         let mut response = Response::new(Body::empty());
