@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
@@ -61,7 +60,7 @@ enum Step {
     /// links connect in their own tasks). Every other message is handled without an `.await`,
     /// so a media frame never sets up a future in the session's memory, which is cold since
     /// the call's last frame.
-    Start(Box<Start>, Bytes),
+    Start(Box<Start>, Utf8Bytes),
 }
 
 /// The call once `start` has been routed. In declaration order (`repr(C)`), what every media
@@ -398,7 +397,7 @@ impl Session {
                     return Step::Continue;
                 };
                 let now = Instant::now();
-                let twilio = call.any_twilio.then(|| Message::Text(text.clone()));
+                let twilio = call.any_twilio.then(|| wire::forward(&text));
                 let compact = (call.any_compact && callers)
                     .then(|| wire::compact_payload(&media.payload, decoded))
                     .flatten()
@@ -433,14 +432,13 @@ impl Session {
                     );
                     return Step::Continue;
                 }
-                Step::Start(start, Bytes::from(text))
+                Step::Start(start, text)
             }
             Event::Dtmf(dtmf) => {
                 // Every backend hears the keypad, in its own format.
                 if let Some(call) = &self.streaming {
-                    let raw = Bytes::from(text);
                     call.push_control(Kind::Control, |link| {
-                        Some(wire::dtmf(link.format, &raw, &dtmf.digit))
+                        Some(wire::dtmf(link.format, &text, &dtmf.digit))
                     });
                 }
                 Step::Continue
@@ -449,18 +447,16 @@ impl Session {
                 // Twilio echoes a mark once it has played the audio before it: that is news
                 // for the backend that sent the mark, the speaker, and for no one else.
                 if let Some(call) = &self.streaming {
-                    let raw = Bytes::from(text);
                     call.push_control(Kind::Control, |link| {
                         link.speaks
-                            .then(|| wire::mark(link.format, &raw, &mark.name))
+                            .then(|| wire::mark(link.format, &text, &mark.name))
                     });
                 }
                 Step::Continue
             }
             Event::Stop(_) => {
                 if let Some(call) = &self.streaming {
-                    let raw = Bytes::from(text);
-                    call.push_control(Kind::Stop, |link| Some(wire::stop(link.format, &raw)));
+                    call.push_control(Kind::Stop, |link| Some(wire::stop(link.format, &text)));
                 }
                 Step::End(End::new(
                     Outcome::completed,
@@ -482,7 +478,7 @@ impl Session {
         }
     }
 
-    async fn on_start(&mut self, start: Box<Start>, raw: Bytes) -> Step {
+    async fn on_start(&mut self, start: Box<Start>, raw: Utf8Bytes) -> Step {
         let span = Span::current();
         span.record("call_sid", start.call_sid.as_str());
         span.record("stream_sid", start.stream_sid.as_str());

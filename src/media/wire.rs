@@ -8,7 +8,6 @@
 use std::borrow::Cow;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::audio::{mulaw, resample::Resampler, wav};
@@ -19,25 +18,20 @@ use crate::twilio::messages::{outbound, Start};
 const COMPACT_START: &str = r#"{"event":"start"}"#;
 const COMPACT_STOP: &str = r#"{"event":"stop"}"#;
 
-/// Re-wraps received text for the backend client, without copying it.
-pub fn forward(text: Bytes) -> Message {
-    // The bytes came out of a text frame and are UTF-8 already; the check is a cheap scan
-    // that keeps this crate free of `unsafe`, and the lossy copy never happens in practice.
-    Message::Text(
-        Utf8Bytes::try_from(text.clone())
-            .unwrap_or_else(|_| String::from_utf8_lossy(&text).into_owned().into()),
-    )
+/// The received text for a backend, as it came: shared, not copied (and already UTF-8).
+pub fn forward(raw: &Utf8Bytes) -> Message {
+    Message::Text(raw.clone())
 }
 
 /// The `start` a backend gets on every (re)connect. A `pcm16` backend gets Twilio's, with
 /// `start.mediaFormat` saying what its binary frames hold.
-pub fn start(format: WireFormat, raw: &Bytes, sample_rate: u32) -> Message {
+pub fn start(format: WireFormat, raw: &Utf8Bytes, sample_rate: u32) -> Message {
     match format {
-        WireFormat::Twilio => forward(raw.clone()),
+        WireFormat::Twilio => forward(raw),
         WireFormat::Compact => Message::Text(Utf8Bytes::from_static(COMPACT_START)),
         WireFormat::Pcm16 => {
-            let Ok(mut start) = serde_json::from_slice::<serde_json::Value>(raw) else {
-                return forward(raw.clone());
+            let Ok(mut start) = serde_json::from_str::<serde_json::Value>(raw.as_str()) else {
+                return forward(raw);
             };
             if let Some(body) = start.get_mut("start").and_then(|b| b.as_object_mut()) {
                 body.insert(
@@ -192,27 +186,27 @@ impl PcmDown {
 
 /// Twilio's `dtmf` for a backend: compact gets `{"event":"dtmf","dtmf":"5"}`, the others the
 /// message as received.
-pub fn dtmf(format: WireFormat, raw: &Bytes, digit: &str) -> Message {
+pub fn dtmf(format: WireFormat, raw: &Utf8Bytes, digit: &str) -> Message {
     match format {
         WireFormat::Compact => compact("dtmf", "dtmf", digit),
-        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw.clone()),
+        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw),
     }
 }
 
 /// Twilio's `mark` echo for the speaker: compact speakers named it `{"event":"mark",
 /// "name":...}`, the others get the message as received.
-pub fn mark(format: WireFormat, raw: &Bytes, name: &str) -> Message {
+pub fn mark(format: WireFormat, raw: &Utf8Bytes, name: &str) -> Message {
     match format {
         WireFormat::Compact => compact("mark", "name", name),
-        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw.clone()),
+        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw),
     }
 }
 
 /// Twilio's `stop` for a backend.
-pub fn stop(format: WireFormat, raw: &Bytes) -> Message {
+pub fn stop(format: WireFormat, raw: &Utf8Bytes) -> Message {
     match format {
         WireFormat::Compact => compact_stop(),
-        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw.clone()),
+        WireFormat::Twilio | WireFormat::Pcm16 => forward(raw),
     }
 }
 
@@ -292,7 +286,7 @@ mod tests {
 
     #[test]
     fn twilio_format_forwards_the_same_bytes() {
-        let raw = Bytes::from_static(br#"{"event":"start","x":1}"#);
+        let raw = Utf8Bytes::from_static(r#"{"event":"start","x":1}"#);
         let Message::Text(t) = start(WireFormat::Twilio, &raw, 16000) else {
             panic!()
         };
@@ -301,7 +295,7 @@ mod tests {
 
     #[test]
     fn pcm16_start_says_what_the_frames_hold() {
-        let raw = Bytes::from(
+        let raw = Utf8Bytes::from_static(
             r#"{"event":"start","start":{"callSid":"CA1","mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}},"streamSid":"MZ1"}"#,
         );
         let Message::Text(t) = start(WireFormat::Pcm16, &raw, 24000) else {
