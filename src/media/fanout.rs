@@ -1,14 +1,16 @@
 //! One backend link of a call: its bounded queue, and the writer task that connects, forwards,
-//! and reconnects. Links never wait on each other or on the caller: the session only pushes
-//! into queues, and a full queue sheds its oldest media frame instead of blocking.
+//! and reconnects. Links never wait on each other or on the caller: a frame for a backend
+//! whose socket has room is written at once by the session, without waiting; anything else
+//! goes through the queue to the writer, and a full queue sheds its oldest media frame instead
+//! of blocking.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -38,14 +40,25 @@ pub struct Frame {
     pub received: Instant,
 }
 
-/// A bounded queue that drops its oldest media frame when full, never a control message.
+/// A bounded queue that drops its oldest media frame when full, never a control message; and,
+/// while the writer has nothing to do, the place where it leaves the backend's socket.
 ///
 /// Bounded in frames (media) and in bytes (everything). What the writer has taken but not yet
 /// written still counts until the writer says it is written, so the bound holds for all that
 /// the link holds, not just the part waiting in the queue.
 ///
+/// **Writing at once.** A writer with nothing queued and everything flushed parks its socket
+/// here. A frame pushed then is written straight to the socket by the pusher, under the lock,
+/// without waiting: a write the kernel takes whole costs no task wake-up, no hop to another
+/// task and no second look at the frame. A write the socket cannot take whole (the backend is
+/// slow) leaves the rest in the WebSocket's buffer and hands the socket back to the writer,
+/// which flushes it under its write deadline; until the writer parks the socket again, frames
+/// queue as they always did. Frames stay in order: the pusher writes only while nothing is
+/// queued and nothing is unflushed, and the writer parks only when both are so.
+///
 /// A std `Mutex` because it is never held across an `.await`: push and take are a few
-/// pointer moves, and the writer takes everything queued in one lock.
+/// pointer moves or one non-blocking write, and the writer takes everything queued in one
+/// lock.
 ///
 /// `repr(C)`: the lock and what it guards first, then the waker and the bounds, so a push and
 /// a take each touch the same two cache lines (see [`LinkShared`]).
@@ -59,13 +72,31 @@ pub struct Queue {
     max_bytes: usize,
 }
 
+/// What a write at once reads comes first, so that it and the lock share a cache line.
 #[derive(Default)]
 #[repr(C)]
 struct QueueState {
+    /// The backend's socket while the writer waits with nothing to write: frames pushed now
+    /// are written to it at once.
+    idle: Option<Box<BackendSocket>>,
+    closed: bool,
+    /// A write at once left bytes in the socket's buffer, or failed: the writer must take the
+    /// socket back and flush (or find the failure) before anything is written at once again.
+    unflushed: bool,
     items: VecDeque<Frame>,
     /// What the link holds, queued and taken-but-unwritten together.
     held: Held,
-    closed: bool,
+}
+
+impl QueueState {
+    /// Moves everything queued into `into`, after what is there already.
+    fn take_into(&mut self, into: &mut VecDeque<Frame>) {
+        if into.is_empty() {
+            std::mem::swap(into, &mut self.items);
+        } else {
+            into.append(&mut self.items);
+        }
+    }
 }
 
 /// Frames held by a link, or written by its writer since it last took from the queue.
@@ -100,6 +131,8 @@ impl Frame {
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
+    /// Written to the backend's socket at once (see [`Queue`]).
+    Written,
     Queued,
     /// This many media frames were dropped: the oldest queued ones, to make room, and the
     /// pushed one itself when even that left no room (the link is full of frames it cannot
@@ -119,59 +152,82 @@ impl Queue {
         }
     }
 
+    /// Writes the frame at once if the writer has parked the socket and nothing is ahead of
+    /// it; queues it otherwise.
     pub fn push(&self, frame: Frame) -> Pushed {
-        let mut result = Pushed::Queued;
-        {
-            let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if q.closed {
-                return Pushed::Closed;
-            }
-            let size = frame.size();
-            let is_media = frame.kind == Kind::Media;
-            let mut dropped = 0;
-            while (is_media && q.held.media >= self.max_frames)
-                || q.held.bytes + size > self.max_bytes
-            {
-                // Media is almost always at the front; control messages are rare.
-                let Some(pos) = q.items.iter().position(|f| f.kind == Kind::Media) else {
-                    break;
-                };
-                if let Some(old) = q.items.remove(pos) {
-                    let mut gone = Held::default();
-                    gone.add(&old);
-                    q.held.remove(&gone);
-                    dropped += 1;
-                }
-            }
-            let over = (is_media && q.held.media >= self.max_frames)
-                || q.held.bytes + size > self.max_bytes;
-            if over && is_media {
-                return Pushed::Dropped(dropped + 1);
-            }
-            if dropped > 0 {
-                result = Pushed::Dropped(dropped);
-            }
-            if frame.kind == Kind::Stop {
-                q.closed = true;
-            }
-            q.held.add(&frame);
-            q.items.push_back(frame);
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if q.closed {
+            return Pushed::Closed;
         }
+        // The call's last message goes through the writer, which closes the link after it.
+        let at_once = frame.kind != Kind::Stop && q.items.is_empty() && !q.unflushed;
+        let socket = match q.idle.as_deref_mut() {
+            Some(socket) if at_once => socket,
+            _ => return self.enqueue(q, frame),
+        };
+        let pushed = match write_at_once(socket, frame) {
+            AtOnce::Flushed => return Pushed::Written,
+            AtOnce::Buffered => Pushed::Written,
+            // Lost with the connection, as a frame the writer was writing would be.
+            AtOnce::Failed => Pushed::Dropped(1),
+            AtOnce::NotTaken(frame) => {
+                q.unflushed = true;
+                return self.enqueue(q, frame);
+            }
+        };
+        // The writer takes the socket back: it flushes the rest under its write deadline, or
+        // meets the failure and reconnects.
+        q.unflushed = true;
+        drop(q);
         self.waker.wake();
-        result
+        pushed
+    }
+
+    /// Queues a frame for the writer, within the bounds, and wakes it.
+    fn enqueue(&self, mut q: MutexGuard<'_, QueueState>, frame: Frame) -> Pushed {
+        let size = frame.size();
+        let is_media = frame.kind == Kind::Media;
+        let mut dropped = 0;
+        while (is_media && q.held.media >= self.max_frames) || q.held.bytes + size > self.max_bytes
+        {
+            // Media is almost always at the front; control messages are rare.
+            let Some(pos) = q.items.iter().position(|f| f.kind == Kind::Media) else {
+                break;
+            };
+            if let Some(old) = q.items.remove(pos) {
+                let mut gone = Held::default();
+                gone.add(&old);
+                q.held.remove(&gone);
+                dropped += 1;
+            }
+        }
+        let over =
+            (is_media && q.held.media >= self.max_frames) || q.held.bytes + size > self.max_bytes;
+        if over && is_media {
+            return Pushed::Dropped(dropped + 1);
+        }
+        if frame.kind == Kind::Stop {
+            q.closed = true;
+        }
+        q.held.add(&frame);
+        q.items.push_back(frame);
+        drop(q);
+        self.waker.wake();
+        if dropped > 0 {
+            Pushed::Dropped(dropped)
+        } else {
+            Pushed::Queued
+        }
     }
 
     /// Moves everything queued into `into`, oldest first, after taking `written` (what the
     /// writer has written since it last took) off what the link holds.
+    #[cfg(test)]
     fn take_all(&self, into: &mut VecDeque<Frame>, written: &mut Held) {
         let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
         q.held.remove(written);
         *written = Held::default();
-        if into.is_empty() {
-            std::mem::swap(into, &mut q.items);
-        } else {
-            into.append(&mut q.items);
-        }
+        q.take_into(into);
     }
 
     /// Gives frames the writer took but could not write back to the front of the queue,
@@ -200,6 +256,38 @@ impl Queue {
     /// Frames the link holds (see [`Queue::held`]).
     pub fn len(&self) -> usize {
         self.held().frames
+    }
+}
+
+/// What became of a frame written at once.
+enum AtOnce {
+    /// On its way: the kernel took all of it.
+    Flushed,
+    /// Taken by the WebSocket, but the kernel took only part: the rest waits in its buffer.
+    Buffered,
+    /// The connection failed; the frame is lost with it.
+    Failed,
+    /// The socket would not take a message now; the frame is handed back to be queued.
+    NotTaken(Frame),
+}
+
+/// Writes a frame to an idle backend socket without waiting. The context wakes no one: no
+/// task waits on this socket's writes while it is parked, and the writer that takes it back
+/// registers its own waker with its first flush.
+fn write_at_once(socket: &mut BackendSocket, frame: Frame) -> AtOnce {
+    use std::task::{Context, Poll, Waker};
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut socket = std::pin::Pin::new(socket);
+    if !matches!(socket.as_mut().poll_ready(&mut cx), Poll::Ready(Ok(()))) {
+        return AtOnce::NotTaken(frame);
+    }
+    if socket.as_mut().start_send(frame.message).is_err() {
+        return AtOnce::Failed;
+    }
+    match socket.poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => AtOnce::Flushed,
+        Poll::Ready(Err(_)) => AtOnce::Failed,
+        Poll::Pending => AtOnce::Buffered,
     }
 }
 
@@ -275,14 +363,15 @@ enum Hearing {
 
 /// The part of a link the session, `/calls` and the writer all see.
 ///
-/// Laid out for the frame path (`repr(C)`, from a cache line's start): the queue, then the
-/// counter the writer adds to after each write, then what only `/calls` and the link's
-/// changes read. A call's links are memory gone cold since its last frame, 20 ms ago, and
-/// every line a frame touches costs a miss.
+/// Laid out for the frame path (`repr(C)`, from a cache line's start): the counter added to
+/// after each write and the queue, whose lock and what a write at once reads come first, so
+/// that a frame written at once touches one line here; then what only `/calls` and the
+/// link's changes read. A call's links are memory gone cold since its last frame, 20 ms ago,
+/// and every line a frame touches costs a miss.
 #[repr(C, align(64))]
 pub struct LinkShared {
-    pub queue: Queue,
     pub sent: AtomicU64,
+    pub queue: Queue,
     pub dropped: AtomicU64,
     state: AtomicU8,
     pub speaks: bool,
@@ -317,20 +406,40 @@ pub struct Link {
     pub shared: Arc<LinkShared>,
     /// For a `pcm16` link: the caller's audio on its way to the backend's rate.
     pub pcm: Option<Box<super::wire::PcmDown>>,
-    frames_dropped: prometheus_client::metrics::counter::Counter,
+    /// Frames the session wrote at once (see [`Queue`]), counted as the writer counts its own.
+    at_once: Meter,
+    metrics: Box<LinkMetrics>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 impl Link {
-    /// Queues a frame, counting a drop. A link that is gone has closed its queue, which
-    /// discards the frame.
-    pub fn push(&self, frame: Frame) {
-        let Pushed::Dropped(dropped) = self.shared.queue.push(frame) else {
-            return;
-        };
-        let dropped = dropped as u64;
-        self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
-        self.frames_dropped.inc_by(dropped);
+    /// Writes a frame at once or queues it, counting it as sent or dropped. A link that is
+    /// gone has closed its queue, which discards the frame.
+    pub fn push(&mut self, frame: Frame) {
+        let received = frame.received;
+        match self.shared.queue.push(frame) {
+            Pushed::Written => {
+                self.at_once
+                    .written(1, Some(received), &self.shared, &self.metrics);
+            }
+            Pushed::Dropped(dropped) => {
+                let dropped = dropped as u64;
+                self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
+                self.metrics.frames_dropped.inc_by(dropped);
+            }
+            Pushed::Queued | Pushed::Closed => {}
+        }
+    }
+
+    /// Adds what was written at once, and not yet counted, to the shared metrics.
+    pub fn flush_metrics(&mut self) {
+        self.at_once.flush(&self.metrics);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.flush_metrics();
     }
 }
 
@@ -399,7 +508,8 @@ pub fn spawn(
         speaks: target.speaks,
         shared,
         pcm: pcm.map(Box::new),
-        frames_dropped: metrics.frames_dropped,
+        at_once: Meter::default(),
+        metrics: Box::new(metrics),
         task,
     }
 }
@@ -533,14 +643,15 @@ impl Writer {
     }
 
     /// Sends `start`, then queued frames as they come, until the call's `stop` has been
-    /// written (Ok) or the connection fails (Err).
+    /// written (Ok) or the connection fails (Err). Between batches the socket is parked in
+    /// the queue, where the session writes frames to it at once (see [`Queue`]).
     ///
-    /// One flat loop, with what each batch needs in its own locals: a writer wakes for every
-    /// frame with its memory gone cold since the last one, and each nested future and each
-    /// struct it reaches through on the way is another cache line to miss.
+    /// One flat loop, with what each batch needs in its own locals: a writer wakes with its
+    /// memory gone cold since it last ran, and each nested future and each struct it reaches
+    /// through on the way is another cache line to miss.
     async fn pump(
         &self,
-        mut socket: BackendSocket,
+        socket: BackendSocket,
         pending: &mut VecDeque<Frame>,
         written: &mut Held,
         hearing: &mut Hearing,
@@ -548,6 +659,8 @@ impl Writer {
         let shared = &*self.shared;
         let metrics = &self.metrics;
         let deadline = self.policy.write_timeout;
+        // Boxed: parking moves it into the queue and back, a pointer rather than the socket.
+        let mut socket = Box::new(socket);
         // One socket, not split: reading (while idle) and writing (after) never overlap, so
         // no lock is needed between two halves.
         match tokio::time::timeout(deadline, socket.send(self.start.clone())).await {
@@ -557,18 +670,20 @@ impl Writer {
         let mut meter = Meter::default();
         meter.written(1, None, shared, metrics);
         let ended = 'pump: loop {
-            while pending.is_empty() {
-                if next_work(&shared.queue, pending, written, &socket).await == Work::Read {
-                    if let Err(e) = self.read_backend(&mut socket, hearing) {
-                        break 'pump Err(e);
-                    }
+            let work;
+            (work, socket) = next_work(&shared.queue, pending, written, socket).await;
+            if work == Work::Read {
+                if let Err(e) = self.read_backend(&mut socket, hearing) {
+                    break 'pump Err(e);
                 }
+                continue;
             }
             let oldest = pending.front().map(|f| f.received);
             let before = written.frames;
             let mut stop = false;
             // One deadline for the batch: a backend that stops reading fills its socket and
             // then takes nothing; it is a failed link, not one that looks connected forever.
+            // An empty batch flushes what a write at once left in the socket's buffer.
             let batch = async {
                 while let Some(frame) = pending.pop_front() {
                     stop = frame.kind == Kind::Stop;
@@ -585,11 +700,18 @@ impl Writer {
                 Some(Err(e)) => break Err(e.into()),
                 Some(Ok(())) => {}
             }
-            meter.written((written.frames - before) as u64, oldest, shared, metrics);
+            let n = (written.frames - before) as u64;
+            if n > 0 {
+                meter.written(n, oldest, shared, metrics);
+            }
             if stop {
                 meter.flush(metrics);
                 // A polite close; a backend that does not answer it is not waited on long.
-                let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    BackendSocket::close(&mut socket, None),
+                )
+                .await;
                 break Ok(());
             }
         };
@@ -677,43 +799,67 @@ async fn within<T>(deadline: Duration, work: impl std::future::Future<Output = T
 /// What woke a waiting writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Work {
-    /// Frames were queued; they are in the writer's hands now.
+    /// Frames were queued, and are in the writer's hands now; or a write at once left part
+    /// of a frame for the writer to flush.
     Frames,
     /// The backend's socket has something to read, or has closed.
     Read,
 }
 
-/// Waits until frames are queued, and takes them all into `into` as [`Queue::take_all`] does
-/// (one lock a wait, where checking and then taking would be two), or until the backend's
-/// socket has something to read. Frames first: the backend seldom says anything.
+/// Waits, with the socket parked in the queue, until frames are queued (and takes them all
+/// into `into`, one lock a wait), a write at once has left something to flush, or the
+/// backend's socket has something to read. Hands the socket back with the work. Frames
+/// first: the backend seldom says anything.
 ///
-/// Readiness, not a read: a read attempt through the WebSocket layer on every wait (once per
-/// frame sent) costs buffer set-up and waker bookkeeping, while the socket's one read-interest
-/// slot (this task is its only reader) costs a load and a waker check; `readable()` would
-/// join and leave a locked waiter list every time.
-fn next_work<'a>(
-    queue: &'a Queue,
-    into: &'a mut VecDeque<Frame>,
-    written: &'a mut Held,
-    socket: &'a BackendSocket,
-) -> impl std::future::Future<Output = Work> + 'a {
+/// Readiness, not a read: a read attempt through the WebSocket layer on every wait costs
+/// buffer set-up and waker bookkeeping, while the socket's one read-interest slot (this task
+/// is its only reader) costs a load and a waker check; `readable()` would join and leave a
+/// locked waiter list every time.
+async fn next_work(
+    queue: &Queue,
+    into: &mut VecDeque<Frame>,
+    written: &mut Held,
+    socket: Box<BackendSocket>,
+) -> (Work, Box<BackendSocket>) {
+    use std::task::Poll;
+    let mut parking = Some(socket);
     std::future::poll_fn(move |cx| {
         // Registered before the look, so a push after the look wakes the writer.
         queue.waker.register(cx.waker());
-        queue.take_all(into, written);
-        if !into.is_empty() {
-            return std::task::Poll::Ready(Work::Frames);
+        let mut q = queue.state.lock().unwrap_or_else(|e| e.into_inner());
+        q.held.remove(written);
+        *written = Held::default();
+        if let Some(socket) = parking.take() {
+            q.idle = Some(socket);
         }
-        // Under TLS too the TCP socket tells: the writer drains every complete record each
-        // time it reads, so nothing waits decrypted in rustls's buffer meanwhile.
-        let tcp = match socket.get_ref() {
-            MaybeTlsStream::Plain(tcp) => tcp,
-            MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
-            // Only the two above are ever connected (see `link::Endpoint::connect`).
-            _ => return std::task::Poll::Pending,
+        let work = if !q.items.is_empty() || q.unflushed {
+            q.unflushed = false;
+            q.take_into(into);
+            Work::Frames
+        } else {
+            let Some(socket) = q.idle.as_deref() else {
+                return Poll::Pending;
+            };
+            // Under TLS too the TCP socket tells: the writer drains every complete record
+            // each time it reads, so nothing waits decrypted in rustls's buffer meanwhile.
+            let tcp = match socket.get_ref() {
+                MaybeTlsStream::Plain(tcp) => tcp,
+                MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
+                // Only the two above are ever connected (see `link::Endpoint::connect`).
+                _ => return Poll::Pending,
+            };
+            match tcp.poll_read_ready(cx) {
+                Poll::Ready(_) => Work::Read,
+                Poll::Pending => return Poll::Pending,
+            }
         };
-        tcp.poll_read_ready(cx).map(|_| Work::Read)
+        let socket = q
+            .idle
+            .take()
+            .expect("parked by this future on its first poll, and taken back only here");
+        Poll::Ready((work, socket))
     })
+    .await
 }
 
 /// A writer's counts, added to the shared metrics a few times a second rather than per

@@ -436,8 +436,8 @@ impl Session {
             }
             Event::Dtmf(dtmf) => {
                 // Every backend hears the keypad, in its own format.
-                if let Some(call) = &self.streaming {
-                    call.push_control(Kind::Control, |link| {
+                if let Some(call) = &mut self.streaming {
+                    push_control(&mut call.links, Kind::Control, |link| {
                         Some(wire::dtmf(link.format, &text, &dtmf.digit))
                     });
                 }
@@ -446,8 +446,8 @@ impl Session {
             Event::Mark(mark) => {
                 // Twilio echoes a mark once it has played the audio before it: that is news
                 // for the backend that sent the mark, the speaker, and for no one else.
-                if let Some(call) = &self.streaming {
-                    call.push_control(Kind::Control, |link| {
+                if let Some(call) = &mut self.streaming {
+                    push_control(&mut call.links, Kind::Control, |link| {
                         link.speaks
                             .then(|| wire::mark(link.format, &text, &mark.name))
                     });
@@ -455,8 +455,10 @@ impl Session {
                 Step::Continue
             }
             Event::Stop(_) => {
-                if let Some(call) = &self.streaming {
-                    call.push_control(Kind::Stop, |link| Some(wire::stop(link.format, &text)));
+                if let Some(call) = &mut self.streaming {
+                    push_control(&mut call.links, Kind::Stop, |link| {
+                        Some(wire::stop(link.format, &text))
+                    });
                 }
                 Step::End(End::new(
                     Outcome::completed,
@@ -719,6 +721,9 @@ impl Session {
             + Send,
     {
         self.report_frames();
+        if let Some(call) = &mut self.streaming {
+            call.links.iter_mut().for_each(Link::flush_metrics);
+        }
         self.hub.metrics.call_ended(end.outcome);
         self.hub.record_ended(&self.admission, end.outcome);
         if let Some((code, reason)) = &end.close {
@@ -742,7 +747,7 @@ impl Session {
         if let Some(mut call) = self.streaming.take() {
             if end.outcome != Outcome::completed {
                 let start = &call.start;
-                call.push_control(Kind::Stop, |link| {
+                push_control(&mut call.links, Kind::Stop, |link| {
                     Some(wire::synthetic_stop(link.format, start))
                 });
             }
@@ -780,18 +785,16 @@ impl Session {
     }
 }
 
-impl Streaming {
-    /// Pushes a control message (never dropped) to every link that wants one in its format.
-    fn push_control(&self, kind: Kind, message_for: impl Fn(&Link) -> Option<Message>) {
-        let now = Instant::now();
-        for link in &self.links {
-            if let Some(message) = message_for(link) {
-                link.push(Frame {
-                    kind,
-                    message,
-                    received: now,
-                });
-            }
+/// Pushes a control message (never dropped) to every link that wants one in its format.
+fn push_control(links: &mut [Link], kind: Kind, message_for: impl Fn(&Link) -> Option<Message>) {
+    let now = Instant::now();
+    for link in links {
+        if let Some(message) = message_for(link) {
+            link.push(Frame {
+                kind,
+                message,
+                received: now,
+            });
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket};
@@ -37,6 +37,8 @@ pub enum Behaviour {
     /// On its first connection, answers `start` with two text messages and a close frame,
     /// written together so they arrive in one segment; reads normally after that.
     TalkThenClose,
+    /// Reads nothing for this long after its first connection opens, then reads normally.
+    PauseFirst(Duration),
 }
 
 pub struct Backend {
@@ -55,7 +57,10 @@ impl Drop for Backend {
 impl Backend {
     pub async fn start(behaviour: Behaviour) -> Backend {
         let socket = TcpSocket::new_v4().unwrap();
-        if matches!(behaviour, Behaviour::Stall | Behaviour::StallFirst) {
+        if matches!(
+            behaviour,
+            Behaviour::Stall | Behaviour::StallFirst | Behaviour::PauseFirst(_)
+        ) {
             // A tiny receive window so the proxy's writes back up quickly.
             socket.set_recv_buffer_size(4096).unwrap();
         }
@@ -89,7 +94,13 @@ impl Backend {
                         Behaviour::Normal
                         | Behaviour::StallFirst
                         | Behaviour::DropAfter(_)
-                        | Behaviour::TalkThenClose => {
+                        | Behaviour::TalkThenClose
+                        | Behaviour::PauseFirst(_) => {
+                            if let Behaviour::PauseFirst(pause) = behaviour {
+                                if conn == 1 {
+                                    tokio::time::sleep(pause).await;
+                                }
+                            }
                             let mut media = 0;
                             while let Some(Ok(m)) = ws.next().await {
                                 match m {
