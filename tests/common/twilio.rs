@@ -24,6 +24,14 @@ pub fn sized_payload(i: usize, bytes: usize) -> String {
     base64::engine::general_purpose::STANDARD.encode(audio)
 }
 
+/// The frame number [`sized_payload`] wrote into a payload.
+pub fn frame_number(payload: &str) -> u64 {
+    let audio = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .unwrap();
+    u64::from_be_bytes(audio[..8].try_into().unwrap())
+}
+
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Plays Twilio's side of one media stream.
