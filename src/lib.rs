@@ -17,10 +17,11 @@ pub(crate) mod metrics;
 pub mod store;
 pub mod twilio;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -55,68 +56,60 @@ pub fn app(state: AppState) -> Router {
     http::router(state)
 }
 
-/// Serves until `shutdown` completes, then ends every live call cleanly (each backend gets
-/// `stop`, each Twilio socket a close frame) within `server.shutdown_timeout_ms`.
+/// Serves until the first item of `signals` (SIGTERM or SIGINT in the binary), then drains:
 ///
-/// Returns only once the calls are drained (or the deadline passed): a binary that exits when
-/// `run` returns never cuts a call off without its `stop`.
+/// 1. At once `/readyz` answers 503; the listener stays open and answers everything.
+/// 2. New streams are admitted for `server.drain_accept_ms` (the load balancer's
+///    deregistration delay), then refused with 503 and `Retry-After`.
+/// 3. Live calls run to their own end; `run` returns as soon as the last has ended.
+/// 4. At `server.drain_timeout_ms`, or at a second signal, what is left is ended at once: each
+///    backend gets `stop`, each Twilio socket a 1001 close, within `server.shutdown_timeout_ms`.
+///
+/// The listener is dropped only as `run` returns, so no connection ever waits unanswered in
+/// its backlog while the process is still there.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    signals: impl Stream<Item = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = state(settings)?;
     let local_addr = listener.local_addr()?;
     state.hub.set_local_addr(local_addr);
     announce(&state, local_addr);
     let background = spawn_background(&state);
-
-    let stop = CancellationToken::new();
-    let trigger = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        trigger.cancel();
-    });
+    let mut signals = std::pin::pin!(signals);
 
     let limits = http::server::ConnectionLimits {
         header_timeout: state.settings.header_timeout(),
         max_connections: state.settings.server.max_connections,
     };
+    let stop_serving = CancellationToken::new();
     let mut server = tokio::spawn(http::server::serve(
         listener,
         app(state.clone()),
         limits,
         state.metrics.clone(),
-        stop.clone(),
+        stop_serving.clone(),
     ));
-
-    // The server stops accepting once `stop` is cancelled and may finish before this task
-    // looks again (it does not wait for upgraded sockets): whichever is seen first, the
-    // calls are drained below. Only an accept loop that failed by itself is an error.
+    // Only an accept loop that failed by itself is an error; it ends every live call.
     let failed = tokio::select! {
-        biased;
-        _ = stop.cancelled() => None,
-        result = &mut server => match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(e) => Some(std::io::Error::other(e)),
-        },
+        Some(()) = signals.next() => drain(&state, &mut signals, &mut server).await.err(),
+        ended = &mut server => Some(listener_failed(ended)),
     };
-    if let Some(e) = &failed {
-        error!(error = %e, "the listener failed; ending live calls");
-    }
-    stop.cancel();
 
     let began = Instant::now();
     let deadline = state.settings.shutdown_timeout();
-    info!(
-        live_calls = state.hub.live_calls(),
-        deadline_ms = deadline.as_millis() as u64,
-        "shutting down: ending live calls"
-    );
+    if state.hub.live_calls() > 0 {
+        info!(
+            live_calls = state.hub.live_calls(),
+            deadline_ms = deadline.as_millis() as u64,
+            "ending the live calls now"
+        );
+    }
     if !state.hub.shut_down(deadline).await {
         warn!("shutdown deadline reached with calls still ending; exiting anyway");
     }
+    stop_serving.cancel();
     let left = deadline.saturating_sub(began.elapsed());
     if !server.is_finished() && tokio::time::timeout(left, &mut server).await.is_err() {
         warn!("HTTP connections still open at the shutdown deadline; exiting anyway");
@@ -127,6 +120,85 @@ pub async fn run(
         "shutdown complete"
     );
     failed.map_or(Ok(()), Err)
+}
+
+type Server = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// The accept loop never ends by itself while the service runs: whatever it answered is a
+/// failure that ends the live calls.
+fn listener_failed(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Error {
+    let e = match ended {
+        Ok(Ok(())) => std::io::Error::other("the accept loop ended by itself"),
+        Ok(Err(e)) => e,
+        Err(e) => std::io::Error::other(e),
+    };
+    error!(error = %e, "the listener failed; ending live calls");
+    e
+}
+
+/// How often a drain logs the calls it still waits for.
+const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// The drain: answers once the last call has ended (the door then shut behind it), at the
+/// deadline, at a second signal, or with the error of a listener that failed.
+async fn drain<S: Stream<Item = ()>>(
+    state: &AppState,
+    signals: &mut std::pin::Pin<&mut S>,
+    server: &mut Server,
+) -> std::io::Result<()> {
+    let hub = &state.hub;
+    let began = Instant::now();
+    hub.begin_drain();
+    let accept = state.settings.drain_accept();
+    let limit = state.settings.drain_timeout();
+    info!(
+        live_calls = hub.live_calls(),
+        accept_ms = accept.as_millis() as u64,
+        deadline_ms = limit.as_millis() as u64,
+        "draining: /readyz answers 503; live calls run to their end"
+    );
+    let door_closes = tokio::time::sleep(accept);
+    let deadline = tokio::time::sleep(limit);
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + DRAIN_PROGRESS_EVERY,
+        DRAIN_PROGRESS_EVERY,
+    );
+    tokio::pin!(door_closes, deadline);
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = signals.next() => {
+                warn!(live_calls = hub.live_calls(), "second signal: ending the drain now");
+                return Ok(());
+            }
+            () = hub.closed_and_idle() => {
+                info!(
+                    took_ms = began.elapsed().as_millis() as u64,
+                    "drained: the last call has ended"
+                );
+                return Ok(());
+            }
+            () = &mut deadline => {
+                warn!(
+                    live_calls = hub.live_calls(),
+                    deadline_ms = limit.as_millis() as u64,
+                    "drain deadline (server.drain_timeout_ms) reached; ending the calls that are left"
+                );
+                return Ok(());
+            }
+            () = &mut door_closes, if !hub.door_closed() => {
+                hub.close_door();
+                info!(
+                    live_calls = hub.live_calls(),
+                    "draining: new streams are refused from now on"
+                );
+            }
+            _ = progress.tick() => {
+                info!(live_calls = hub.live_calls(), "draining: calls left");
+            }
+            ended = &mut *server => return Err(listener_failed(ended)),
+        }
+    }
 }
 
 /// The service's periodic chores: forgetting idle rate-limit keys, refreshing live

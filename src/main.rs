@@ -121,8 +121,8 @@ fn serve(settings: Settings) -> ExitCode {
     };
     runtime.block_on(async move {
         // Installed before the socket is bound: from the first moment a client can reach the
-        // service, SIGTERM means a clean shutdown, never the default abrupt exit.
-        let shutdown = match shutdown_signal() {
+        // service, SIGTERM means a drain, never the default abrupt exit.
+        let signals = match shutdown_signals() {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("call-proxy: cannot install signal handlers: {e}");
@@ -143,7 +143,7 @@ fn serve(settings: Settings) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match call_proxy::run(listener, settings, shutdown).await {
+        match call_proxy::run(listener, settings, signals).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");
@@ -153,23 +153,29 @@ fn serve(settings: Settings) -> ExitCode {
     })
 }
 
-/// Ctrl-C or SIGTERM, with both handlers installed now (not when first polled).
+/// Each SIGTERM or SIGINT, with both handlers installed now (not when first polled): the
+/// first drains, the second ends what is left.
 #[cfg(unix)]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+fn shutdown_signals() -> std::io::Result<impl futures_util::Stream<Item = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-    })
+    let term = signal(SignalKind::terminate())?;
+    let interrupt = signal(SignalKind::interrupt())?;
+    Ok(futures_util::stream::unfold(
+        (term, interrupt),
+        |(mut term, mut interrupt)| async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            Some(((), (term, interrupt)))
+        },
+    ))
 }
 
 #[cfg(not(unix))]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    Ok(async {
+fn shutdown_signals() -> std::io::Result<impl futures_util::Stream<Item = ()> + Send> {
+    Ok(futures_util::stream::unfold((), |()| async {
         let _ = tokio::signal::ctrl_c().await;
-    })
+        Some(((), ()))
+    }))
 }

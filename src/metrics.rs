@@ -53,6 +53,8 @@ pub enum Outcome {
     protocol_error,
     /// Over `media.max_calls`: the upgrade was answered 503.
     refused_capacity,
+    /// Draining past its admission window: the upgrade was answered 503.
+    refused_draining,
     /// No valid route token where one is needed.
     refused_route_token,
 }
@@ -82,6 +84,8 @@ pub struct Metrics {
     pub rate_limited: Family<ScopeLabel, Counter>,
     pub route_token_failures: Counter,
     pub live_calls: Gauge,
+    /// 1 from the first shutdown signal until the process exits.
+    pub draining: Gauge,
     pub calls: Family<OutcomeLabel, Counter>,
     pub frames_in: Counter,
     pub rejected: Family<ReasonLabel, Counter>,
@@ -120,6 +124,7 @@ impl Metrics {
             rate_limited: Family::default(),
             route_token_failures: Counter::default(),
             live_calls: Gauge::default(),
+            draining: Gauge::default(),
             calls: Family::default(),
             frames_in: Counter::default(),
             rejected: Family::default(),
@@ -141,6 +146,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("live_calls", "Calls streaming now", m.live_calls.clone());
+        registry.register(
+            "draining",
+            "1 while the instance drains: live calls go on, new ones belong elsewhere",
+            m.draining.clone(),
+        );
         registry.register("calls", "Calls ended, by outcome", m.calls.clone());
         registry.register(
             "frames_in",

@@ -255,3 +255,53 @@ async fn the_page_shows_live_calls_blocks_unblocks_and_logs_out() {
         .contains("Max-Age=0"));
     drop(spk);
 }
+
+/// A draining instance says so where operators look: the page ("draining — N calls left"),
+/// the `draining` gauge, `/readyz`; and the page and the gate routes keep answering.
+#[tokio::test]
+async fn a_drain_shows_on_the_page_and_in_the_metrics_while_calls_finish() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
+    let cookie = log_in(&proxy, "test-key").await;
+    assert!(page(&proxy, &cookie).await.contains("taking calls"));
+    assert_eq!(
+        metric(&proxy.metrics().await, "call_proxy_draining"),
+        Some(0.0)
+    );
+
+    let mut call = TwilioCall::connect(&proxy, "draining").await;
+    call.start(&[("backendIds", "rec")]).await;
+    call.media(&payload(0)).await;
+    rec.wait_for("a frame", |log| payloads(&texts(log)).len() == 1)
+        .await;
+    proxy.drain();
+    let began = std::time::Instant::now();
+    while proxy.get("/readyz").await.status() != 503 {
+        assert!(began.elapsed() < std::time::Duration::from_secs(5));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let html = page(&proxy, &cookie).await;
+    assert!(html.contains("draining — 1 call left"), "{html}");
+    assert_eq!(
+        metric(&proxy.metrics().await, "call_proxy_draining"),
+        Some(1.0)
+    );
+    assert_eq!(
+        proxy.get("/blocked-callers/+15550001111").await.status(),
+        404,
+        "the gate still answers"
+    );
+
+    // The call goes on through the drain and ends by itself; then `run` returns.
+    for i in 1..20 {
+        call.media(&payload(i)).await;
+    }
+    call.stop().await;
+    assert_eq!(call.closed().await.map(|f| u16::from(f.code)), Some(1000));
+    proxy.drained().await;
+    rec.wait_for_stop().await;
+    assert_eq!(
+        payloads(&rec.texts()),
+        (0..20).map(payload).collect::<Vec<_>>()
+    );
+}

@@ -196,3 +196,47 @@ async fn a_media_upgrade_is_refused_unless_it_is_a_websocket_handshake() {
         "{answer}"
     );
 }
+
+/// Readiness means "send me new calls": 503 at `media.max_calls` (and a further upgrade 503
+/// with `Retry-After`), 200 again once a call ends.
+#[tokio::test]
+async fn readiness_turns_503_at_max_calls_and_back_when_a_call_ends() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
+    s.media.max_calls = 2;
+    let proxy = Proxy::start(s).await;
+    let mut first = TwilioCall::connect(&proxy, "cap1").await;
+    first.start(&[("backendIds", "rec")]).await;
+    assert_eq!(proxy.get("/readyz").await.status(), 200, "one of two");
+    let mut second = TwilioCall::connect(&proxy, "cap2").await;
+    second.start(&[("backendIds", "rec")]).await;
+    let r = proxy.get("/readyz").await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("capacity"),
+        "{body}"
+    );
+    match tokio_tungstenite::connect_async(proxy.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        other => panic!("a third stream: {other:?}"),
+    }
+    assert_eq!(
+        proxy.get("/healthz").await.status(),
+        200,
+        "alive, only full"
+    );
+
+    first.stop().await;
+    first.closed().await;
+    rec.wait_for_stop().await;
+    let began = std::time::Instant::now();
+    while proxy.get("/readyz").await.status() != 200 {
+        assert!(began.elapsed() < WAIT, "never ready again");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    second.stop().await;
+}

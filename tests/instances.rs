@@ -210,7 +210,13 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
         proxy.get("/blocked-callers/+15553000000").await.status(),
         503
     );
-    assert_eq!(proxy.get("/readyz").await.status(), 503);
+    // Readiness is "send me new calls", and calls still stream: a store outage must not make
+    // every instance unready at once. Liveness reports the store as down.
+    assert_eq!(proxy.get("/readyz").await.status(), 200);
+    let health = proxy.get("/healthz").await;
+    assert_eq!(health.status(), 200);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["store"], "down", "{health}");
     assert_eq!(proxy.get("/executions/FNout/connected").await.status(), 503);
     rec.wait_for("frames during the outage", |log| {
         payloads(&texts(log)).len() == 150
@@ -219,8 +225,15 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
 
     let _redis = RedisServer::start_on(port);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.get("/readyz").await.status() != 200 {
-        assert!(Instant::now() < deadline, "never ready again");
+    loop {
+        let health: Value = proxy.get("/healthz").await.json().await.unwrap();
+        if health["store"] == "up" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store never came back: {health}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = validate_pin(&proxy.url(""), "0000", "+15553000000").await;

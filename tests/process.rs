@@ -3,43 +3,24 @@
 
 mod common;
 
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-fn sigterm(child: &std::process::Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
-    let began = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(began.elapsed() < limit, "no exit within {limit:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// SIGTERM mid-call, many times over: every run exits 0 after its backend got `stop` and the
-/// Twilio side a clean close. A race between the server ending and the drain starting would
-/// show as a run that exits at once with the backend's socket simply dropped.
+/// A second SIGTERM mid-call, many times over: every run exits 0 after its backend got `stop`
+/// and the Twilio side a 1001 close. A race between the signal and the calls' end would show
+/// as a run that exits with the backend's socket simply dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_call_always_sends_stop_before_the_process_exits() {
+async fn a_second_sigterm_mid_call_always_sends_stop_before_the_process_exits() {
     let runs = 25;
     let mut stops = 0;
     for run in 0..runs {
         let mut backend = Backend::start(Behaviour::Normal).await;
         let url = backend.url();
-        let mut proxy = tokio::task::spawn_blocking(move || {
+        let proxy = tokio::task::spawn_blocking(move || {
             ServiceProcess::spawn(&[
                 ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
                 ("CALL_PROXY__BACKENDS__TABLE__REC__FORMAT", "twilio"),
@@ -64,9 +45,12 @@ async fn sigterm_mid_call_always_sends_stop_before_the_process_exits() {
                 .wait_for("the frames", |log| payloads(&texts(log)).len() == 5)
                 .await;
         }
-        sigterm(&proxy.child);
         let status = tokio::task::spawn_blocking(move || {
-            let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+            let mut proxy = proxy;
+            proxy.sigterm();
+            proxy.wait_for_log("draining: /readyz answers 503; live calls run to their end");
+            proxy.sigterm();
+            let status = proxy.wait_exit(Duration::from_secs(10));
             (status, proxy)
         })
         .await
@@ -80,7 +64,11 @@ async fn sigterm_mid_call_always_sends_stop_before_the_process_exits() {
             "run {run}: Twilio is told the service is going away"
         );
         backend.wait_for_stop().await;
-        assert_eq!(payloads(&backend.texts()).len(), 5, "run {run}");
+        assert_eq!(
+            payloads(&backend.texts()),
+            (0..5).map(payload).collect::<Vec<_>>(),
+            "run {run}"
+        );
         stops += 1;
     }
     assert_eq!(stops, runs);
@@ -90,8 +78,8 @@ async fn sigterm_mid_call_always_sends_stop_before_the_process_exits() {
 fn sigterm_the_moment_it_listens_is_a_clean_exit() {
     for _ in 0..10 {
         let mut proxy = ServiceProcess::spawn(&[]);
-        sigterm(&proxy.child);
-        let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(10));
         assert!(status.success(), "{status}");
         proxy.wait_for_log("shutdown complete");
     }

@@ -159,6 +159,13 @@ pub struct RateLimitSettings {
 pub struct ServerSettings {
     pub host: String,
     pub port: u16,
+    /// A drain (the first SIGTERM/SIGINT) admits new streams this long: the load balancer's
+    /// deregistration delay.
+    pub drain_accept_ms: u64,
+    /// A drain ends what is still live after this.
+    pub drain_timeout_ms: u64,
+    /// Ending the calls that are left (a second signal, or the drain deadline) takes at most
+    /// this: `stop` to every backend, 1001 to Twilio.
     pub shutdown_timeout_ms: u64,
     /// Request headers must arrive within this; also how long an idle keep-alive lasts.
     pub header_timeout_ms: u64,
@@ -355,6 +362,14 @@ impl Settings {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.media.idle_timeout_ms)
+    }
+
+    pub fn drain_accept(&self) -> Duration {
+        Duration::from_millis(self.server.drain_accept_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.drain_timeout_ms)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -147,6 +147,8 @@ impl Settings {
                 "server.shutdown_timeout_ms",
                 self.server.shutdown_timeout_ms,
             ),
+            ("server.drain_accept_ms", self.server.drain_accept_ms),
+            ("server.drain_timeout_ms", self.server.drain_timeout_ms),
             ("server.header_timeout_ms", self.server.header_timeout_ms),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("media.start_timeout_ms", m.start_timeout_ms),

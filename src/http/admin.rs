@@ -198,6 +198,8 @@ struct Health {
     uptime: String,
     version: &'static str,
     live: usize,
+    /// Shutting down: the live calls run to their end, new ones go elsewhere.
+    draining: bool,
     max_calls: usize,
     signature_failures: u64,
     pin_failures: u64,
@@ -248,9 +250,7 @@ async fn live_view(state: &AppState) -> Live {
             backends: c.backends,
         })
         .collect();
-    let store_ok = tokio::time::timeout(Duration::from_secs(1), state.store.ping())
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let store_ok = state.store_answers().await;
     let (signature_failures, rate_limited, pin_failures) = state.metrics.headline();
     Live {
         calls,
@@ -264,6 +264,7 @@ async fn live_view(state: &AppState) -> Live {
             ),
             version: env!("CARGO_PKG_VERSION"),
             live: state.hub.live_calls(),
+            draining: state.hub.is_draining(),
             max_calls: state.settings.media.max_calls,
             signature_failures,
             pin_failures,

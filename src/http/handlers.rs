@@ -10,28 +10,42 @@ use tracing::Instrument;
 
 use super::upgrade::MediaUpgrade;
 use super::{ApiError, AppState};
-use crate::media::session;
+use crate::media::{session, Readiness, Refusal};
 use crate::metrics::Outcome;
+
+/// What a refused upgrade suggests: another instance (or this one, once a call ends) will
+/// take it then. Twilio itself does not retry a stream; load balancers and tools do.
+const RETRY_AFTER_SECS: u64 = 5;
 
 /// The original's health check.
 pub async fn root() -> &'static str {
     "OK"
 }
 
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness: 200 while the process serves. The store's state and the drain are reported
+/// here for operators, never as a failure: a store outage is not a reason to restart.
+pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let store_up = state.store_answers().await;
+    Json(json!({
+        "status": "ok",
+        "store": if store_up { "up" } else { "down" },
+        "draining": state.hub.is_draining(),
+        "live_calls": state.hub.live_calls(),
+    }))
 }
 
-/// Ready when the state store answers and the service is not shutting down.
+/// Readiness means "send me new calls": 503 while draining and while at `media.max_calls`.
+/// The store is deliberately not asked: an outage would make every instance unready at once,
+/// and a load balancer would then drop them all though their calls can still stream.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    if state.hub.shutdown_token().is_cancelled() {
-        return Err(ApiError::new(
+    match state.hub.readiness() {
+        Readiness::Ready => Ok(Json(json!({ "status": "ready" }))),
+        Readiness::Draining => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining")),
+        Readiness::Full => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down",
-        ));
+            "at capacity (media.max_calls)",
+        )),
     }
-    state.store.ping().await?;
-    Ok(Json(json!({ "status": "ready" })))
 }
 
 /// The media stream endpoint: one Twilio stream per WebSocket.
@@ -56,17 +70,26 @@ pub async fn media(
             "this proxy is not its own backend",
         ));
     }
-    let Some(admission) = state.hub.admit() else {
-        state.metrics.call_ended(Outcome::refused_capacity);
-        tracing::warn!(
-            live = state.hub.live_calls(),
-            max = state.settings.media.max_calls,
-            "stream refused: at capacity or shutting down"
-        );
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no capacity for another call",
-        ));
+    let admission = match state.hub.admit() {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            let (outcome, message) = match refusal {
+                Refusal::Full => (Outcome::refused_capacity, "no capacity for another call"),
+                Refusal::Closed => (
+                    Outcome::refused_draining,
+                    "this instance is draining and takes no new calls",
+                ),
+            };
+            state.metrics.call_ended(outcome);
+            tracing::warn!(
+                live = state.hub.live_calls(),
+                max = state.settings.media.max_calls,
+                reason = ?refusal,
+                "stream refused: {message}"
+            );
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+                .retry_after(RETRY_AFTER_SECS));
+        }
     };
     let limit = state.settings.media.max_message_bytes;
     let hub = state.hub.clone();

@@ -55,6 +55,16 @@ pub struct AppState {
     pub(crate) limits: Arc<rate_limit::Limiters>,
 }
 
+impl AppState {
+    /// Whether the state store answers a ping within a second: for operators (`/healthz`,
+    /// the page), never a gate on readiness.
+    pub(crate) async fn store_answers(&self) -> bool {
+        tokio::time::timeout(std::time::Duration::from_secs(1), self.store.ping())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
 /// The whole HTTP and WebSocket interface (SPEC section 2).
 pub fn router(state: AppState) -> Router {
     let twilio = from_fn_with_state(state.clone(), twilio_guard::require);

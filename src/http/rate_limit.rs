@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
@@ -40,15 +40,12 @@ pub struct Limited(pub Duration);
 impl IntoResponse for Limited {
     fn into_response(self) -> Response {
         let secs = self.0.as_secs() + u64::from(self.0.subsec_nanos() > 0);
-        let mut response = ApiError::new(
+        ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!("rate limited; retry in {} s", secs.max(1)),
         )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        response
+        .retry_after(secs)
+        .into_response()
     }
 }
 

@@ -1,7 +1,8 @@
 //! The listening socket: accepts connections up to `server.max_connections`, serves each with
 //! hyper's HTTP/1 under a header deadline (which also closes idle keep-alive connections), and
-//! on shutdown lets in-flight requests finish. Upgraded WebSockets leave this loop's care the
-//! moment they upgrade; the media hub drains those.
+//! when told to stop (the last step before the process exits; a drain keeps this loop
+//! answering) closes the listener at once and lets in-flight requests finish. Upgraded
+//! WebSockets leave this loop's care the moment they upgrade; the media hub drains those.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,7 +33,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then waits for the open
+/// Serves `router` on `listener` until `shutdown` is cancelled, then closes the listener (a
+/// new connection is refused at once, never left in the backlog) and waits for the open
 /// connections' in-flight requests. Answers an error only when accepting fails for good.
 pub async fn serve(
     listener: TcpListener,
@@ -50,13 +52,15 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(e) if is_transient(&e) => {
+                Err(e) if is_out_of_resources(&e) => {
                     // Out of file descriptors and the like: the next accept may succeed once
                     // connections close. Back off instead of spinning.
                     warn!(error = %e, "accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                // A client that reset before it was accepted costs nothing: take the next.
+                Err(e) if is_one_connection(&e) => continue,
                 Err(e) => return Err(e),
             },
         };
@@ -87,6 +91,7 @@ pub async fn serve(
             drop(permit);
         });
     }
+    drop(listener);
     connections.close();
     connections.wait().await;
     Ok(())
@@ -130,13 +135,20 @@ async fn serve_connection<S>(
     }
 }
 
-fn is_transient(e: &std::io::Error) -> bool {
+/// The process or the system is short of something; accepting again at once would spin.
+fn is_out_of_resources(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::OutOfMemory
+        || e.raw_os_error().is_some_and(|code| {
+            // EMFILE, ENFILE, ENOBUFS, ENOMEM
+            matches!(code, 24 | 23 | 105 | 12)
+        })
+}
+
+/// The failure belongs to one connection (or to no connection at all); the listener is fine.
+fn is_one_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
         e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory
-    ) || e.raw_os_error().is_some_and(|code| {
-        // EMFILE, ENFILE, ENOBUFS, ENOMEM
-        matches!(code, 24 | 23 | 105 | 12)
-    })
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
 }

@@ -8,6 +8,7 @@
 /// nothing and larger messages are simply read in several steps.
 pub const READ_CHUNK: usize = 4096;
 
+mod door;
 pub mod fanout;
 pub mod link;
 pub mod route;
@@ -17,7 +18,7 @@ mod watch;
 pub mod wire;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -39,7 +40,8 @@ pub struct MediaHub {
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn StateStore>,
     calls: DashMap<u64, Arc<CallInfo>>,
-    live: AtomicUsize,
+    /// The live-call count and whether new calls may enter (closed late in a drain).
+    door: door::Door,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -107,6 +109,18 @@ pub struct BackendSnapshot {
     pub reconnects: u32,
 }
 
+pub use door::Refusal;
+
+/// What `/readyz` answers: whether a load balancer should send this instance new calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// `media.max_calls` are live.
+    Full,
+    /// Shutting down: live calls go on, new ones belong elsewhere.
+    Draining,
+}
+
 /// A place among the live calls, held from the upgrade to the end of the session.
 pub struct Admission {
     hub: Arc<MediaHub>,
@@ -116,8 +130,8 @@ pub struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.hub.calls.remove(&self.id);
-        self.hub.live.fetch_sub(1, Ordering::AcqRel);
         self.hub.metrics.live_calls.dec();
+        self.hub.door.leave();
     }
 }
 
@@ -133,7 +147,7 @@ impl MediaHub {
             metrics,
             store,
             calls: DashMap::new(),
-            live: AtomicUsize::new(0),
+            door: door::Door::default(),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -236,30 +250,56 @@ impl MediaHub {
         })
     }
 
-    /// Takes a place for a new stream, or `None` when `media.max_calls` are live or the
-    /// service is shutting down.
-    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
-        if self.shutdown.is_cancelled() {
-            return None;
-        }
-        let max = self.settings.media.max_calls;
-        let taken = self
-            .live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            });
-        if taken.is_err() {
-            return None;
-        }
+    /// Takes a place for a new stream, or says why there is none: `media.max_calls` are
+    /// live, or the instance is draining and no longer admits calls.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, Refusal> {
+        self.door.enter(self.settings.media.max_calls)?;
         self.metrics.live_calls.inc();
-        Some(Admission {
+        Ok(Admission {
             hub: self.clone(),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
         })
     }
 
+    /// Calls holding a place: streaming, or admitted and not yet started.
     pub fn live_calls(&self) -> usize {
-        self.live.load(Ordering::Acquire)
+        self.door.live()
+    }
+
+    /// Whether this instance wants new calls: not draining and below `media.max_calls`.
+    pub fn readiness(&self) -> Readiness {
+        if self.door.is_draining() {
+            Readiness::Draining
+        } else if self.door.live() >= self.settings.media.max_calls {
+            Readiness::Full
+        } else {
+            Readiness::Ready
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.door.is_draining()
+    }
+
+    /// The first step of a drain: readiness turns 503 at once; calls are still admitted
+    /// until [`close_door`](Self::close_door), and every live call runs to its own end.
+    pub fn begin_drain(&self) {
+        self.door.begin_drain();
+        self.metrics.draining.set(1);
+    }
+
+    /// From now on, new streams are refused (503 with `Retry-After`).
+    pub fn close_door(&self) {
+        self.door.close();
+    }
+
+    pub fn door_closed(&self) -> bool {
+        self.door.is_closed()
+    }
+
+    /// Waits for the last live call to end, and closes the door in the same step.
+    pub async fn closed_and_idle(&self) {
+        self.door.closed_and_idle().await
     }
 
     fn register(&self, admission: &Admission, info: Arc<CallInfo>) {
@@ -277,6 +317,7 @@ impl MediaHub {
     /// Tells every session to end (each sends `stop` to its backends and closes its Twilio
     /// socket), then waits for them up to `deadline`. Answers whether everything finished.
     pub async fn shut_down(&self, deadline: Duration) -> bool {
+        self.door.close();
         self.shutdown.cancel();
         self.tracker.close();
         tokio::time::timeout(deadline, self.tracker.wait())

@@ -12,9 +12,11 @@ async fn loadgen_runs_against_the_service_and_accounts_for_every_frame() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(call_proxy::run(listener, settings, async move {
+    // One signal: a drain, which ends at once with no call left.
+    let signal = futures_util::stream::once(async move {
         let _ = stopped.await;
-    }));
+    });
+    let server = tokio::spawn(call_proxy::run(listener, settings, signal));
 
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["--url", &format!("ws://{addr}/media")])

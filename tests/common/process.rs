@@ -120,10 +120,39 @@ impl ServiceProcess {
         format!("ws://{}/media", self.addr)
     }
 
+    /// SIGTERM, as a deploy or `systemctl stop` sends it.
+    pub fn sigterm(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, or fails the test after `limit`.
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        wait_exit(&mut self.child, limit)
+    }
+
     /// SIGKILL: no shutdown, nothing flushed, as a crash.
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits for a child to exit, or fails the test after `limit`.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let began = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(began.elapsed() < limit, "no exit within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

@@ -1,16 +1,17 @@
-//! The service in-process, on a listener of the test's, stopped through its shutdown future.
+//! The service in-process, on a listener of the test's, signalled through a channel as the
+//! binary is by SIGTERM: once to drain, twice to end the live calls at once.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use call_proxy::config::Settings;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub struct Proxy {
     pub addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
+    signals: mpsc::UnboundedSender<()>,
     handle: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -23,13 +24,16 @@ impl Proxy {
     /// Serves on a listener the test bound itself (to know the address before the settings).
     pub fn start_on(listener: TcpListener, settings: Settings) -> Proxy {
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(call_proxy::run(listener, settings, async move {
-            let _ = rx.await;
-        }));
+        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        let signals =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
+            );
+        let handle = tokio::spawn(call_proxy::run(listener, settings, signals));
         Proxy {
             addr,
-            shutdown: Some(tx),
+            signals: tx,
             handle: Some(handle),
         }
     }
@@ -59,10 +63,26 @@ impl Proxy {
         self.get("/metrics").await.text().await.unwrap()
     }
 
-    /// Sends the shutdown signal and answers how long `run` took to return.
-    pub async fn shutdown(mut self) -> Duration {
+    /// The first signal: the proxy drains (readiness 503, live calls run to their end).
+    pub fn drain(&self) {
+        let _ = self.signals.send(());
+    }
+
+    /// Waits for `run` to return after a drain; answers how long that took.
+    pub async fn drained(self) -> Duration {
+        self.returned(Instant::now()).await
+    }
+
+    /// Two signals, as a second SIGTERM: the live calls end at once. Answers how long `run`
+    /// took to return.
+    pub async fn shutdown(self) -> Duration {
         let began = Instant::now();
-        let _ = self.shutdown.take().unwrap().send(());
+        let _ = self.signals.send(());
+        let _ = self.signals.send(());
+        self.returned(began).await
+    }
+
+    async fn returned(mut self, began: Instant) -> Duration {
         let handle = self.handle.take().unwrap();
         tokio::time::timeout(Duration::from_secs(20), handle)
             .await

@@ -95,6 +95,12 @@ impl TwilioCall {
     }
 
     pub async fn media(&mut self, payload_b64: &str) {
+        let text = self.media_text(payload_b64);
+        self.send_text(text).await;
+    }
+
+    /// The next `media` message, counted as sent (for a test that sends it itself).
+    pub fn media_text(&mut self, payload_b64: &str) -> String {
         self.chunk += 1;
         let text = outbound::media(
             self.seq,
@@ -106,7 +112,7 @@ impl TwilioCall {
         );
         self.seq += 1;
         self.sent_media.push(text.clone());
-        self.send_text(text).await;
+        text
     }
 
     pub async fn stop(&mut self) {
