@@ -174,7 +174,7 @@ async fn drain<S: Stream<Item = ()>>(
             () = hub.closed_and_idle() => {
                 info!(
                     took_ms = began.elapsed().as_millis() as u64,
-                    "drained: the last call has ended"
+                    "drained: no call is left"
                 );
                 return Ok(());
             }
@@ -221,8 +221,14 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
 
 fn announce(state: &AppState, addr: SocketAddr) {
     let s = &state.settings;
+    let reach = if addr.ip().is_loopback() {
+        "this machine only (loopback); RUN_MODE=production listens on every interface"
+    } else {
+        "the network"
+    };
     info!(
         %addr,
+        reach,
         backends = s.backends.table.values().filter(|b| b.enabled).count(),
         default_backends = ?s.backends.default,
         store = ?s.store.kind,

@@ -27,6 +27,14 @@ enum Command {
     Serve,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Ask the instance these settings describe whether it is alive (`GET /healthz` on its
+    /// listening port): exit 0 on 200. For a container's HEALTHCHECK, with no HTTP client in
+    /// the image.
+    Healthcheck {
+        /// The path to ask; `/readyz` asks whether it takes new calls.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Print the `[gate.pins]` line for a PIN, hashed with the configured `gate.pin_key`.
     /// Without PIN, reads it from standard input (keeps it out of the shell history).
     HashPin {
@@ -66,6 +74,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::HashPin { pin, backends } => hash_pin(&settings, pin, &backends),
+        Command::Healthcheck { path } => healthcheck(&settings, &path),
         Command::Serve => serve(settings),
     }
 }
@@ -108,6 +117,53 @@ fn hash_pin(settings: &Settings, pin: Option<String>, backends: &[String]) -> Ex
         call_proxy::gate::pins::directory_line(settings.gate.pin_key.expose(), pin, backends)
     );
     ExitCode::SUCCESS
+}
+
+fn healthcheck(settings: &Settings, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    let limit = std::time::Duration::from_secs(3);
+    let addr = match settings.listen_addr() {
+        // Listening on every interface: ask over loopback.
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip = match a.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+            SocketAddr::new(ip, a.port())
+        }
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("call-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let asked = (|| {
+        let mut tcp = TcpStream::connect_timeout(&addr, limit)?;
+        tcp.set_read_timeout(Some(limit))?;
+        tcp.set_write_timeout(Some(limit))?;
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = tcp.read(&mut head)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).into_owned())
+    })();
+    match asked {
+        Ok(head) if head.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(head) => {
+            eprintln!(
+                "call-proxy: {addr}{path} answered {}",
+                head.lines().next().unwrap_or("nothing")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("call-proxy: cannot ask {addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn serve(settings: Settings) -> ExitCode {

@@ -192,7 +192,7 @@ async fn sigterm_lets_live_calls_finish_with_every_frame_then_exits_at_once() {
         "exited {:?} after the last call ended",
         exited_at.saturating_duration_since(last_end)
     );
-    proxy.wait_for_log("drained: the last call has ended");
+    proxy.wait_for_log("drained: no call is left");
 
     for backend in [&mut a, &mut b] {
         backend

@@ -197,6 +197,7 @@ impl Settings {
             return Err(unknown_key(key));
         }
         settings.fill_from_environment(&sources.env)?;
+        settings.place_state(&sources.env);
         // `CALL_PROXY__BACKENDS__DEFAULT=` (set to nothing) means an empty list.
         settings.backends.default.retain(|id| !id.trim().is_empty());
         settings
@@ -227,6 +228,27 @@ impl Settings {
             }
         }
         Ok(())
+    }
+}
+
+impl Settings {
+    /// A relative `store.path` lives in the state directory systemd gives the service
+    /// (`StateDirectory=` sets `STATE_DIRECTORY`), else under the working directory (a
+    /// checkout's `data/`). Containers and units set an absolute path.
+    fn place_state(&mut self, env: &BTreeMap<String, String>) {
+        let path = Path::new(&self.store.path);
+        if self.store.path.is_empty() || path.is_absolute() {
+            return;
+        }
+        // systemd lists one directory per StateDirectory= entry, separated by ':'.
+        if let Some(dir) = env
+            .get("STATE_DIRECTORY")
+            .and_then(|d| d.split(':').next())
+            .filter(|d| !d.is_empty())
+        {
+            let file = path.file_name().map_or(path, Path::new);
+            self.store.path = Path::new(dir).join(file).to_string_lossy().into_owned();
+        }
     }
 }
 

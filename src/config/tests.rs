@@ -274,3 +274,20 @@ fn unknown_keys_are_refused_with_the_nearest_known_one() {
         }
     }
 }
+
+#[test]
+fn a_relative_journal_lives_in_systemds_state_directory() {
+    let s = Settings::load(&with_env(&[("STATE_DIRECTORY", "/var/lib/call-proxy")])).unwrap();
+    assert_eq!(s.store.path, "/var/lib/call-proxy/state.log");
+    let s = Settings::load(&with_env(&[
+        ("STATE_DIRECTORY", "/var/lib/call-proxy"),
+        ("CALL_PROXY__STORE__PATH", "/srv/proxy/journal.log"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        s.store.path, "/srv/proxy/journal.log",
+        "an absolute path is kept"
+    );
+    let s = Settings::defaults();
+    assert_eq!(s.store.path, "data/state.log", "a checkout keeps its data/");
+}

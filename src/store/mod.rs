@@ -137,14 +137,52 @@ pub trait StateStore: Send + Sync + 'static {
     fn ping(&self) -> StoreFuture<'_, ()>;
 }
 
+/// Opens the memory engine's journal. A relative path that the working directory cannot hold
+/// (a service started from `/` by an unprivileged user) moves to the user's state directory
+/// (`$XDG_STATE_HOME/call-proxy/`, or `~/.local/state/call-proxy/`), said in a warning, so the
+/// service starts from any directory; in a checkout it stays `data/state.log` as ever.
+fn open_journal(path: &std::path::Path) -> Result<MemoryStore, String> {
+    let error = match MemoryStore::open(path) {
+        Ok(store) => return Ok(store),
+        Err(e) => e,
+    };
+    let denied = matches!(
+        error.source.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+    );
+    let state_home = std::env::var_os("XDG_STATE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|d| !d.is_empty())
+                .map(|h| std::path::PathBuf::from(h).join(".local/state"))
+        });
+    let (Some(state_home), Some(file), true) =
+        (state_home, path.file_name(), denied && path.is_relative())
+    else {
+        return Err(format!(
+            "{error} (set store.path, e.g. CALL_PROXY__STORE__PATH, to an absolute path the service may write)"
+        ));
+    };
+    let elsewhere = state_home.join("call-proxy").join(file);
+    let store = MemoryStore::open(&elsewhere).map_err(|e| {
+        format!("{error}; and in the user's state directory: {e} (set store.path to an absolute path the service may write)")
+    })?;
+    tracing::warn!(
+        wanted = %path.display(),
+        using = %elsewhere.display(),
+        "the working directory cannot hold the journal; keeping it in the user's state directory"
+    );
+    Ok(store)
+}
+
 /// Builds the engine the settings name. Must run inside the tokio runtime (the Redis
 /// connection manager starts its reconnecting task there); Redis itself may still be down.
 pub fn from_settings(settings: &StoreSettings) -> Result<Arc<dyn StateStore>, String> {
     Ok(match settings.kind {
         StoreKind::Memory if settings.path.is_empty() => Arc::new(MemoryStore::new()),
-        StoreKind::Memory => Arc::new(
-            MemoryStore::open(std::path::Path::new(&settings.path)).map_err(|e| e.to_string())?,
-        ),
+        StoreKind::Memory => Arc::new(open_journal(std::path::Path::new(&settings.path))?),
         StoreKind::Redis => Arc::new(redis::RedisStore::new(settings).map_err(|e| e.to_string())?),
     })
 }
