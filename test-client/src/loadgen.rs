@@ -37,6 +37,10 @@ pub struct Options {
     /// With table sinks: one more sink, `sink<fanout>`, that floods the proxy with junk
     /// (a misbehaving backend that does not speak); the others are measured as usual.
     pub flood: bool,
+    /// Latency is reported in two parts: the full-load window up to this long after the ramp
+    /// (`latency_before_split`), and after it (`latency`). For a measurement around an event
+    /// at that instant, such as a drain.
+    pub split_at: Option<Duration>,
 }
 
 /// How calls name their sinks to the proxy.
@@ -97,8 +101,12 @@ pub struct Report {
     pub sinks: Vec<SinkReport>,
     pub frames_lost: u64,
     pub loss_percent: f64,
-    /// Added latency over the full-load window (ramp excluded).
+    /// Added latency over the full-load window (ramp excluded); with `--split-at`, over the
+    /// part after the split.
     pub latency: Latency,
+    /// With `--split-at`: added latency over the full-load window before the split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_before_split: Option<Latency>,
     /// With --speak: what the callers heard back, and the latency the proxy added on the way
     /// back (the sink's send to the caller's read).
     pub talkback: Option<TalkbackReport>,
@@ -451,6 +459,19 @@ pub async fn run(
             }
         });
     }
+    // With --split-at: the window's latency so far is set aside, and measured afresh.
+    let before_split = opts.split_at.map(|split| {
+        let sinks = sinks.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(ramp_end + split)).await;
+            let mut before = load::histogram();
+            for s in &sinks {
+                let _ = before.add(s.latency());
+                s.reset_latency();
+            }
+            Latency::of(&before)
+        })
+    });
     for t in tasks {
         t.await.context("driver task")??;
     }
@@ -537,6 +558,14 @@ pub async fn run(
             lost_total as f64 * 100.0 / expected as f64
         },
         latency: Latency::of(&window),
+        latency_before_split: match before_split {
+            Some(task) if task.is_finished() => Some(task.await.context("split task")?),
+            Some(task) => {
+                task.abort();
+                None
+            }
+            None => None,
+        },
         talkback: heard.as_ref().map(|h| TalkbackReport {
             received: h.received(),
             latency: Latency::of(&h.latency()),
@@ -653,11 +682,19 @@ impl Report {
             "loss: {} frames ({:.4} %)\n",
             self.frames_lost, self.loss_percent
         );
-        let l = &self.latency;
-        out += &format!(
-            "added latency at full load: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)\n",
-            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples
-        );
+        let mut windows = vec![("at full load", &self.latency)];
+        if let Some(before) = &self.latency_before_split {
+            windows = vec![
+                ("before the split", before),
+                ("after the split", &self.latency),
+            ];
+        }
+        for (when, l) in windows {
+            out += &format!(
+                "added latency {when}: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)\n",
+                l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples
+            );
+        }
         if let Some(t) = &self.talkback {
             let l = &t.latency;
             out += &format!(

@@ -50,6 +50,10 @@ struct Cli {
     /// misbehaving backend would; the report measures the others.
     #[arg(long, requires = "sink_base_port")]
     flood: bool,
+    /// Report latency before and after this long into the full-load window separately (for
+    /// a measurement around an event then, such as signalling the proxy to drain).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    split_at: Option<Duration>,
     /// Write a test CA (ca.pem, for the proxy's ca_file) and a localhost certificate for the
     /// sinks into DIR, then exit.
     #[arg(long, value_name = "DIR", exclusive = true)]
@@ -96,6 +100,7 @@ async fn run(cli: Cli) -> Result<()> {
         progress: !cli.quiet,
         speak: cli.speak,
         flood: cli.flood,
+        split_at: cli.split_at,
         sinks: match cli.sink_base_port {
             None => SinkMode::Hosts,
             Some(base_port) => SinkMode::Table {
