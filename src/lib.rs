@@ -109,6 +109,14 @@ pub async fn run(
     if !state.hub.shut_down(deadline).await {
         warn!("shutdown deadline reached with calls still ending; exiting anyway");
     }
+    // The ended calls' executions reach the store before the process goes.
+    let left = deadline.saturating_sub(began.elapsed());
+    if tokio::time::timeout(left, state.hub.executions.flush())
+        .await
+        .is_err()
+    {
+        warn!("the store did not take the ended executions in time; they expire by themselves");
+    }
     stop_serving.cancel();
     let left = deadline.saturating_sub(began.elapsed());
     if !server.is_finished() && tokio::time::timeout(left, &mut server).await.is_err() {
@@ -201,8 +209,8 @@ async fn drain<S: Stream<Item = ()>>(
     }
 }
 
-/// The service's periodic chores: forgetting idle rate-limit keys, refreshing live
-/// executions in the store, purging what has expired.
+/// The service's periodic chores: forgetting idle rate-limit keys, purging what has expired.
+/// (Live executions are kept written by their own task: `media::executions`.)
 fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
     let limits = state.limits.clone();
     let store = state.store.clone();
@@ -216,7 +224,7 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
             }
         }
     });
-    vec![janitor, state.hub.spawn_execution_refresh()]
+    vec![janitor]
 }
 
 fn announce(state: &AppState, addr: SocketAddr) {

@@ -275,11 +275,7 @@ async fn a_drain_shows_on_the_page_and_in_the_metrics_while_calls_finish() {
     rec.wait_for("a frame", |log| payloads(&texts(log)).len() == 1)
         .await;
     proxy.drain();
-    let began = std::time::Instant::now();
-    while proxy.get("/readyz").await.status() != 503 {
-        assert!(began.elapsed() < std::time::Duration::from_secs(5));
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    proxy.wait_status("/readyz", 503, WAIT).await;
     let html = page(&proxy, &cookie).await;
     assert!(html.contains("draining — 1 call left"), "{html}");
     assert_eq!(

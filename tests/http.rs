@@ -233,10 +233,6 @@ async fn readiness_turns_503_at_max_calls_and_back_when_a_call_ends() {
     first.stop().await;
     first.closed().await;
     rec.wait_for_stop().await;
-    let began = std::time::Instant::now();
-    while proxy.get("/readyz").await.status() != 200 {
-        assert!(began.elapsed() < WAIT, "never ready again");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    proxy.wait_status("/readyz", 200, WAIT).await;
     second.stop().await;
 }

@@ -182,6 +182,8 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
     let mut rec = Backend::start(Behaviour::Normal).await;
     let mut s = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
     use_redis(&mut s, &redis, "outage");
+    // A second instance on the same Redis, asked about the call that lives on the first.
+    let other = Proxy::start(s.clone()).await;
     let proxy = Proxy::start(s).await;
     assert_eq!(proxy.get("/readyz").await.status(), 200);
 
@@ -192,6 +194,10 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
         call.media(&payload(i)).await;
     }
     rec.wait_for("frames before", |log| payloads(&texts(log)).len() == 50)
+        .await;
+    // Written beside the call, so it may land a moment after the first frames.
+    other
+        .wait_status("/executions/FNout/connected", 200, Duration::from_secs(3))
         .await;
 
     redis.stop();
@@ -217,13 +223,30 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
     assert_eq!(health.status(), 200);
     let health: Value = health.json().await.unwrap();
     assert_eq!(health["store"], "down", "{health}");
-    assert_eq!(proxy.get("/executions/FNout/connected").await.status(), 503);
+    // The flow hangs up on anything but 200: the instance holding the call answers for it
+    // from its own list; another instance cannot know, and says the store is unavailable.
+    assert_eq!(proxy.get("/executions/FNout/connected").await.status(), 200);
+    assert_eq!(other.get("/executions/FNout/connected").await.status(), 503);
     rec.wait_for("frames during the outage", |log| {
         payloads(&texts(log)).len() == 150
     })
     .await;
 
+    // Back, and empty: the instance writes its live executions again within seconds, not
+    // at the next refresh a third of the TTL later.
     let _redis = RedisServer::start_on(port);
+    let back = Instant::now();
+    loop {
+        assert_eq!(proxy.get("/executions/FNout/connected").await.status(), 200);
+        if other.get("/executions/FNout/connected").await.status() == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "the execution was not written again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let health: Value = proxy.get("/healthz").await.json().await.unwrap();
@@ -248,6 +271,12 @@ async fn redis_going_away_mid_call_stops_the_gate_not_the_call() {
         (0..160).map(payload).collect::<Vec<_>>(),
         "the call lost nothing"
     );
+    // Ended: gone on both instances (the end reached the store, no refresh wrote it back).
+    call.closed().await;
+    other
+        .wait_status("/executions/FNout/connected", 410, Duration::from_secs(3))
+        .await;
+    assert_eq!(proxy.get("/executions/FNout/connected").await.status(), 410);
 }
 
 /// A backend that notes when each media message arrives.

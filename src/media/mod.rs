@@ -9,6 +9,7 @@
 pub const READ_CHUNK: usize = 4096;
 
 mod door;
+pub mod executions;
 pub mod fanout;
 pub mod link;
 pub mod route;
@@ -42,6 +43,8 @@ pub struct MediaHub {
     calls: DashMap<u64, Arc<CallInfo>>,
     /// The live-call count and whether new calls may enter (closed late in a drain).
     door: door::Door,
+    /// The Studio executions streaming here, and the task that keeps the store told.
+    pub executions: Arc<executions::Executions>,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -129,7 +132,11 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.hub.calls.remove(&self.id);
+        if let Some((_, call)) = self.hub.calls.remove(&self.id) {
+            if let Some(execution) = &call.execution_id {
+                self.hub.executions.ended(execution, &call.stream_sid);
+            }
+        }
         self.hub.metrics.live_calls.dec();
         self.hub.door.leave();
     }
@@ -142,17 +149,25 @@ impl MediaHub {
         store: Arc<dyn StateStore>,
     ) -> Result<Arc<Self>, link::SetupError> {
         let endpoints = link::endpoints(&settings.backends)?;
+        let instance_id = instance_id();
+        // The writer task ends by itself once the hub is gone.
+        let (executions, _writer) = executions::Executions::new(
+            store.clone(),
+            Duration::from_millis(settings.store.execution_ttl_ms),
+            &instance_id,
+        );
         Ok(Arc::new(MediaHub {
             settings,
             metrics,
             store,
             calls: DashMap::new(),
             door: door::Door::default(),
+            executions,
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             local_addr: OnceLock::new(),
-            instance_id: instance_id(),
+            instance_id,
             endpoints,
             recent: Default::default(),
             started: SystemTime::now(),
@@ -217,39 +232,6 @@ impl MediaHub {
             .collect()
     }
 
-    /// Refreshes every live call's execution entry in the store, all in one batch every third
-    /// of `store.execution_ttl_ms`, from one task: a slow store delays this task, never a
-    /// call's audio.
-    pub fn spawn_execution_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let hub = Arc::downgrade(self);
-        let ttl = Duration::from_millis(self.settings.store.execution_ttl_ms);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(ttl / 3);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                let Some(hub) = hub.upgrade() else { return };
-                let live: Vec<(String, String)> = hub
-                    .calls
-                    .iter()
-                    .filter_map(|c| {
-                        let c = c.value();
-                        c.execution_id
-                            .as_ref()
-                            .map(|e| (e.clone(), c.stream_sid.clone()))
-                    })
-                    .collect();
-                if live.is_empty() {
-                    continue;
-                }
-                if let Err(e) = hub.store.refresh_executions(&live, ttl).await {
-                    tracing::warn!(error = %e, executions = live.len(), "could not refresh live executions; they expire unless a later refresh succeeds");
-                }
-            }
-        })
-    }
-
     /// Takes a place for a new stream, or says why there is none: `media.max_calls` are
     /// live, or the instance is draining and no longer admits calls.
     pub fn admit(self: &Arc<Self>) -> Result<Admission, Refusal> {
@@ -302,7 +284,12 @@ impl MediaHub {
         self.door.closed_and_idle().await
     }
 
+    /// Lists a started call; its execution (if any) reads as live from now until the
+    /// admission is given back.
     fn register(&self, admission: &Admission, info: Arc<CallInfo>) {
+        if let Some(execution) = &info.execution_id {
+            self.executions.started(execution, &info.stream_sid);
+        }
         self.calls.insert(admission.id, info);
     }
 

@@ -11,7 +11,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tracing::{debug, info, warn, Instrument as _, Span};
+use tracing::{debug, info, warn, Span};
 
 use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
@@ -77,7 +77,6 @@ struct Streaming {
     start: Box<Start>,
     /// Compact and pcm16 backends carry one track: the call's first (the caller's voice).
     caller_track: Box<str>,
-    execution_id: Option<Box<str>>,
     started: Instant,
 }
 
@@ -632,7 +631,7 @@ impl Session {
                 call_sid: start.call_sid.clone(),
                 stream_sid: start.stream_sid.clone(),
                 caller,
-                execution_id: execution_id.clone(),
+                execution_id,
                 started_at: SystemTime::now(),
                 links: links.iter().map(|l| l.shared.clone()).collect(),
             }),
@@ -659,10 +658,8 @@ impl Session {
             caller_track,
             links,
             start,
-            execution_id: execution_id.map(Into::into),
             started: Instant::now(),
         });
-        self.mark_execution_live();
         Step::Continue
     }
 
@@ -688,27 +685,6 @@ impl Session {
         self.streaming
             .as_ref()
             .is_some_and(|c| c.links.iter().all(|l| l.shared.is_gone()))
-    }
-
-    /// Marks the call's execution live, beside the call: the store is never awaited on the
-    /// audio path. The hub's refresh task keeps it live from then on.
-    fn mark_execution_live(&self) {
-        let Some(call) = &self.streaming else { return };
-        let Some(execution) = call.execution_id.clone() else {
-            return;
-        };
-        let store = self.hub.store.clone();
-        let stream = call.start.stream_sid.clone();
-        let ttl = Duration::from_millis(self.hub.settings.store.execution_ttl_ms);
-        tokio::spawn(
-            async move {
-                if let Err(e) = store.execution_live(&execution, &stream, ttl).await {
-                    // The call keeps streaming; only the liveness answer suffers.
-                    warn!(error = %e, "could not mark the execution live");
-                }
-            }
-            .in_current_span(),
-        );
     }
 
     /// Ends the call: `stop` to every backend that did not get Twilio's, the Twilio socket
@@ -762,16 +738,6 @@ impl Session {
                     "a backend did not take the end of the call in time; dropped"
                 );
                 aborts.iter().for_each(|a| a.abort());
-            }
-            if let Some(execution) = &call.execution_id {
-                if let Err(e) = self
-                    .hub
-                    .store
-                    .execution_ended(execution, &call.start.stream_sid)
-                    .await
-                {
-                    warn!(error = %e, "could not mark the execution ended; it expires by itself");
-                }
             }
             info!(
                 outcome = ?end.outcome,

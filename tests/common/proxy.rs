@@ -59,6 +59,22 @@ impl Proxy {
             .unwrap()
     }
 
+    /// Polls `path` until it answers `status`, or fails the test after `within`.
+    pub async fn wait_status(&self, path: &str, status: u16, within: Duration) {
+        let began = Instant::now();
+        loop {
+            let now = self.get(path).await.status().as_u16();
+            if now == status {
+                return;
+            }
+            assert!(
+                began.elapsed() < within,
+                "{path} still answers {now}, not {status}, after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         self.get("/metrics").await.text().await.unwrap()
     }
