@@ -396,3 +396,133 @@ async fn redis_down_is_unavailable_not_a_hang_and_comes_back() {
     assert_eq!(store.blocked("+8").await.unwrap(), None);
     store.block("+8", None, "a test").await.unwrap();
 }
+
+/// A tmpfs of `size` bytes, mounted for the test and unmounted after; `None` where this
+/// machine does not let the tests mount one (not root), said on standard error.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here (not root?): the full-disk test did not run");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file until a write fails.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 512]).and_then(|_| f.sync_data()).is_ok() {}
+        let _ = f.write_all(&[0u8; 1]);
+        let _ = f.sync_data();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk changes nothing and tears nothing: a block, an attempt and an unblock that
+/// could not be written answer 503 and leave the state as it was; once there is room again
+/// the next record is whole, and a restart replays every acknowledged change.
+#[tokio::test]
+async fn a_full_disk_changes_nothing_and_loses_nothing_acknowledged() {
+    let Some(disk) = SmallDisk::mount("64k") else {
+        return;
+    };
+    let path = disk.path().join("state.log");
+    let store = store::MemoryStore::open(&path).unwrap();
+    let ttl = Duration::from_secs(3600);
+    store.block("+15550000001", None, "test").await.unwrap();
+    assert_eq!(store.record_failure("+15550000009", ttl).await.unwrap(), 1);
+
+    let filler = disk.fill();
+    // The file's last page may still have room: change on until a write meets the full disk.
+    // What was acknowledged is kept; the change that failed is not made.
+    let mut blocked = vec!["+15550000001".to_string()];
+    let refused = loop {
+        let caller = format!("+1555{:07}", 1000 + blocked.len());
+        match store.block(&caller, None, "test").await {
+            Ok(_) => blocked.push(caller),
+            Err(_) => break caller,
+        }
+        assert!(blocked.len() < 10_000, "the disk never filled");
+    };
+    assert!(
+        store.blocked(&refused).await.unwrap().is_none(),
+        "not blocked"
+    );
+    let mut failures = 1;
+    while let Ok(n) = store.record_failure("+15550000009", ttl).await {
+        failures += 1;
+        assert_eq!(n, failures);
+    }
+    assert_eq!(
+        store.attempts("+15550000009").await.unwrap(),
+        Some(failures),
+        "not counted"
+    );
+    let mut unblocked = 0;
+    let kept = loop {
+        let caller = blocked[unblocked].clone();
+        match store.unblock(&caller).await {
+            Ok(was) => {
+                assert!(was);
+                unblocked += 1;
+            }
+            Err(_) => break caller,
+        }
+    };
+    assert!(
+        store.blocked(&kept).await.unwrap().is_some(),
+        "not unblocked"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    store.block("+15550000003", None, "test").await.unwrap();
+    assert_eq!(
+        store.record_failure("+15550000009", ttl).await.unwrap(),
+        failures + 1
+    );
+    drop(store);
+
+    // A restart: every record whole, every acknowledged change there.
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.ends_with('\n'), "no torn tail: {text:?}");
+    let again = store::MemoryStore::open(&path).unwrap();
+    for (i, caller) in blocked.iter().enumerate() {
+        let expect = i >= unblocked;
+        assert_eq!(
+            again.blocked(caller).await.unwrap().is_some(),
+            expect,
+            "{caller}"
+        );
+    }
+    assert!(again.blocked("+15550000003").await.unwrap().is_some());
+    assert!(again.blocked(&refused).await.unwrap().is_none());
+    assert_eq!(
+        again.attempts("+15550000009").await.unwrap(),
+        Some(failures + 1)
+    );
+}

@@ -57,6 +57,10 @@ pub struct Journal {
     path: PathBuf,
     /// Records in the file: what compaction wrote plus what was appended since.
     records: usize,
+    /// Bytes up to the end of the last record known to be whole on disk.
+    len: u64,
+    /// A failed write may have left part of a record after `len`.
+    torn: bool,
 }
 
 /// Below this many records a journal is never worth rewriting while running.
@@ -187,24 +191,50 @@ impl Journal {
             }
         }
         let file = OpenOptions::new().append(true).open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
         Ok(Journal {
             file,
             path: path.to_path_buf(),
             records: state.blocks.len() + state.attempts.len(),
+            len,
+            torn: false,
         })
     }
 
-    /// Appends one record and waits until it is on disk.
+    /// Appends one record and waits until it is on disk. A write that fails (a full disk)
+    /// is cut back off, so the file ends with its last good record and the next record
+    /// starts a line of its own: nothing acknowledged is lost at replay.
     pub fn append(&mut self, record: &Record) -> Result<(), JournalError> {
+        let fail = |path: &Path, source| JournalError {
+            path: path.to_path_buf(),
+            source,
+        };
+        if self.torn {
+            // An earlier failure could not be cut off: no record goes after a torn one.
+            self.cut_back().map_err(|e| fail(&self.path, e))?;
+        }
         let line = encode(record);
-        self.file
+        let written = self
+            .file
             .write_all(line.as_bytes())
-            .and_then(|_| self.file.sync_data())
-            .map_err(|source| JournalError {
-                path: self.path.clone(),
-                source,
-            })?;
+            .and_then(|_| self.file.sync_data());
+        if let Err(source) = written {
+            self.torn = true;
+            if let Err(e) = self.cut_back() {
+                tracing::error!(path = %self.path.display(), error = %e, "could not cut a failed journal write back off; retrying before the next record");
+            }
+            return Err(fail(&self.path, source));
+        }
+        self.len += line.len() as u64;
         self.records += 1;
+        Ok(())
+    }
+
+    /// Truncates the file to its last good record.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.sync_data()?;
+        self.torn = false;
         Ok(())
     }
 

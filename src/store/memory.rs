@@ -32,8 +32,39 @@ struct Maps {
 #[derive(Default)]
 pub struct MemoryStore {
     maps: Arc<Maps>,
-    /// Held while a change is applied and written, so the file's order is the maps' order.
-    journal: Option<Arc<Mutex<Journal>>>,
+    /// Held from reading the state a change starts from until the change is applied, so
+    /// changes happen one at a time, in the file's order. `None` inside: no file.
+    journal: Arc<Mutex<Option<Journal>>>,
+}
+
+impl Maps {
+    /// Makes a journal record's change: the only way blocks and attempts change, once the
+    /// record is on disk.
+    fn apply(&self, record: &Record) {
+        match record {
+            Record::Block(block) => {
+                self.blocks.insert(block.caller.clone(), block.clone());
+            }
+            Record::Unblock { caller } => {
+                self.blocks.remove(caller);
+                self.attempts.remove(caller);
+            }
+            Record::Attempts {
+                caller,
+                n,
+                expires_at,
+            } => {
+                let left = expires_at.saturating_sub(unix_now()).min(MAX_TTL_SECS);
+                self.attempts.insert(
+                    caller.clone(),
+                    (*n, Instant::now() + Duration::from_secs(left)),
+                );
+            }
+            Record::ClearAttempts { caller } => {
+                self.attempts.remove(caller);
+            }
+        }
+    }
 }
 
 fn ready<T: Send + 'static>(value: T) -> StoreFuture<'static, T> {
@@ -78,46 +109,63 @@ impl MemoryStore {
         }
         Ok(MemoryStore {
             maps: Arc::new(maps),
-            journal: Some(Arc::new(Mutex::new(journal))),
+            journal: Arc::new(Mutex::new(Some(journal))),
         })
     }
 
-    /// Applies a change, and with a journal writes its record (fsynced) before answering.
-    /// The file work runs on the blocking pool, never on a runtime worker.
-    fn change<T, F>(&self, apply: F) -> StoreFuture<'static, T>
+    /// Makes a change: `plan` reads the state and says what the change is (the answer, and
+    /// the record that makes it, if anything changes), and the change takes effect only once
+    /// its record is written and fsynced. A write that fails (a full disk) changes nothing
+    /// and answers 503. The file work runs on the blocking pool, never on a runtime worker.
+    fn change<T, F>(&self, plan: F) -> StoreFuture<'static, T>
     where
         T: Send + 'static,
         F: FnOnce(&Maps) -> (T, Option<Record>) + Send + 'static,
     {
-        let Some(journal) = self.journal.clone() else {
-            return ready(apply(&self.maps).0);
-        };
+        let journal = self.journal.clone();
         let maps = self.maps.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-                let (value, record) = apply(&maps);
-                if let Some(record) = record {
-                    journal.append(&record).map_err(|e| {
-                        tracing::error!(error = %e, "journal write failed");
-                        StoreError::Unavailable(e.to_string())
-                    })?;
-                    if journal.outgrown(maps.blocks.len() + maps.attempts.len()) {
-                        // Still under the journal lock: no change slips in between the
-                        // snapshot and the rewrite.
-                        let path = journal.path().to_path_buf();
-                        match Journal::compact(&path, &maps.snapshot()) {
-                            Ok(compacted) => *journal = compacted,
-                            // The old file is still whole and still appended to.
-                            Err(e) => warn!(error = %e, "journal compaction failed"),
-                        }
-                    }
+        let make = move || {
+            let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            let (value, record) = plan(&maps);
+            let Some(record) = record else {
+                return Ok(value);
+            };
+            let Some(journal) = journal.as_mut() else {
+                maps.apply(&record);
+                return Ok(value);
+            };
+            journal.append(&record).map_err(|e| {
+                tracing::error!(error = %e, "journal write failed; the change was not made");
+                StoreError::Unavailable(e.to_string())
+            })?;
+            maps.apply(&record);
+            if journal.outgrown(maps.blocks.len() + maps.attempts.len()) {
+                // Still under the journal lock: no change slips in between the snapshot
+                // and the rewrite.
+                let path = journal.path().to_path_buf();
+                match Journal::compact(&path, &maps.snapshot()) {
+                    Ok(compacted) => *journal = compacted,
+                    // The old file is still whole and still appended to.
+                    Err(e) => warn!(error = %e, "journal compaction failed"),
                 }
-                Ok(value)
-            })
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("journal task failed: {e}")))?
+            }
+            Ok(value)
+        };
+        if !self.has_journal() {
+            return Box::pin(std::future::ready(make()));
+        }
+        Box::pin(async move {
+            tokio::task::spawn_blocking(make)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("journal task failed: {e}")))?
         })
+    }
+
+    fn has_journal(&self) -> bool {
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 }
 
@@ -126,14 +174,13 @@ impl StateStore for MemoryStore {
         let caller = caller.to_string();
         self.change(move |maps| {
             let now = Instant::now();
-            // The entry lock makes the read-increment-write atomic per caller.
-            let mut entry = maps.attempts.entry(caller.clone()).or_insert((0, now));
-            if entry.1 <= now {
-                entry.0 = 0;
-            }
-            entry.0 = entry.0.saturating_add(1);
-            entry.1 = now + ttl;
-            let n = entry.0;
+            // Changes happen one at a time (see `change`): read, then count one more.
+            let before = maps
+                .attempts
+                .get(&caller)
+                .filter(|e| e.1 > now)
+                .map_or(0, |e| e.0);
+            let n = before.saturating_add(1);
             let record = Record::Attempts {
                 caller,
                 n,
@@ -160,10 +207,7 @@ impl StateStore for MemoryStore {
             return ready(());
         }
         let caller = caller.to_string();
-        self.change(move |maps| {
-            maps.attempts.remove(&caller);
-            ((), Some(Record::ClearAttempts { caller }))
-        })
+        self.change(move |_| ((), Some(Record::ClearAttempts { caller })))
     }
 
     fn block<'a>(
@@ -177,13 +221,10 @@ impl StateStore for MemoryStore {
         self.change(move |maps| {
             let now = unix_now();
             let fresh = Block::placed(&caller, now, ttl, &reason);
-            match maps.blocks.entry(caller) {
-                Entry::Occupied(e) if live(e.get(), now) => (e.get().clone(), None),
+            match maps.blocks.get(&caller) {
+                Some(b) if live(&b, now) => (b.clone(), None),
                 // None, or one that has expired: this block is the new one.
-                entry => {
-                    entry.insert(fresh.clone());
-                    (fresh.clone(), Some(Record::Block(fresh)))
-                }
+                _ => (fresh.clone(), Some(Record::Block(fresh))),
             }
         })
     }
@@ -192,10 +233,10 @@ impl StateStore for MemoryStore {
         let caller = caller.to_string();
         self.change(move |maps| {
             let now = unix_now();
-            let had_attempts = maps.attempts.remove(&caller).is_some();
-            let removed = maps.blocks.remove(&caller);
-            let was = removed.as_ref().is_some_and(|(_, b)| live(b, now));
-            let record = (had_attempts || removed.is_some()).then_some(Record::Unblock { caller });
+            let had_attempts = maps.attempts.contains_key(&caller);
+            let block = maps.blocks.get(&caller).map(|b| b.clone());
+            let was = block.as_ref().is_some_and(|b| live(b, now));
+            let record = (had_attempts || block.is_some()).then_some(Record::Unblock { caller });
             (was, record)
         })
     }
