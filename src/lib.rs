@@ -9,6 +9,7 @@
 pub mod audio;
 pub mod clock;
 pub mod config;
+mod descriptors;
 pub mod gate;
 pub(crate) mod http;
 pub mod logging;
@@ -72,6 +73,7 @@ pub async fn run(
     settings: Settings,
     signals: impl Stream<Item = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    descriptors::raise_and_check(&settings);
     let state = state(settings)?;
     let local_addr = listener.local_addr()?;
     state.hub.set_local_addr(local_addr);

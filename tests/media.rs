@@ -339,17 +339,19 @@ async fn when_every_backend_is_gone_the_stream_is_closed_after_the_grace_period(
     let took = began.elapsed();
     assert_eq!(u16::from(frame.code), 1011);
     assert!(frame.reason.contains("backend"), "{}", frame.reason);
-    // Three failed attempts with 100 + 200 ms of backoff, then the grace period.
-    assert!(took >= Duration::from_millis(1000), "closed after {took:?}");
+    // More than two tries and half the 2 s window (jittered waits may spend the tries
+    // sooner), then the 700 ms grace period; never past the window.
+    assert!(
+        took >= Duration::from_millis(1700) && took < Duration::from_millis(2700 + 1000),
+        "closed after {took:?}"
+    );
     let m = proxy.metrics().await;
     assert_eq!(
         metric(&m, r#"call_proxy_calls_total{outcome="backends_gone"}"#),
         Some(1.0)
     );
-    assert_eq!(
-        metric(&m, r#"call_proxy_backend_failures_total{backend="a"}"#),
-        Some(3.0)
-    );
+    let failures = metric(&m, r#"call_proxy_backend_failures_total{backend="a"}"#).unwrap();
+    assert!(failures >= 3.0, "{failures} failures");
 }
 
 /// A healthy call that streams in the background while another call misbehaves; answers

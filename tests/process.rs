@@ -405,3 +405,76 @@ fn a_missing_header_variable_or_a_bad_ca_file_stops_check_config_naming_them() {
     );
     assert!(ok, "{text}");
 }
+
+/// Under a small descriptor limit, upgrades beyond what the limit allows get 503 before they
+/// are accepted; every call that was accepted reaches its backend (none is dropped with 1011
+/// when its backend connection cannot get a descriptor); the start-up log names the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_of_descriptors_an_upgrade_is_refused_not_accepted_and_dropped() {
+    if !Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("prlimit is not installed: the descriptor test did not run");
+        return;
+    }
+    let mut backend = Backend::start(Behaviour::Normal).await;
+    let url = backend.url();
+    let proxy = tokio::task::spawn_blocking(move || {
+        ServiceProcess::spawn_under(
+            &["prlimit", "--nofile=150:150", "--"],
+            &[
+                ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+                ("CALL_PROXY__BACKENDS__TABLE__REC__FORMAT", "twilio"),
+                ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let warned = proxy.wait_for_log("the file descriptor limit is below media.max_calls x (1 + backends per call) + server.max_connections: calls beyond what the limit allows are refused with 503 (raise the hard limit, e.g. LimitNOFILE=, or lower those settings)");
+    assert_eq!(warned["limit"], 150);
+
+    let mut calls = Vec::new();
+    let refusal = loop {
+        match tokio_tungstenite::connect_async(proxy.ws_url()).await {
+            Ok((ws, _)) => {
+                let mut call = TwilioCall::from_socket(ws, &format!("fd{}", calls.len())).await;
+                call.start(&[]).await;
+                call.media(&payload(0)).await;
+                calls.push(call);
+                // Calls arrive one after another, each started before the next comes.
+                let n = calls.len();
+                backend
+                    .wait_for("the call's frame", |log| payloads(&texts(log)).len() == n)
+                    .await;
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => break response,
+            Err(e) => panic!("after {} calls: {e}", calls.len()),
+        }
+        assert!(calls.len() < 150, "never refused");
+    };
+    assert_eq!(refusal.status(), 503);
+    let body = String::from_utf8_lossy(refusal.body().as_deref().unwrap_or_default()).to_string();
+    assert!(body.contains("descriptors"), "{body}");
+    assert!(calls.len() >= 20, "only {} calls got in", calls.len());
+    let accepted = calls.len();
+    backend
+        .wait_for("every accepted call's frame", |log| {
+            payloads(&texts(log)).len() == accepted
+        })
+        .await;
+    for call in &mut calls {
+        assert!(
+            call.still_open_after(Duration::from_millis(10)).await,
+            "an accepted call was dropped"
+        );
+        call.stop().await;
+    }
+    backend
+        .wait_for("every call's stop", |log| {
+            texts(log).iter().filter(|t| event(t) == "stop").count() == accepted
+        })
+        .await;
+}

@@ -217,6 +217,13 @@ pub struct BackendSettings {
     pub max_unsolicited_messages_per_second: u32,
     pub max_unsolicited_bytes_per_second: usize,
     pub connect_timeout_ms: u64,
+    /// Connection attempts in flight to one backend at most.
+    pub max_connecting: usize,
+    /// Each backend link is pinged this often ...
+    pub ping_interval_ms: u64,
+    /// ... and a link whose backend has not answered within this is failed (it stopped
+    /// reading, though the kernel may still be taking bytes).
+    pub pong_timeout_ms: u64,
     pub reconnect_max_tries: u32,
     pub reconnect_window_ms: u64,
     pub drain_timeout_ms: u64,

@@ -158,6 +158,8 @@ impl Settings {
                 m.all_backends_gone_grace_ms,
             ),
             ("backends.connect_timeout_ms", b.connect_timeout_ms),
+            ("backends.ping_interval_ms", b.ping_interval_ms),
+            ("backends.pong_timeout_ms", b.pong_timeout_ms),
             ("backends.write_timeout_ms", b.write_timeout_ms),
             ("backends.reconnect_window_ms", b.reconnect_window_ms),
             ("backends.drain_timeout_ms", b.drain_timeout_ms),
@@ -231,6 +233,12 @@ impl Settings {
                 16 << 20,
             ),
             ("backends.queue_frames", b.queue_frames as u64, 1, 1_000_000),
+            (
+                "backends.max_connecting",
+                b.max_connecting as u64,
+                1,
+                100_000,
+            ),
             ("backends.queue_bytes", b.queue_bytes as u64, 4096, 1 << 30),
             (
                 "backends.reconnect_max_tries",

@@ -79,6 +79,10 @@ pub async fn media(
                     Outcome::refused_draining,
                     "this instance is draining and takes no new calls",
                 ),
+                Refusal::Descriptors => (
+                    Outcome::refused_capacity,
+                    "out of file descriptors for another call",
+                ),
             };
             state.metrics.call_ended(outcome);
             tracing::warn!(
@@ -139,6 +143,12 @@ pub async fn execution_connected(
 /// The live calls, with per-backend state and counters.
 pub async fn calls(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "data": state.hub.snapshot() }))
+}
+
+/// The calls that ended last, newest first, with each backend's final counts (what the
+/// page's recent calls show).
+pub async fn recent_calls(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "data": state.hub.recent() }))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

@@ -105,7 +105,8 @@ pub fn router(state: AppState) -> Router {
             "/auth-attempts/{caller_id}",
             get(gate_routes::attempts.layer(key.clone())),
         )
-        .route("/calls", get(handlers::calls.layer(key)))
+        .route("/calls", get(handlers::calls.layer(key.clone())))
+        .route("/calls/recent", get(handlers::recent_calls.layer(key)))
         .route("/metrics", metrics)
         .merge(admin::routes())
         .fallback(handlers::not_found)

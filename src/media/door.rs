@@ -17,6 +17,8 @@ pub enum Refusal {
     Full,
     /// The instance is draining and its admission window has passed.
     Closed,
+    /// The process is short of file descriptors for another call and its backends.
+    Descriptors,
 }
 
 #[derive(Default)]

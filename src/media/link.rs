@@ -44,6 +44,9 @@ pub struct Endpoint {
     headers: Vec<(HeaderName, HeaderValue)>,
     /// `Some` for `wss://`.
     tls: Option<Arc<ClientConfig>>,
+    /// Connection attempts in flight to this backend at most (`backends.max_connecting`):
+    /// when a backend restarts, its calls reconnect a few at a time, not all in one instant.
+    connecting: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -62,12 +65,13 @@ impl std::fmt::Debug for Endpoint {
 
 impl Endpoint {
     /// A `ws://` backend named by a stream (`backendHosts`): no headers, no TLS.
-    pub fn plain(url: String) -> Endpoint {
+    pub fn plain(url: String, max_connecting: usize) -> Endpoint {
         Endpoint {
             shown: url.clone(),
             url,
             headers: Vec::new(),
             tls: None,
+            connecting: tokio::sync::Semaphore::new(max_connecting),
         }
     }
 
@@ -75,6 +79,7 @@ impl Endpoint {
         id: &str,
         spec: &BackendSpec,
         public_roots: &Arc<ClientConfig>,
+        max_connecting: usize,
     ) -> Result<Endpoint, SetupError> {
         let fail = |message: String| SetupError {
             id: id.to_string(),
@@ -102,6 +107,7 @@ impl Endpoint {
             url: spec.url.clone(),
             headers,
             tls,
+            connecting: tokio::sync::Semaphore::new(max_connecting),
         })
     }
 
@@ -110,8 +116,10 @@ impl Endpoint {
         &self.shown
     }
 
-    /// Connects and completes the WebSocket handshake within `timeout`. `hop` marks the
-    /// upgrade as this instance's (see [`super::HOP_HEADER`]).
+    /// Connects and completes the WebSocket handshake within `timeout`, once one of the
+    /// backend's connection slots is free (the wait is not part of the timeout: it is bounded
+    /// by the other attempts' own). `hop` marks the upgrade as this instance's (see
+    /// [`super::HOP_HEADER`]).
     pub async fn connect(
         &self,
         hop: &str,
@@ -140,6 +148,8 @@ impl Endpoint {
             true,
             Some(connector),
         );
+        // Never closed, so acquiring cannot fail.
+        let _slot = self.connecting.acquire().await;
         match tokio::time::timeout(timeout, connecting).await {
             Err(_) => Err(ConnectError::Timeout(timeout)),
             Ok(Err(e)) => Err(ConnectError::Failed(e)),
@@ -182,7 +192,12 @@ pub fn endpoints(backends: &BackendSettings) -> Result<HashMap<String, Arc<Endpo
         .map(|(id, spec)| {
             Ok((
                 id.clone(),
-                Arc::new(Endpoint::from_spec(id, spec, &public_roots)?),
+                Arc::new(Endpoint::from_spec(
+                    id,
+                    spec,
+                    &public_roots,
+                    backends.max_connecting,
+                )?),
             ))
         })
         .collect()

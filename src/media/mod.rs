@@ -43,6 +43,8 @@ pub struct MediaHub {
     calls: DashMap<u64, Arc<CallInfo>>,
     /// The live-call count and whether new calls may enter (closed late in a drain).
     door: door::Door,
+    /// Whether the descriptors a new call may need are free.
+    headroom: crate::descriptors::Headroom,
     /// The Studio executions streaming here, and the task that keeps the store told.
     pub executions: Arc<executions::Executions>,
     next_id: AtomicU64,
@@ -55,6 +57,9 @@ pub struct MediaHub {
     instance_id: String,
     /// Every enabled table backend, ready to connect (TLS trust and headers built once).
     endpoints: HashMap<String, Arc<Endpoint>>,
+    /// `backendHosts` backends, one endpoint per URL, so they share a connection cap too.
+    /// Only allowlisted hosts get here.
+    host_endpoints: DashMap<String, Arc<Endpoint>>,
     /// The calls that ended last, newest first, for the operator page.
     recent: std::sync::Mutex<std::collections::VecDeque<EndedCall>>,
     started: SystemTime,
@@ -106,6 +111,8 @@ pub struct BackendSnapshot {
     pub state: &'static str,
     /// Talks back to the caller.
     pub speaks: bool,
+    /// Every frame of the call meant for this backend: sent + dropped + queued.
+    pub frames_pushed: u64,
     pub frames_sent: u64,
     pub frames_dropped: u64,
     pub frames_queued: usize,
@@ -128,6 +135,18 @@ pub enum Readiness {
 pub struct Admission {
     hub: Arc<MediaHub>,
     id: u64,
+    /// The descriptors promised to the call's backends, until they connect.
+    descriptors: Option<crate::descriptors::Promise>,
+}
+
+impl Admission {
+    /// The promise of descriptors, one per link (each link gives its back after its first
+    /// connection attempt); the rest are given back now.
+    pub fn descriptors_for(&mut self, links: usize) -> Vec<crate::descriptors::Promise> {
+        self.descriptors
+            .take()
+            .map_or_else(Vec::new, |p| p.split(links))
+    }
 }
 
 impl Drop for Admission {
@@ -150,6 +169,7 @@ impl MediaHub {
     ) -> Result<Arc<Self>, link::SetupError> {
         let endpoints = link::endpoints(&settings.backends)?;
         let instance_id = instance_id();
+        let headroom = crate::descriptors::Headroom::new(settings.media.max_backends_per_call);
         // The writer task ends by itself once the hub is gone.
         let (executions, _writer) = executions::Executions::new(
             store.clone(),
@@ -162,6 +182,7 @@ impl MediaHub {
             store,
             calls: DashMap::new(),
             door: door::Door::default(),
+            headroom,
             executions,
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -169,6 +190,7 @@ impl MediaHub {
             local_addr: OnceLock::new(),
             instance_id,
             endpoints,
+            host_endpoints: DashMap::new(),
             recent: Default::default(),
             started: SystemTime::now(),
         }))
@@ -183,7 +205,16 @@ impl MediaHub {
             .filter(|_| target.from_table)
         {
             Some(endpoint) => endpoint.clone(),
-            None => Arc::new(Endpoint::plain(target.url.clone())),
+            None => self
+                .host_endpoints
+                .entry(target.url.clone())
+                .or_insert_with(|| {
+                    Arc::new(Endpoint::plain(
+                        target.url.clone(),
+                        self.settings.backends.max_connecting,
+                    ))
+                })
+                .clone(),
         }
     }
 
@@ -233,13 +264,19 @@ impl MediaHub {
     }
 
     /// Takes a place for a new stream, or says why there is none: `media.max_calls` are
-    /// live, or the instance is draining and no longer admits calls.
+    /// live, the instance is draining and no longer admits calls, or the process is short of
+    /// the file descriptors the call and its backends would need.
     pub fn admit(self: &Arc<Self>) -> Result<Admission, Refusal> {
         self.door.enter(self.settings.media.max_calls)?;
+        let Some(descriptors) = self.headroom.promise() else {
+            self.door.leave();
+            return Err(Refusal::Descriptors);
+        };
         self.metrics.live_calls.inc();
         Ok(Admission {
             hub: self.clone(),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            descriptors: Some(descriptors),
         })
     }
 
@@ -362,14 +399,17 @@ fn instance_id() -> String {
 }
 
 fn backend_snapshot(l: &LinkShared) -> BackendSnapshot {
+    // One look under the queue's lock: the three numbers add up to what was pushed.
+    let accounts = l.queue.accounts();
     BackendSnapshot {
         name: l.name.clone(),
         format: l.format.as_str(),
         state: l.state().as_str(),
         speaks: l.speaks,
-        frames_sent: l.sent.load(Ordering::Relaxed),
-        frames_dropped: l.dropped.load(Ordering::Relaxed),
-        frames_queued: l.queue.len(),
+        frames_pushed: accounts.pushed,
+        frames_sent: accounts.sent,
+        frames_dropped: accounts.dropped,
+        frames_queued: accounts.held.frames,
         reconnects: l.reconnects.load(Ordering::Relaxed),
     }
 }

@@ -584,6 +584,8 @@ impl Session {
         let policy = Policy {
             connect_timeout: Duration::from_millis(backends.connect_timeout_ms),
             write_timeout: Duration::from_millis(backends.write_timeout_ms),
+            ping_interval: Duration::from_millis(backends.ping_interval_ms),
+            pong_timeout: Duration::from_millis(backends.pong_timeout_ms),
             hop: self.hub.instance_id().to_string(),
             queue_bytes: backends.queue_bytes,
             reconnect_max_tries: backends.reconnect_max_tries,
@@ -601,6 +603,7 @@ impl Session {
                 self.hub.metrics.link(&t.metrics_label),
             )
         });
+        let mut descriptors = self.admission.descriptors_for(targets.len()).into_iter();
         let links: Vec<Link> = targets
             .iter()
             .map(|t| {
@@ -613,6 +616,7 @@ impl Session {
                             .as_ref()
                             .filter(|_| t.speaks)
                             .map(|(queue, _)| queue.clone()),
+                        descriptor: descriptors.next(),
                     },
                     policy.clone(),
                     self.hub.metrics.link(&t.metrics_label),
@@ -701,7 +705,6 @@ impl Session {
             call.links.iter_mut().for_each(Link::flush_metrics);
         }
         self.hub.metrics.call_ended(end.outcome);
-        self.hub.record_ended(&self.admission, end.outcome);
         if let Some((code, reason)) = &end.close {
             let frame = CloseFrame {
                 code: (*code).into(),
@@ -727,18 +730,31 @@ impl Session {
                     Some(wire::synthetic_stop(link.format, start))
                 });
             }
-            let drain = Duration::from_millis(self.hub.settings.backends.drain_timeout_ms);
+            let backends = &self.hub.settings.backends;
+            let drain = Duration::from_millis(backends.drain_timeout_ms);
             let aborts: Vec<_> = call.links.iter().map(|l| l.task.abort_handle()).collect();
-            let writers =
+            let queues: Vec<_> = call.links.iter().map(|l| l.shared.clone()).collect();
+            let mut writers =
                 futures_util::future::join_all(call.links.iter_mut().map(|l| &mut l.task));
-            if tokio::time::timeout(drain, writers).await.is_err() {
+            if tokio::time::timeout(drain, &mut writers).await.is_err() {
+                // Time is up: a link that is reconnecting stops (a new connection now would
+                // be a `start` with no `stop`), a connected one sends what is left but media.
                 warn!(
                     fault = "backend",
                     drain_ms = drain.as_millis() as u64,
-                    "a backend did not take the end of the call in time; dropped"
+                    "a backend did not take the end of the call in time; its last media is dropped"
                 );
-                aborts.iter().for_each(|a| a.abort());
+                for link in &queues {
+                    link.queue.give_up();
+                }
+                // A backend that takes not even `stop` within the write deadline is cut off.
+                let last = Duration::from_millis(backends.write_timeout_ms);
+                if tokio::time::timeout(last, &mut writers).await.is_err() {
+                    aborts.iter().for_each(|a| a.abort());
+                }
             }
+            // After the links are done, so the recent call's counts are their last ones.
+            self.hub.record_ended(&self.admission, end.outcome);
             info!(
                 outcome = ?end.outcome,
                 frames_in = self.frames_in,

@@ -39,6 +39,80 @@ pub enum Behaviour {
     TalkThenClose,
     /// Reads nothing for this long after its first connection opens, then reads normally.
     PauseFirst(Duration),
+    /// On its first connection, reads `start` and then nothing more, with the kernel's usual
+    /// buffers (so writes keep succeeding for a long time); reads normally on later ones.
+    QuietStallFirst,
+    /// Its first three connections each misbehave in a way drawn from the seed: answered
+    /// late, dropped right after the upgrade or after a few messages, stalled then dropped;
+    /// later connections read normally.
+    Chaos(u64),
+}
+
+/// What a chaos backend does on one connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Completes the handshake this late, then drops the connection at once.
+    LateThenDrop(Duration),
+    /// Reads this many messages, then drops the connection.
+    DropAfter(usize),
+    /// Reads nothing for this long, then drops the connection.
+    StallThenDrop(Duration),
+    /// Completes the handshake this late, then reads normally.
+    Late(Duration),
+    None,
+}
+
+impl Fault {
+    fn draw(seed: u64, conn: usize) -> Fault {
+        if conn > 3 {
+            return Fault::None;
+        }
+        // xorshift64*, seeded per connection: the same seed replays the same faults.
+        let mut x = seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(conn as u64)
+            | 1;
+        let mut next = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11
+        };
+        let ms = |n: u64| Duration::from_millis(n);
+        match next() % 5 {
+            0 => Fault::LateThenDrop(ms(next() % 1500)),
+            1 => Fault::DropAfter((next() % 30) as usize),
+            2 => Fault::StallThenDrop(ms(next() % 1500)),
+            3 => Fault::Late(ms(next() % 1000)),
+            _ => Fault::None,
+        }
+    }
+
+    /// A seed whose first connection is answered at least `min` late and dropped right after
+    /// the upgrade, and whose second reads normally.
+    pub fn late_then_drop_seed(min: Duration) -> u64 {
+        (0..100_000)
+            .find(|&seed| {
+                matches!(Fault::draw(seed, 1), Fault::LateThenDrop(d) if d >= min)
+                    && matches!(Fault::draw(seed, 2), Fault::None)
+            })
+            .expect("such a seed")
+    }
+
+    /// Whether the chaos backend itself cuts connection `conn` of `seed` short.
+    pub fn drops(seed: u64, conn: usize) -> bool {
+        matches!(
+            Fault::draw(seed, conn),
+            Fault::LateThenDrop(_) | Fault::DropAfter(_) | Fault::StallThenDrop(_)
+        )
+    }
+
+    fn late(self) -> Duration {
+        match self {
+            Fault::LateThenDrop(d) | Fault::Late(d) => d,
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 pub struct Backend {
@@ -80,10 +154,32 @@ impl Backend {
                 let tx = tx.clone();
                 let held = held.clone();
                 tokio::spawn(async move {
+                    let fault = match behaviour {
+                        Behaviour::Chaos(seed) => Fault::draw(seed, conn),
+                        _ => Fault::None,
+                    };
+                    tokio::time::sleep(fault.late()).await;
                     let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                         return;
                     };
                     let _ = tx.send(Seen::Connected(conn));
+                    match (fault, behaviour) {
+                        (Fault::LateThenDrop(_), _) => {
+                            let _ = tx.send(Seen::Closed(conn));
+                            return;
+                        }
+                        (Fault::StallThenDrop(d), _) => {
+                            tokio::time::sleep(d).await;
+                            let _ = tx.send(Seen::Closed(conn));
+                            return;
+                        }
+                        _ => {}
+                    }
+                    let drop_after = match (fault, behaviour) {
+                        (Fault::DropAfter(k), _) => Some(k),
+                        (_, Behaviour::DropAfter(k)) if conn == 1 => Some(k),
+                        _ => None,
+                    };
                     match behaviour {
                         Behaviour::Stall => {
                             held.lock().await.push(ws);
@@ -91,8 +187,16 @@ impl Backend {
                         Behaviour::StallFirst if conn == 1 => {
                             held.lock().await.push(ws);
                         }
+                        Behaviour::QuietStallFirst if conn == 1 => {
+                            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                                let _ = tx.send(Seen::Text(conn, t.to_string()));
+                            }
+                            held.lock().await.push(ws);
+                        }
                         Behaviour::Normal
                         | Behaviour::StallFirst
+                        | Behaviour::QuietStallFirst
+                        | Behaviour::Chaos(_)
                         | Behaviour::DropAfter(_)
                         | Behaviour::TalkThenClose
                         | Behaviour::PauseFirst(_) => {
@@ -102,7 +206,9 @@ impl Backend {
                                 }
                             }
                             let mut media = 0;
+                            let mut messages = 0;
                             while let Some(Ok(m)) = ws.next().await {
+                                messages += 1;
                                 match m {
                                     Message::Text(t) => {
                                         if t.as_str().contains(r#""event":"media""#) {
@@ -123,13 +229,16 @@ impl Backend {
                                     Message::Close(_) => break,
                                     _ => {}
                                 }
-                                if let Behaviour::DropAfter(k) = behaviour {
-                                    if conn == 1 && media >= k {
-                                        // Abrupt: no close frame, the socket just goes.
-                                        drop(ws);
-                                        let _ = tx.send(Seen::Closed(conn));
-                                        return;
-                                    }
+                                // Abrupt: no close frame, the socket just goes. The original
+                                // behaviour counts media; a chaos fault counts messages.
+                                let count = match fault {
+                                    Fault::DropAfter(_) => messages,
+                                    _ => media,
+                                };
+                                if drop_after.is_some_and(|k| count >= k) {
+                                    drop(ws);
+                                    let _ = tx.send(Seen::Closed(conn));
+                                    return;
                                 }
                             }
                             let _ = tx.send(Seen::Closed(conn));

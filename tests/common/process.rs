@@ -16,8 +16,21 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn spawn(env: &[(&str, &str)]) -> ServiceProcess {
+        Self::spawn_under(&[], env)
+    }
+
+    /// The binary run under a wrapper command (`prlimit --nofile=…`, say).
+    pub fn spawn_under(wrapper: &[&str], env: &[(&str, &str)]) -> ServiceProcess {
         use std::io::BufRead;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy"));
+        let binary = env!("CARGO_BIN_EXE_call-proxy");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(binary);
+                c
+            }
+            None => std::process::Command::new(binary),
+        };
         cmd.env_remove("RUST_LOG")
             .env_remove("RUN_MODE")
             .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
