@@ -509,7 +509,11 @@ async fn operators_block_list_and_unblock_with_the_key_only() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 401, "{method} {path} without a key");
+        assert_eq!(
+            r.status(),
+            403,
+            "{method} {path} without a key (403, as the original)"
+        );
         let r = c
             .request(method.clone(), proxy.url(path))
             .header("apiKey", "nope")

@@ -43,7 +43,7 @@ async fn errors_are_json_with_the_right_status() {
 async fn operator_routes_need_the_api_key() {
     let rec = Backend::start(Behaviour::Normal).await;
     let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
-    assert_eq!(proxy.get("/calls").await.status(), 401);
+    assert_eq!(proxy.get("/calls").await.status(), 403);
     assert_eq!(proxy.get_with_key("/calls", "wrong").await.status(), 403);
     let r = reqwest::Client::new()
         .get(proxy.url("/calls"))
@@ -108,7 +108,7 @@ async fn metrics_are_prometheus_text_and_can_require_the_key() {
     let mut s = settings(&[]);
     s.security.metrics_require_api_key = true;
     let proxy = Proxy::start(s).await;
-    assert_eq!(proxy.get("/metrics").await.status(), 401);
+    assert_eq!(proxy.get("/metrics").await.status(), 403);
     assert_eq!(
         proxy.get_with_key("/metrics", "test-key").await.status(),
         200

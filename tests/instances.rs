@@ -46,7 +46,10 @@ async fn blocks_and_attempts_survive_kill_9_and_a_half_written_record() {
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("state.log");
     let journal_s = journal.to_string_lossy().into_owned();
-    let env = [("CALL_PROXY__STORE__PATH", journal_s.as_str())];
+    let env = [
+        ("CALL_PROXY__STORE__PATH", journal_s.as_str()),
+        ("ENABLE_DEBUG_ROUTES", "true"),
+    ];
 
     let mut a = ServiceProcess::spawn(&env);
     let r = reqwest::Client::new()
@@ -101,6 +104,7 @@ async fn two_instances_on_one_redis_share_blocks_attempts_and_live_calls() {
         ("CALL_PROXY__BACKENDS__TABLE__REC__FORMAT", "twilio"),
         ("INVALID_AUTH_ATTEMPTS_ALLOWED", "100"),
         ("CALL_PROXY__RATE_LIMITS__PIN_PER_CALLER_PER_MINUTE", "0"),
+        ("ENABLE_DEBUG_ROUTES", "true"),
     ];
     let mut a = ServiceProcess::spawn(&env);
     let b = ServiceProcess::spawn(&env);

@@ -119,6 +119,7 @@ const LEGACY_ENV: &[(&str, &str)] = &[
         "INVALID_AUTH_ATTEMPTS_CACHE_TTL_SECONDS",
         "gate.attempts_ttl_secs",
     ),
+    ("ENABLE_DEBUG_ROUTES", "security.enable_debug_routes"),
 ];
 
 impl Settings {
@@ -166,6 +167,33 @@ impl Settings {
             if let Some(value) = sources.env.get(*var).filter(|v| !v.is_empty()) {
                 builder = builder.set_override(*key, value.as_str())?;
             }
+        }
+        // The original's PIN service: SERVER_API_HOST, with SERVER_API_KEY as its apiKey
+        // header and SERVER_API_TIMEOUT_MS (10 s unless said, as the original).
+        if let Some(host) = sources
+            .env
+            .get("SERVER_API_HOST")
+            .map(|h| h.trim())
+            .filter(|h| !h.is_empty())
+        {
+            let url = format!(
+                "{}/server-api/audio-proxy/authenticate",
+                host.trim_end_matches('/')
+            );
+            builder = builder
+                .set_override("gate.pin_provider", "http")?
+                .set_override("gate.pin_service_url", url)?
+                .set_override("gate.pin_service_timeout_ms", "10000")?;
+            if let Some(key) = sources.env.get("SERVER_API_KEY").filter(|k| !k.is_empty()) {
+                builder = builder.set_override("gate.pin_service_api_key", key.as_str())?;
+            }
+        }
+        if let Some(ms) = sources
+            .env
+            .get("SERVER_API_TIMEOUT_MS")
+            .filter(|v| !v.trim().is_empty())
+        {
+            builder = builder.set_override("gate.pin_service_timeout_ms", ms.trim())?;
         }
         // The original's switch to Redis: REMOTE_CACHE_ENABLED=true with REDIS_HOST=host[:port].
         let remote = sources.env.get("REMOTE_CACHE_ENABLED").is_some_and(|v| {

@@ -132,6 +132,8 @@ pub struct GateSettings {
     pub pin_provider: PinProviderKind,
     pub pin_key: Secret,
     pub pin_service_url: String,
+    /// Sent as the `apiKey` header to the PIN service (the original's `SERVER_API_KEY`).
+    pub pin_service_api_key: Secret,
     pub pin_service_timeout_ms: u64,
     /// PIN hash (`hmac-sha256:<hex>`) -> backend ids.
     #[serde(default)]
@@ -349,6 +351,9 @@ pub struct SecuritySettings {
     pub require_route_token: bool,
     pub route_token_secret: Secret,
     pub route_token_ttl_secs: u64,
+    /// The original's `ENABLE_DEBUG_ROUTES`: `POST /auth-attempts/{id}` and
+    /// `POST /blocked-callers/{id}` answer (with the API key); otherwise 404.
+    pub enable_debug_routes: bool,
 }
 
 impl Settings {

@@ -157,9 +157,7 @@ impl Gate {
                 Ok(PinOutcome::Granted { grant, route_token })
             }
             None => {
-                self.metrics.pin_failures.inc();
-                let ttl = Duration::from_secs(self.settings.gate.attempts_ttl_secs);
-                let attempts = self.store.record_failure(caller, ttl).await?;
+                let (attempts, blocked) = self.count_failure(caller).await?;
                 if per_address > 0 {
                     let window = Duration::from_secs(self.settings.gate.pin_failure_window_secs);
                     let (failures, _) = self.store.count_in_window(&address_key, window).await?;
@@ -167,14 +165,23 @@ impl Gate {
                         warn!(%client, failures, "address has failed too many PINs; refusing it for the rest of the window");
                     }
                 }
-                let blocked = attempts > self.settings.gate.max_invalid_attempts;
-                if blocked {
-                    self.block(caller, "too many wrong PINs").await?;
-                }
                 info!(caller = %self.masked(caller), attempts, blocked, "wrong PIN");
                 Ok(PinOutcome::Wrong { attempts, blocked })
             }
         }
+    }
+
+    /// Counts one failed attempt against the caller, and blocks it once it has more than
+    /// `gate.max_invalid_attempts`. Answers the count and whether the caller is now blocked.
+    pub async fn count_failure(&self, caller: &str) -> Result<(u64, bool), GateError> {
+        self.metrics.pin_failures.inc();
+        let ttl = Duration::from_secs(self.settings.gate.attempts_ttl_secs);
+        let attempts = self.store.record_failure(caller, ttl).await?;
+        let blocked = attempts > self.settings.gate.max_invalid_attempts;
+        if blocked {
+            self.block(caller, "too many wrong PINs").await?;
+        }
+        Ok((attempts, blocked))
     }
 
     /// Blocks a caller (automatically or by an operator).

@@ -41,6 +41,8 @@ pub enum PinProvider {
     },
     Http {
         url: String,
+        /// The `apiKey` header, when configured.
+        api_key: Option<reqwest::header::HeaderValue>,
         client: reqwest::Client,
     },
 }
@@ -74,6 +76,19 @@ impl PinProvider {
             },
             PinProviderKind::Http => PinProvider::Http {
                 url: settings.pin_service_url.clone(),
+                api_key: match settings.pin_service_api_key.expose() {
+                    "" => None,
+                    key => {
+                        let mut value =
+                            reqwest::header::HeaderValue::from_str(key).map_err(|_| {
+                                PinError::Unavailable(
+                                    "gate.pin_service_api_key is not a valid header value".into(),
+                                )
+                            })?;
+                        value.set_sensitive(true);
+                        Some(value)
+                    }
+                },
                 client: reqwest::Client::builder()
                     .timeout(Duration::from_millis(settings.pin_service_timeout_ms))
                     .build()
@@ -82,7 +97,9 @@ impl PinProvider {
         })
     }
 
-    /// `Ok(Some(grant))` for a good PIN, `Ok(None)` for a wrong one.
+    /// `Ok(Some(grant))` for a good PIN, `Ok(None)` for a wrong one (for the PIN service:
+    /// `authenticated: false`, or a 4xx answer). A 5xx, a timeout or no answer is an error:
+    /// never a success, never counted.
     pub async fn check(&self, pin: &str) -> Result<Option<Grant>, PinError> {
         match self {
             PinProvider::Directory { key, pins } => {
@@ -99,13 +116,23 @@ impl PinProvider {
                     backend_hosts: Vec::new(),
                 }))
             }
-            PinProvider::Http { url, client } => {
-                let response = client
-                    .post(url)
-                    .json(&ServiceRequest { pin })
+            PinProvider::Http {
+                url,
+                api_key,
+                client,
+            } => {
+                let mut request = client.post(url).json(&ServiceRequest { pin });
+                if let Some(key) = api_key {
+                    request = request.header("apiKey", key.clone());
+                }
+                let response = request
                     .send()
                     .await
                     .map_err(|e| PinError::Unavailable(e.without_url().to_string()))?;
+                // The original's service answers a wrong PIN with a 4xx: counted as one.
+                if response.status().is_client_error() {
+                    return Ok(None);
+                }
                 if !response.status().is_success() {
                     return Err(PinError::Unavailable(format!(
                         "it answered HTTP {}",

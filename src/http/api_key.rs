@@ -34,8 +34,9 @@ fn check(configured: &str, headers: &HeaderMap) -> Result<(), ApiError> {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
         });
+    // 403 as the original answers a missing key, and as a wrong one.
     let Some(presented) = presented else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "API key required"));
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "API key required"));
     };
     if bool::from(presented.trim().as_bytes().ct_eq(configured.as_bytes())) {
         Ok(())
@@ -65,12 +66,12 @@ mod tests {
         assert!(check("k3y", &headers(&[("apiKey", "k3y")])).is_ok());
         assert!(check("k3y", &headers(&[("Authorization", "Bearer k3y")])).is_ok());
         let status = |c: &str, h: &[(&str, &str)]| check(c, &headers(h)).unwrap_err().status;
-        assert_eq!(status("k3y", &[]), StatusCode::UNAUTHORIZED);
+        assert_eq!(status("k3y", &[]), StatusCode::FORBIDDEN);
         assert_eq!(status("k3y", &[("apiKey", "k3z")]), StatusCode::FORBIDDEN);
         assert_eq!(status("k3y", &[("apiKey", "k3")]), StatusCode::FORBIDDEN);
         assert_eq!(
             status("k3y", &[("Authorization", "Basic k3y")]),
-            StatusCode::UNAUTHORIZED
+            StatusCode::FORBIDDEN
         );
         assert_eq!(status("", &[("apiKey", "")]), StatusCode::FORBIDDEN);
     }

@@ -191,10 +191,25 @@ pub async fn list_blocked(State(state): State<AppState>) -> Result<Json<Value>, 
     ))
 }
 
+/// The original's debug routes answer only with `ENABLE_DEBUG_ROUTES`
+/// (`security.enable_debug_routes`); otherwise they are not there.
+fn debug_routes(state: &AppState) -> Result<(), ApiError> {
+    if state.settings.security.enable_debug_routes {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no such route (debug routes are off: ENABLE_DEBUG_ROUTES)",
+        ))
+    }
+}
+
+/// Debug route: blocks a caller by hand (201).
 pub async fn block_caller(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<Response, ApiError> {
+    debug_routes(&state)?;
     let caller = caller_id(&caller)?;
     if caller.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "callerId: empty"));
@@ -215,6 +230,25 @@ pub async fn unblock_caller(
             "caller is not blocked",
         ))
     }
+}
+
+/// Debug route: counts one failed attempt against a caller, as a wrong PIN would (blocking it
+/// past the limit): 201 `{id, attempts, blocked}`.
+pub async fn count_attempt(
+    State(state): State<AppState>,
+    Path(caller): Path<String>,
+) -> Result<Response, ApiError> {
+    debug_routes(&state)?;
+    let caller = caller_id(&caller)?;
+    if caller.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "callerId: empty"));
+    }
+    let (attempts, blocked) = state.gate.count_failure(caller).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": caller, "attempts": attempts, "blocked": blocked })),
+    )
+        .into_response())
 }
 
 pub async fn attempts(

@@ -103,7 +103,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/auth-attempts/{caller_id}",
-            get(gate_routes::attempts.layer(key.clone())),
+            get(gate_routes::attempts.layer(key.clone()))
+                .post(gate_routes::count_attempt.layer(key.clone())),
         )
         .route("/calls", get(handlers::calls.layer(key.clone())))
         .route("/calls/recent", get(handlers::recent_calls.layer(key)))

@@ -48,6 +48,8 @@ pub enum Source {
     RouteToken,
     BackendIds,
     BackendHosts,
+    /// Both lists, as the original's Studio Flow passes them.
+    BackendIdsAndHosts,
     Default,
 }
 
@@ -93,20 +95,45 @@ fn choose_unbounded(
     if let Some(claims) = token {
         return choose_by_token(start, backends, claims, limits);
     }
-    if let Some(ids) = start.param("backendIds").map(parse_list) {
-        if !ids.is_empty() {
-            return by_ids(Source::BackendIds, ids, backends);
+    let list = |param: &str| start.param(param).map(parse_list).unwrap_or_default();
+    // Both lists count together, as in the original: its flow passes the PIN service's ids
+    // (which this table may not know: logged and skipped) and the hosts to connect.
+    let (ids, hosts) = (list("backendIds"), list("backendHosts"));
+    let source = match (ids.is_empty(), hosts.is_empty()) {
+        (false, false) => Source::BackendIdsAndHosts,
+        (false, true) => Source::BackendIds,
+        (true, false) => Source::BackendHosts,
+        (true, true) if backends.default.is_empty() => return Err(RouteError::NoBackend),
+        (true, true) => return by_ids(Source::Default, backends.default.clone(), backends),
+    };
+    both(source, ids, hosts, backends, limits)
+}
+
+/// The table backends `ids` names and the allowlisted `hosts`, de-duplicated; refused only
+/// when neither leaves anything usable.
+fn both(
+    source: Source,
+    ids: Vec<String>,
+    hosts: Vec<String>,
+    backends: &BackendSettings,
+    limits: Limits,
+) -> Result<Route, RouteError> {
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    for part in [
+        by_ids(source, ids, backends),
+        by_hosts(source, hosts, backends, limits),
+    ] {
+        match part {
+            Ok(route) => {
+                targets.extend(route.targets);
+                skipped.extend(route.skipped);
+            }
+            Err(RouteError::NoneUsable(s)) => skipped.extend(s),
+            Err(_) => {}
         }
     }
-    if let Some(hosts) = start.param("backendHosts").map(parse_list) {
-        if !hosts.is_empty() {
-            return by_hosts(Source::BackendHosts, hosts, backends, limits);
-        }
-    }
-    if backends.default.is_empty() {
-        return Err(RouteError::NoBackend);
-    }
-    by_ids(Source::Default, backends.default.clone(), backends)
+    finish(source, targets, skipped)
 }
 
 /// At most `max` targets (the first named win), at most one speaker (the first named), and a
@@ -166,21 +193,7 @@ fn choose_by_token(
     };
     let ids = narrowed("backendIds", &claims.backend_ids)?;
     let hosts = narrowed("backendHosts", &claims.backend_hosts)?;
-    let by_id = by_ids(Source::RouteToken, ids, backends);
-    let by_host = by_hosts(Source::RouteToken, hosts, backends, limits);
-    let mut targets = Vec::new();
-    let mut skipped = Vec::new();
-    for part in [by_id, by_host] {
-        match part {
-            Ok(route) => {
-                targets.extend(route.targets);
-                skipped.extend(route.skipped);
-            }
-            Err(RouteError::NoneUsable(s)) => skipped.extend(s),
-            Err(_) => {}
-        }
-    }
-    finish(Source::RouteToken, targets, skipped)
+    both(Source::RouteToken, ids, hosts, backends, limits)
 }
 
 fn by_ids(
@@ -356,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn backend_ids_win_and_accept_json_or_comma_lists() {
+    fn backend_ids_and_hosts_both_count_and_accept_json_or_comma_lists() {
         for raw in [
             r#"["rec","speaker"]"#,
             "rec, speaker",
@@ -367,11 +380,30 @@ mod tests {
                 &backends(),
             )
             .unwrap();
-            assert_eq!(route.source, Source::BackendIds);
+            assert_eq!(route.source, Source::BackendIdsAndHosts);
             let names: Vec<_> = route.targets.iter().map(|t| t.name.as_str()).collect();
-            assert_eq!(names, ["rec", "speaker"], "{raw}");
+            assert_eq!(names, ["rec", "speaker", "127.0.0.1:1"], "{raw}");
             assert_eq!(route.targets[0].format, WireFormat::Twilio);
         }
+        let route = pick(&start(&[("backendIds", "rec")]), &backends()).unwrap();
+        assert_eq!(route.source, Source::BackendIds);
+    }
+
+    #[test]
+    fn the_originals_ids_are_its_pin_services_and_only_skipped() {
+        // The original's test client, as it ships: its PIN service's numeric ids, and the
+        // hosts it connects.
+        let route = pick(
+            &start(&[
+                ("backendIds", r#"["123123"]"#),
+                ("backendHosts", r#"["localhost:8888"]"#),
+            ]),
+            &backends(),
+        )
+        .unwrap();
+        let names: Vec<_> = route.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["localhost:8888"]);
+        assert!(route.skipped[0].contains("123123"), "{:?}", route.skipped);
     }
 
     #[test]

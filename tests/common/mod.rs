@@ -53,6 +53,9 @@ pub fn settings(backends: &[(&str, &str, WireFormat)]) -> Settings {
     s.backends.reconnect_window_ms = 5000;
     s.server.shutdown_timeout_ms = 3000;
     s.security.api_key = "test-key".into();
+    // The operator tools the tests use (POST /blocked-callers/{id}); a test of the switch
+    // itself turns it off.
+    s.security.enable_debug_routes = true;
     s.validate().expect("test settings are valid");
     s
 }
