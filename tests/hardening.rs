@@ -79,6 +79,8 @@ async fn sockets_that_only_ping_lose_their_call_slot_and_a_real_call_gets_in() {
                     Ok(None) | Ok(Some(Err(_))) => break None,
                     _ => {}
                 }
+                // A keep-alive's pace, well under the ping-flood limit.
+                tokio::time::sleep(Duration::from_millis(40)).await;
                 assert!(began.elapsed() < WAIT, "a pinging socket was never closed");
             };
             closes.push(code);
@@ -134,6 +136,8 @@ async fn a_started_stream_that_only_pings_is_idle() {
             Ok(None) | Ok(Some(Err(_))) => break None,
             _ => {}
         }
+        // A keep-alive's pace, well under the ping-flood limit.
+        tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(began.elapsed() < WAIT, "pings kept an idle stream open");
     };
     assert!(code.unwrap_or_default().contains("idle"));

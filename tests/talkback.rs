@@ -164,11 +164,12 @@ async fn a_mark_goes_round_and_only_the_speaker_hears_its_echo() {
 async fn clear_reaches_the_caller_first_and_the_backlog_before_it_is_never_played() {
     use tokio::net::TcpSocket;
     let mut agent = TalkingBackend::start().await;
-    let proxy = Proxy::start(talking(
-        &[("agent", &agent.url(), WireFormat::Twilio)],
-        &["agent"],
-    ))
-    .await;
+    let mut s = talking(&[("agent", &agent.url(), WireFormat::Twilio)], &["agent"]);
+    // This agent says far more than any real one at once, to overflow every buffer on the
+    // way: its per-second limits are lifted for it.
+    s.backends.max_speaker_messages_per_second = 1_000_000;
+    s.backends.max_speaker_bytes_per_second = 1 << 30;
+    let proxy = Proxy::start(s).await;
     // A caller that reads slowly: a tiny receive window, so the proxy's writes back up.
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(2048).unwrap();

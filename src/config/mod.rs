@@ -218,6 +218,10 @@ pub struct BackendSettings {
     /// second is disconnected as misbehaving.
     pub max_unsolicited_messages_per_second: u32,
     pub max_unsolicited_bytes_per_second: usize,
+    /// A speaking backend may send this many messages, and bytes, a second (its audio, marks
+    /// and clears); more is misbehaving.
+    pub max_speaker_messages_per_second: u32,
+    pub max_speaker_bytes_per_second: usize,
     pub connect_timeout_ms: u64,
     /// Connection attempts in flight to one backend at most.
     pub max_connecting: usize,

@@ -227,6 +227,18 @@ impl Settings {
                 1 << 30,
             ),
             (
+                "backends.max_speaker_messages_per_second",
+                u64::from(b.max_speaker_messages_per_second),
+                1,
+                1_000_000,
+            ),
+            (
+                "backends.max_speaker_bytes_per_second",
+                b.max_speaker_bytes_per_second as u64,
+                1024,
+                1 << 30,
+            ),
+            (
                 "media.max_message_bytes",
                 m.max_message_bytes as u64,
                 1024,

@@ -106,8 +106,11 @@ pub async fn media(
         stream_sid = tracing::field::Empty,
         caller = tracing::field::Empty,
     );
+    // What the kernel does not take is bounded: a peer that does not read is closed, never
+    // buffered for without end.
     let config = WebSocketConfig::default()
         .read_buffer_size(crate::media::READ_CHUNK)
+        .max_write_buffer_size(session::max_unsent(limit))
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
     Ok(upgrade.accept(config, move |socket| {

@@ -513,6 +513,8 @@ pub struct Policy {
     pub max_message_bytes: usize,
     /// A backend that does not speak may send this many messages, and bytes, a second.
     pub max_unsolicited: (u32, usize),
+    /// A speaker may send this many messages, and bytes, a second.
+    pub max_spoken: (u32, usize),
 }
 
 /// The largest message read from a speaking backend: more than any payload it may send, so
@@ -525,6 +527,8 @@ enum Hearing {
     Speaker {
         reader: Box<Reader>,
         toward: Arc<TowardTwilio>,
+        /// A speaker's own limits per second, higher than a listener's.
+        meter: FloodMeter,
         /// Reasons already logged on this link (each once; every one is counted).
         logged: u32,
     },
@@ -699,7 +703,9 @@ enum LinkError {
     WriteStalled(Duration),
     #[error("backend did not answer a ping within {0:?}; dropping the link")]
     NoPong(Duration),
-    #[error("backend that does not speak sent more than {0} messages or {1} bytes in a second; dropping the link as misbehaving")]
+    #[error("backend sent more than {0} pings in a second; dropping the link as misbehaving")]
+    PingFlood(u32),
+    #[error("backend sent more than {0} messages or {1} bytes in a second; dropping the link as misbehaving")]
     Misbehaving(u32, usize),
 }
 
@@ -733,6 +739,7 @@ impl Writer {
             Some((reader, toward)) => Hearing::Speaker {
                 reader: Box::new(reader),
                 toward,
+                meter: FloodMeter::new(self.policy.max_spoken.0, self.policy.max_spoken.1),
                 logged: 0,
             },
             None => Hearing::Quiet(FloodMeter::new(max_messages, max_bytes)),
@@ -850,6 +857,7 @@ impl Writer {
         };
         let config = WebSocketConfig::default()
             .read_buffer_size(read_chunk)
+            .max_write_buffer_size(super::session::max_unsent(self.policy.max_message_bytes))
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         self.endpoint
@@ -992,6 +1000,13 @@ impl Writer {
                     self.heard(message, hearing)?;
                 }
                 Some(Ok(Message::Pong(_))) => liveness.answered(),
+                // Each ping queues a pong: a backend that floods them is misbehaving.
+                Some(Ok(Message::Ping(_))) => {
+                    if liveness.pinged() {
+                        self.metrics.misbehaving.inc();
+                        return Err(LinkError::PingFlood(super::session::PINGS_PER_SECOND));
+                    }
+                }
                 Some(Ok(_)) => {}
             }
         }
@@ -1005,27 +1020,35 @@ impl Writer {
             Hearing::Speaker {
                 reader,
                 toward,
+                meter,
                 logged,
-            } => match reader.read(&message) {
-                Ok(Some(said)) => {
-                    let queued = toward.push(said);
-                    if queued.dropped > 0 {
-                        self.metrics.talkback_dropped.inc_by(queued.dropped as u64);
+            } => {
+                if meter.over(message.len()) {
+                    self.metrics.misbehaving.inc();
+                    let (messages, bytes) = self.policy.max_spoken;
+                    return Err(LinkError::Misbehaving(messages, bytes));
+                }
+                match reader.read(&message) {
+                    Ok(Some(said)) => {
+                        let queued = toward.push(said);
+                        if queued.dropped > 0 {
+                            self.metrics.talkback_dropped.inc_by(queued.dropped as u64);
+                        }
+                        if queued.cleared > 0 {
+                            self.metrics.talkback_cleared.inc_by(queued.cleared as u64);
+                        }
                     }
-                    if queued.cleared > 0 {
-                        self.metrics.talkback_cleared.inc_by(queued.cleared as u64);
+                    Ok(None) => {}
+                    Err(why) => {
+                        self.metrics.rejected.inc();
+                        let bit = 1u32 << (why as u8);
+                        if *logged & bit == 0 {
+                            *logged |= bit;
+                            warn!(fault = "backend", reason = %why, "speaker's message dropped (further ones of this kind are counted, not logged)");
+                        }
                     }
                 }
-                Ok(None) => {}
-                Err(why) => {
-                    self.metrics.rejected.inc();
-                    let bit = 1u32 << (why as u8);
-                    if *logged & bit == 0 {
-                        *logged |= bit;
-                        warn!(fault = "backend", reason = %why, "speaker's message dropped (further ones of this kind are counted, not logged)");
-                    }
-                }
-            },
+            }
             Hearing::Quiet(meter) => {
                 self.metrics.ignored.inc();
                 if meter.over(message.len()) {
@@ -1067,6 +1090,8 @@ struct Liveness {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// The ping not yet answered, and when it went.
     waiting_since: Option<tokio::time::Instant>,
+    /// The backend's own pings, per second.
+    pings: FloodMeter,
 }
 
 impl Liveness {
@@ -1074,7 +1099,14 @@ impl Liveness {
         Liveness {
             timer: Box::pin(tokio::time::sleep(policy.ping_interval)),
             waiting_since: None,
+            pings: FloodMeter::new(super::session::PINGS_PER_SECOND, usize::MAX),
         }
+    }
+
+    /// The backend pinged: answers whether that is one too many this second.
+    fn pinged(&mut self) -> bool {
+        self.answered();
+        self.pings.over(0)
     }
 
     /// The backend said something: it reads (a pong, or anything it sends after reading).

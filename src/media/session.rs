@@ -36,6 +36,16 @@ mod close {
     pub const INTERNAL: u16 = 1011;
 }
 
+/// Pings a socket may send in a second (Twilio sends none; a client library's keep-alive one
+/// every few seconds): more is a flood.
+pub const PINGS_PER_SECOND: u32 = 50;
+
+/// The most a peer's socket holds unsent (pongs, close frames, talk-back not yet taken by the
+/// kernel): past it, writes fail and the peer is closed rather than buffered without end.
+pub fn max_unsent(max_message_bytes: usize) -> usize {
+    (1 << 20) + max_message_bytes
+}
+
 /// What ended the call, and what the Twilio side is told.
 struct End {
     outcome: Outcome,
@@ -100,19 +110,27 @@ impl TowardDrive {
     {
         use std::task::Poll;
         loop {
+            // Only what the socket has taken leaves the queue: while a write waits on the
+            // kernel, the speaker's words stay where their bounds are.
+            if self.unflushed {
+                match Pin::new(&mut *socket).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(_)) | Poll::Pending => return,
+                }
+            }
             if self.held.is_none() {
                 match self.queue.poll_next(cx) {
                     Poll::Ready(said) => {
                         let text = talkback::to_twilio(said, &self.stream_sid);
                         self.held = Some(Message::Text(text.into()));
                     }
-                    Poll::Pending => break,
+                    Poll::Pending => return,
                 }
             }
             match Pin::new(&mut *socket).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     let Some(message) = self.held.take() else {
-                        break;
+                        return;
                     };
                     if Pin::new(&mut *socket).start_send(message).is_err() {
                         return;
@@ -120,14 +138,7 @@ impl TowardDrive {
                     self.metrics.talkback_out.inc();
                     self.unflushed = true;
                 }
-                Poll::Ready(Err(_)) => return,
-                Poll::Pending => return,
-            }
-        }
-        if self.unflushed {
-            if let Poll::Ready(result) = Pin::new(&mut *socket).poll_flush(cx) {
-                self.unflushed = false;
-                let _ = result;
+                Poll::Ready(Err(_)) | Poll::Pending => return,
             }
         }
     }
@@ -228,6 +239,7 @@ where
     let mut frames_at_tick = 0u64;
     // Twilio's messages only: pings and pongs are not a stream's activity.
     let mut messages = 0u64;
+    let mut pings = super::talkback::FloodMeter::new(PINGS_PER_SECOND, usize::MAX);
 
     let end = loop {
         let woke = watches
@@ -333,6 +345,24 @@ where
                         outcome: Outcome::twilio_closed,
                         close: None,
                     }),
+                    Some(Ok(Message::Ping(_))) => {
+                        // Every ping queues a pong toward a peer that may not read them: a
+                        // flood is closed, not answered without end.
+                        if pings.over(0) {
+                            warn!(
+                                fault = "twilio",
+                                max_per_second = PINGS_PER_SECOND,
+                                "ping flood on the media stream; closing"
+                            );
+                            Step::End(End::new(
+                                Outcome::protocol_error,
+                                close::POLICY,
+                                "too many pings",
+                            ))
+                        } else {
+                            Step::Continue
+                        }
+                    }
                     Some(Ok(_)) => Step::Continue,
                     Some(Err(e)) => Step::End(read_error(e, settings.media.max_message_bytes)),
                 };
@@ -594,6 +624,10 @@ impl Session {
             max_unsolicited: (
                 backends.max_unsolicited_messages_per_second,
                 backends.max_unsolicited_bytes_per_second,
+            ),
+            max_spoken: (
+                backends.max_speaker_messages_per_second,
+                backends.max_speaker_bytes_per_second,
             ),
         };
         // The route leaves at most one speaker; its words reach the caller through this.

@@ -2,10 +2,12 @@
 //! writer, checked here (JSON shape, base64, sizes; PCM brought to 8 kHz mu-law), and queued
 //! toward Twilio; the call's session writes them to Twilio with the call's `streamSid`.
 //!
-//! The queue toward Twilio is bounded in audio (`media.talkback_queue_ms`): past it the oldest
-//! media goes. `mark` and `clear` are never dropped, and `clear` jumps the queue: it goes to
-//! Twilio at once and everything queued before it that is audio is discarded, so a caller who
-//! barges in stops hearing the agent now, not after a backlog.
+//! The queue toward Twilio is bounded in audio (`media.talkback_queue_ms`), and in items and
+//! bytes, marks and clears included: past a bound the oldest media goes (a speaker that fills
+//! it with marks alone loses the newest mark). `clear` jumps the queue: it goes to Twilio at
+//! once and everything queued before it that is audio is discarded, so a caller who barges in
+//! stops hearing the agent now, not after a backlog; clears in a row are one. Empty media is
+//! refused. The session takes from the queue only what Twilio's socket can take.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -46,6 +48,8 @@ pub enum Refused {
     BadPcm = 5,
     #[error("a mark without a name, or with an overlong one")]
     BadMark = 6,
+    #[error("media with no audio in it")]
+    EmptyMedia = 7,
 }
 
 /// The longest mark name passed on.
@@ -112,6 +116,9 @@ impl Reader {
                     if bytes.len() > self.max_payload {
                         return Err(Refused::TooLarge);
                     }
+                    if bytes.is_empty() {
+                        return Err(Refused::EmptyMedia);
+                    }
                     pcm.audio(bytes).map(|audio| audio.map(Said::Media))
                 }
             },
@@ -137,6 +144,10 @@ impl Reader {
                 };
                 if payload.len() > self.max_payload {
                     return Err(Refused::TooLarge);
+                }
+                // Empty audio costs a queue slot and plays nothing.
+                if payload.trim().is_empty() {
+                    return Err(Refused::EmptyMedia);
                 }
                 if base64::engine::general_purpose::STANDARD
                     .decode(&payload)
@@ -188,7 +199,8 @@ impl PcmUp {
 /// What happened to a message queued toward Twilio.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Queued {
-    /// Media dropped, oldest first, to stay within the bound.
+    /// Dropped to stay within the bounds: the oldest media, or the new mark when only
+    /// marks are left to drop.
     pub dropped: usize,
     /// Media discarded by a `clear`.
     pub cleared: usize,
@@ -201,6 +213,9 @@ pub struct TowardTwilio {
     waker: AtomicWaker,
     /// Bound on queued audio, in mu-law bytes (8 a millisecond).
     max_audio: usize,
+    /// Bound on what the queue holds in all, marks and clears included.
+    max_items: usize,
+    max_bytes: usize,
 }
 
 #[derive(Default)]
@@ -208,6 +223,8 @@ struct State {
     items: VecDeque<Said>,
     /// Mu-law bytes of the queued media (base64 length × 3/4).
     audio: usize,
+    /// What the queued items weigh, in bytes (see [`weight`]).
+    bytes: usize,
 }
 
 fn audio_len(said: &Said) -> usize {
@@ -217,13 +234,38 @@ fn audio_len(said: &Said) -> usize {
     }
 }
 
+/// What an item costs the queue's byte bound: its text, and a slot's worth for the rest.
+fn weight(said: &Said) -> usize {
+    const SLOT: usize = 64;
+    SLOT + match said {
+        Said::Media(payload) => payload.len(),
+        Said::Mark(name) => name.len(),
+        Said::Clear => 0,
+    }
+}
+
+impl State {
+    fn remove(&mut self, pos: usize) -> Option<Said> {
+        let said = self.items.remove(pos)?;
+        self.audio -= audio_len(&said);
+        self.bytes -= weight(&said);
+        Some(said)
+    }
+}
+
 impl TowardTwilio {
-    /// A queue holding at most `max_ms` of audio.
+    /// A queue holding at most `max_ms` of audio; in items and bytes, what that audio would
+    /// be in 20 ms frames, with as much again for marks.
     pub fn new(max_ms: u64) -> TowardTwilio {
+        let max_audio = (max_ms as usize).saturating_mul(SAMPLE_RATE as usize / 1000);
+        let frames = (max_ms as usize / 20).max(1);
         TowardTwilio {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
-            max_audio: (max_ms as usize).saturating_mul(SAMPLE_RATE as usize / 1000),
+            max_audio,
+            max_items: frames * 2,
+            // Base64 of the audio, and a slot per item.
+            max_bytes: max_audio / 3 * 4 + frames * 2 * weight(&Said::Clear) + 64 * 1024,
         }
     }
 
@@ -231,30 +273,43 @@ impl TowardTwilio {
         let mut outcome = Queued::default();
         {
             let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            match said {
-                Said::Clear => {
-                    let before = q.items.len();
-                    q.items.retain(|s| !matches!(s, Said::Media(_)));
-                    outcome.cleared = before - q.items.len();
-                    q.audio = 0;
+            if let Said::Clear = said {
+                let before = q.items.len();
+                let media: Vec<usize> = (0..before)
+                    .rev()
+                    .filter(|&i| matches!(q.items[i], Said::Media(_)))
+                    .collect();
+                for pos in media {
+                    q.remove(pos);
+                }
+                outcome.cleared = before - q.items.len();
+                // Clears in a row are one: the queue holds no audio for a second to clear.
+                if !matches!(q.items.front(), Some(Said::Clear)) {
+                    q.bytes += weight(&Said::Clear);
                     q.items.push_front(Said::Clear);
                 }
-                Said::Mark(_) => q.items.push_back(said),
-                Said::Media(_) => {
-                    let len = audio_len(&said);
-                    while q.audio + len > self.max_audio {
-                        let Some(pos) = q.items.iter().position(|s| matches!(s, Said::Media(_)))
-                        else {
-                            break;
-                        };
-                        if let Some(old) = q.items.remove(pos) {
-                            q.audio -= audio_len(&old);
-                            outcome.dropped += 1;
-                        }
-                    }
-                    q.audio += len;
-                    q.items.push_back(said);
+            } else {
+                let (len, cost) = (audio_len(&said), weight(&said));
+                let over = |q: &State| {
+                    q.audio + len > self.max_audio
+                        || q.items.len() >= self.max_items
+                        || q.bytes + cost > self.max_bytes
+                };
+                while over(&q) {
+                    let Some(pos) = q.items.iter().position(|s| matches!(s, Said::Media(_))) else {
+                        break;
+                    };
+                    q.remove(pos);
+                    outcome.dropped += 1;
                 }
+                if over(&q) {
+                    // Nothing left to drop but marks and a clear: the newcomer goes.
+                    outcome.dropped += 1;
+                    return outcome;
+                }
+                q.audio += len;
+                q.bytes += cost;
+                q.items.push_back(said);
             }
         }
         self.waker.wake();
@@ -265,11 +320,8 @@ impl TowardTwilio {
     pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Said> {
         self.waker.register(cx.waker());
         let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match q.items.pop_front() {
-            Some(said) => {
-                q.audio -= audio_len(&said);
-                Poll::Ready(said)
-            }
+        match q.remove(0) {
+            Some(said) => Poll::Ready(said),
             None => Poll::Pending,
         }
     }
@@ -303,7 +355,8 @@ pub fn to_twilio(said: Said, stream_sid: &str) -> String {
 /// Counts messages per second from a backend that does not speak, to tell chatter from a flood.
 #[derive(Debug)]
 pub struct FloodMeter {
-    window_start: std::time::Instant,
+    /// The runtime's clock, so paused-time tests see the same second the limits do.
+    window_start: tokio::time::Instant,
     messages: u32,
     bytes: usize,
     max_messages: u32,
@@ -313,7 +366,7 @@ pub struct FloodMeter {
 impl FloodMeter {
     pub fn new(max_messages: u32, max_bytes: usize) -> FloodMeter {
         FloodMeter {
-            window_start: std::time::Instant::now(),
+            window_start: tokio::time::Instant::now(),
             messages: 0,
             bytes: 0,
             max_messages,
@@ -324,7 +377,7 @@ impl FloodMeter {
     /// Counts one message of `len` bytes; answers whether the backend is over the limit.
     pub fn over(&mut self, len: usize) -> bool {
         if self.window_start.elapsed() >= std::time::Duration::from_secs(1) {
-            self.window_start = std::time::Instant::now();
+            self.window_start = tokio::time::Instant::now();
             self.messages = 0;
             self.bytes = 0;
         }
@@ -411,6 +464,10 @@ mod tests {
             (text(r#"{"event":"start"}"#), Refused::UnknownEvent),
             (text(r#"{"event":"mark","mark":{}}"#), Refused::BadMark),
             (Message::Binary(vec![0u8; 4].into()), Refused::Binary),
+            (
+                text(r#"{"event":"media","media":{"payload":""}}"#),
+                Refused::EmptyMedia,
+            ),
         ];
         for (message, why) in cases {
             assert_eq!(twilio.read(message), Err(*why), "{message:?}");
@@ -462,5 +519,42 @@ mod tests {
             [Said::Clear, Said::Mark("a".into())],
             "clear first, marks kept"
         );
+    }
+
+    /// Marks, empty-handed clears and media a Twilio socket that reads slowly leaves queued:
+    /// the queue holds its bounds in items and bytes, whatever the mix.
+    #[test]
+    fn marks_and_clears_count_toward_the_bounds() {
+        let q = TowardTwilio::new(1000);
+        let name = "m".repeat(MAX_MARK_NAME);
+        let mut dropped = 0;
+        for _ in 0..100_000 {
+            dropped += q.push(Said::Mark(name.clone())).dropped;
+        }
+        let held = q.state.lock().unwrap();
+        assert!(held.items.len() <= q.max_items, "{}", held.items.len());
+        assert!(held.bytes <= q.max_bytes);
+        assert_eq!(
+            dropped,
+            100_000 - held.items.len(),
+            "every mark not kept is counted"
+        );
+        drop(held);
+
+        // A clear storm is one clear, and finds the audio gone.
+        let q = TowardTwilio::new(1000);
+        q.push(Said::Media("AAAA".into()));
+        let mut cleared = 0;
+        for _ in 0..10_000 {
+            cleared += q.push(Said::Clear).cleared;
+        }
+        assert_eq!(cleared, 1);
+        assert_eq!(q.state.lock().unwrap().items.len(), 1);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(q.poll_next(&mut cx), Poll::Ready(Said::Clear));
+        assert_eq!(q.poll_next(&mut cx), Poll::Pending);
+        let st = q.state.lock().unwrap();
+        assert_eq!((st.audio, st.bytes), (0, 0), "nothing left accounted");
     }
 }

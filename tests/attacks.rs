@@ -1,0 +1,232 @@
+//! Attacks tried against the real binary, each with what must bound it: the process's memory
+//! under a flood from one socket, measured from outside as an operator would (`/proc`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A WebSocket to the proxy over a socket with a tiny receive window, so that what the proxy
+/// sends and nobody reads backs up into the proxy quickly.
+async fn never_reading_socket(proxy: &ServiceProcess) -> common::Socket {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(proxy.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        proxy.ws_url(),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    ws
+}
+
+/// Sends pings as fast as the socket takes them, never reading, until a send fails (the
+/// proxy has closed the connection) or `limit` passes; then reads what is there: answers
+/// whether the proxy closed the connection.
+async fn flood_pings(ws: &mut common::Socket, limit: Duration) -> bool {
+    use futures_util::StreamExt;
+    let began = Instant::now();
+    let ping = vec![0x5a; 125];
+    while began.elapsed() < limit {
+        let sent = tokio::time::timeout(
+            Duration::from_millis(500),
+            ws.send(Message::Ping(ping.clone().into())),
+        )
+        .await;
+        if matches!(sent, Ok(Err(_))) {
+            return true;
+        }
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Err(_) => return false,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_that_never_reads_its_pongs_is_closed_and_costs_no_memory() {
+    let backend = Backend::start(Behaviour::Normal).await;
+    let url = backend.url();
+    let proxy = tokio::task::spawn_blocking(move || {
+        ServiceProcess::spawn(&[
+            ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+            ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+        ])
+    })
+    .await
+    .unwrap();
+    let pid = proxy.child.id();
+    let before = rss_kib(pid);
+
+    // After `start`, and on four sockets that never send one.
+    let mut started = never_reading_socket(&proxy).await;
+    let mut call = TwilioCall::from_socket(
+        tokio_tungstenite::connect_async(proxy.ws_url())
+            .await
+            .unwrap()
+            .0,
+        "spare",
+    )
+    .await;
+    call.start(&[]).await;
+    started
+        .send(Message::Text(
+            call_proxy::twilio::messages::outbound::connected().into(),
+        ))
+        .await
+        .unwrap();
+    let start = call
+        .start_text
+        .replace("MZspare", "MZflood")
+        .replace("CAspare", "CAflood");
+    started.send(Message::Text(start.into())).await.unwrap();
+    let mut floods = vec![started];
+    for _ in 0..4 {
+        floods.push(never_reading_socket(&proxy).await);
+    }
+    let results = futures_util::future::join_all(
+        floods
+            .iter_mut()
+            .map(|ws| flood_pings(ws, Duration::from_secs(3))),
+    )
+    .await;
+    assert!(
+        results.iter().all(|closed| *closed),
+        "every flooding socket is closed: {results:?}"
+    );
+    let after = rss_kib(pid);
+    assert!(
+        after < before + 10 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    proxy.wait_for_log("ping flood on the media stream; closing");
+    // The other call on the same proxy goes on.
+    assert!(call.still_open_after(Duration::from_millis(100)).await);
+    call.stop().await;
+}
+
+/// A speaking backend that, once it has the call's `start`, says `per_second` marks with the
+/// longest names allowed, plus as many empty media messages, for `seconds`.
+async fn flooding_speaker(per_second: u32, seconds: u64) -> String {
+    use futures_util::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/media", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let (mut tx, mut rx) = ws.split();
+                // Read (pings, the call) on the side; say marks at the given pace.
+                tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+                let name = "n".repeat(256);
+                let mark = format!(r#"{{"event":"mark","mark":{{"name":"{name}"}}}}"#);
+                let empty = r#"{"event":"media","media":{"payload":""}}"#;
+                let began = Instant::now();
+                let mut every = tokio::time::interval(Duration::from_millis(10));
+                while began.elapsed() < Duration::from_secs(seconds) {
+                    every.tick().await;
+                    for _ in 0..per_second / 200 {
+                        if tx.send(Message::Text(mark.clone().into())).await.is_err()
+                            || tx.send(Message::Text(empty.into())).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A speaker's flood toward a Twilio socket that does not read: marks with long names and
+/// empty media count toward the queue's bounds (empty media is refused outright), so memory
+/// stays flat; a speaker past its per-second limit is dropped as misbehaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speaker_flooding_a_slow_caller_is_bounded_and_past_its_limit_dropped() {
+    for (per_second, misbehaves) in [(800u32, false), (6000, true)] {
+        let url = flooding_speaker(per_second, 5).await;
+        let proxy = tokio::task::spawn_blocking(move || {
+            ServiceProcess::spawn(&[
+                ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url.as_str()),
+                ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
+                ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
+                ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
+            ])
+        })
+        .await
+        .unwrap();
+        let pid = proxy.child.id();
+        let before = rss_kib(pid);
+        let mut caller = never_reading_socket(&proxy).await;
+        caller
+            .send(Message::Text(
+                call_proxy::twilio::messages::outbound::connected().into(),
+            ))
+            .await
+            .unwrap();
+        let start = call_proxy::twilio::messages::outbound::start(
+            1,
+            &call_proxy::twilio::messages::outbound::StartInfo {
+                account_sid: "ACtest",
+                call_sid: "CAflood",
+                stream_sid: "MZflood",
+                tracks: &["inbound"],
+                custom_parameters: &Default::default(),
+            },
+        );
+        caller.send(Message::Text(start.into())).await.unwrap();
+        // The caller keeps the stream alive with audio, and reads nothing back.
+        let began = Instant::now();
+        let mut i = 0;
+        while began.elapsed() < Duration::from_secs(5) {
+            let media = call_proxy::twilio::messages::outbound::media(
+                i + 2,
+                "MZflood",
+                "inbound",
+                i + 1,
+                (i + 1) * 20,
+                &payload(i as usize),
+            );
+            let _ = caller.send(Message::Text(media.into())).await;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = rss_kib(pid);
+        assert!(
+            after < before + 10 * 1024,
+            "{per_second}/s: RSS grew from {before} KiB to {after} KiB"
+        );
+        let lines = proxy.lines();
+        let dropped = lines
+            .iter()
+            .any(|l| l.contains("dropping the link as misbehaving"));
+        assert_eq!(dropped, misbehaves, "{per_second}/s");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("media with no audio in it")),
+            "empty media refused and logged"
+        );
+    }
+}
