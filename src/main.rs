@@ -107,6 +107,10 @@ fn hash_pin(settings: &Settings, pin: Option<String>, backends: &[String]) -> Ex
         eprintln!("call-proxy: no backend `{unknown}` in backends.table");
         return ExitCode::from(2);
     }
+    let production = std::env::var("RUN_MODE").is_ok_and(|m| m == "production");
+    if production && pin.len() < 6 {
+        eprintln!("call-proxy: warning: a PIN of {} digits is guessed within a few thousand tries; use 6 or more in production (the gate's limits slow guessing, they cannot stop it across many calls)", pin.len());
+    }
     if settings.gate.pin_key.len() < 16 {
         eprintln!("call-proxy: gate.pin_key is not set (16 characters or more)");
         return ExitCode::from(2);

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub signature_failures: Family<ScopeLabel, Counter>,
     pub pin_failures: Counter,
+    /// Wrong PINs over all callers in the current hour's window (the alarm's count).
+    pub pin_failures_per_hour: Gauge,
     pub blocks: Counter,
     pub rate_limited: Family<ScopeLabel, Counter>,
     pub route_token_failures: Counter,
@@ -120,6 +122,7 @@ impl Metrics {
         let m = Metrics {
             signature_failures: Family::default(),
             pin_failures: Counter::default(),
+            pin_failures_per_hour: Gauge::default(),
             blocks: Counter::default(),
             rate_limited: Family::default(),
             route_token_failures: Counter::default(),
@@ -146,6 +149,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("live_calls", "Calls streaming now", m.live_calls.clone());
+        registry.register(
+            "pin_failures_this_hour",
+            "Wrong PINs over all callers in the current hour's window",
+            m.pin_failures_per_hour.clone(),
+        );
         registry.register(
             "draining",
             "1 while the instance drains: live calls go on, new ones belong elsewhere",

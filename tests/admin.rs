@@ -301,3 +301,26 @@ async fn a_drain_shows_on_the_page_and_in_the_metrics_while_calls_finish() {
         (0..20).map(payload).collect::<Vec<_>>()
     );
 }
+
+/// Wrong PINs over all callers past the alarm level put a banner on the page.
+#[tokio::test]
+async fn the_pin_alarm_shows_as_a_banner() {
+    let mut s = settings(&[]);
+    s.gate.pin_failure_alarm_per_hour = 2;
+    s.rate_limits.pin_per_caller_per_minute = 0;
+    let proxy = Proxy::start(s).await;
+    let cookie = log_in(&proxy, "test-key").await;
+    assert!(!page(&proxy, &cookie).await.contains("pin-alarm"));
+    for i in 0..3 {
+        let r = client()
+            .post(proxy.url("/validate-pin"))
+            .json(&serde_json::json!({"pin": "0000", "callerId": format!("+1555123000{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let html = page(&proxy, &cookie).await;
+    assert!(html.contains(r#"id="pin-alarm""#), "{html}");
+    assert!(html.contains("3 wrong PINs over all callers this hour"));
+}

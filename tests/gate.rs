@@ -830,3 +830,93 @@ async fn pin_attempts_are_limited_per_caller() {
         Some(1.0)
     );
 }
+
+// ---- PIN guessing across caller ids ----------------------------------------------------
+
+/// A signed form post to `/validate-pin`, as Twilio's Studio sends it (every one from the same
+/// address: Twilio's, or the load balancer's).
+async fn signed_pin(proxy: &Proxy, pin: &str, caller: &str, call_sid: &str) -> reqwest::Response {
+    let params = [("pin", pin), ("callerId", caller), ("callSid", call_sid)];
+    let sig = sha1_sig(PRIMARY, &proxy.url("/validate-pin"), &params);
+    post_signed(proxy, &params, &sig).await
+}
+
+/// Forty callers' wrong PINs, all signed and all from one address, lock nobody out: ten
+/// callers with the right PIN all get in afterwards (a per-address limit would have refused
+/// them for an hour). The alarm over all callers shows on the gauge and the page.
+#[tokio::test]
+async fn other_callers_failures_never_lock_out_a_caller_with_the_right_pin() {
+    let mut s = signed_settings();
+    s.rate_limits.pin_per_caller_per_minute = 0;
+    s.gate.max_pin_failures_per_ip = 5;
+    s.gate.pin_failure_alarm_per_hour = 30;
+    let proxy = Proxy::start(s).await;
+    for i in 0..40 {
+        let r = signed_pin(
+            &proxy,
+            "0000",
+            &format!("+1555600{i:04}"),
+            &format!("CAw{i}"),
+        )
+        .await;
+        assert_eq!(r.status(), 200, "wrong PIN {i}");
+        assert_eq!(r.json::<Value>().await.unwrap()["authenticated"], false);
+    }
+    for i in 0..10 {
+        let r = signed_pin(
+            &proxy,
+            "1234",
+            &format!("+1555700{i:04}"),
+            &format!("CAr{i}"),
+        )
+        .await;
+        assert_eq!(r.status(), 200, "right PIN {i}");
+        assert_eq!(r.json::<Value>().await.unwrap()["authenticated"], true);
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "call_proxy_pin_failures_this_hour"), Some(40.0));
+}
+
+/// One call may check at most three PINs, whatever caller id each claims — counted before it
+/// is decided, so three hundred at once get three answers, on both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_gets_three_pin_checks_however_it_rotates_and_however_fast() {
+    let redis = RedisServer::start();
+    for engine in ["memory", "redis"] {
+        let mut s = signed_settings();
+        s.rate_limits.pin_per_caller_per_minute = 0;
+        s.rate_limits.http_per_ip_per_minute = 0;
+        if engine == "redis" {
+            use_redis(&mut s, &redis, "percall");
+        }
+        let proxy = Proxy::start(s).await;
+        let mut answered = 0;
+        for i in 0..10 {
+            let r = signed_pin(&proxy, "0000", &format!("+1555800{i:04}"), "CArotate").await;
+            match r.status().as_u16() {
+                200 => answered += 1,
+                429 => assert!(r.headers().contains_key("retry-after")),
+                other => panic!("{engine}: {other}"),
+            }
+        }
+        assert_eq!(answered, 3, "{engine}: rotating caller ids");
+        // Even the right PIN is not checked once the call has had its three.
+        let r = signed_pin(&proxy, "1234", "+15558000099", "CArotate").await;
+        assert_eq!(r.status(), 429, "{engine}");
+
+        let proxy = std::sync::Arc::new(proxy);
+        let tries = (0..300).map(|i| {
+            let proxy = proxy.clone();
+            async move {
+                signed_pin(&proxy, "0000", &format!("+1555900{i:04}"), "CArace")
+                    .await
+                    .status()
+                    .as_u16()
+            }
+        });
+        let statuses = futures_util::future::join_all(tries).await;
+        let checked = statuses.iter().filter(|s| **s == 200).count();
+        assert_eq!(checked, 3, "{engine}: 300 at once: {statuses:?}");
+        assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
+    }
+}

@@ -124,8 +124,15 @@ pub struct TwilioSettings {
 pub struct GateSettings {
     pub max_invalid_attempts: u64,
     /// Wrong PINs one client address may send in a window, whatever caller ids it uses;
-    /// 0 switches the limit off.
+    /// 0 switches the limit off. Only where requests are not signed by Twilio.
     pub max_pin_failures_per_ip: u64,
+    /// PIN checks one call (`callSid`) may make, whatever caller ids it claims; 0: no limit.
+    pub max_pin_attempts_per_call: u64,
+    /// Wrong PINs over all callers in an hour past which a WARN goes out and the page shows
+    /// a banner; 0: no alarm.
+    pub pin_failure_alarm_per_hour: u64,
+    /// While the alarm is on, wrong answers wait this long (right ones never do); 0: none.
+    pub failure_delay_ms: u64,
     pub pin_failure_window_secs: u64,
     pub attempts_ttl_secs: u64,
     pub block_ttl_secs: u64,

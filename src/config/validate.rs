@@ -265,6 +265,19 @@ impl Settings {
                 1_000_000,
             ),
             (
+                "gate.max_pin_attempts_per_call",
+                g.max_pin_attempts_per_call,
+                0,
+                1000,
+            ),
+            (
+                "gate.pin_failure_alarm_per_hour",
+                g.pin_failure_alarm_per_hour,
+                0,
+                1_000_000_000,
+            ),
+            ("gate.failure_delay_ms", g.failure_delay_ms, 0, 60_000),
+            (
                 "gate.max_pin_failures_per_ip",
                 g.max_pin_failures_per_ip,
                 0,

@@ -55,12 +55,26 @@ pub enum PinOutcome {
         attempts: u64,
         blocked: bool,
     },
-    /// The client's address has failed too many PINs in the window (whatever caller ids it
-    /// used): refused until the window closes, without looking at the PIN.
-    AddressLimited {
+    /// Refused without looking at the PIN until `retry_after`: the call has had its
+    /// `gate.max_pin_attempts_per_call` checks (whatever caller ids it claimed), or — only
+    /// where requests are not signed by Twilio — the client's address has failed too many.
+    Limited {
         retry_after: Duration,
+        why: Limit,
     },
 }
+
+/// Which guard refused a PIN check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    PerCall,
+    PerAddress,
+}
+
+/// How long a call's PIN checks are counted: longer than any call waits at a PIN prompt.
+const PER_CALL_WINDOW: Duration = Duration::from_secs(3600);
+/// The window wrong PINs over all callers are counted in, for the alarm.
+const ALARM_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Where a caller stands.
 #[derive(Debug)]
@@ -118,12 +132,42 @@ impl Gate {
         call_sid: Option<&str>,
         client: IpAddr,
     ) -> Result<PinOutcome, GateError> {
-        let per_address = self.settings.gate.max_pin_failures_per_ip;
+        let gate = &self.settings.gate;
+        // Every request Twilio signs comes from Twilio's addresses (or the load balancer's):
+        // a limit keyed on the address would lock every caller out together. It holds only
+        // where requests are not signed.
+        let per_address = if self.settings.twilio.validate_signatures {
+            0
+        } else {
+            gate.max_pin_failures_per_ip
+        };
         let address_key = format!("pin-failures:{client}");
         if per_address > 0 {
             if let Some((failures, left)) = self.store.window(&address_key).await? {
                 if failures > per_address {
-                    return Ok(PinOutcome::AddressLimited { retry_after: left });
+                    return Ok(PinOutcome::Limited {
+                        retry_after: left,
+                        why: Limit::PerAddress,
+                    });
+                }
+            }
+        }
+        // At most so many checks per call, whatever caller id each claims: counted first and
+        // decided after, in one atomic step on every engine, so concurrent tries cannot all
+        // pass a count read before any of them was counted.
+        if let Some(call) = call_sid.filter(|c| !c.is_empty()) {
+            let max = gate.max_pin_attempts_per_call;
+            if max > 0 {
+                let key = format!("pin-checks:{call}");
+                let (checks, left) = self.store.count_in_window(&key, PER_CALL_WINDOW).await?;
+                if checks > max {
+                    if checks == max + 1 {
+                        warn!(call_sid = %crate::logging::escape(call), max, "a call has used its PIN checks; further ones are refused");
+                    }
+                    return Ok(PinOutcome::Limited {
+                        retry_after: left,
+                        why: Limit::PerCall,
+                    });
                 }
             }
         }
@@ -158,6 +202,7 @@ impl Gate {
             }
             None => {
                 let (attempts, blocked) = self.count_failure(caller).await?;
+                self.sound_alarm().await;
                 if per_address > 0 {
                     let window = Duration::from_secs(self.settings.gate.pin_failure_window_secs);
                     let (failures, _) = self.store.count_in_window(&address_key, window).await?;
@@ -169,6 +214,42 @@ impl Gate {
                 Ok(PinOutcome::Wrong { attempts, blocked })
             }
         }
+    }
+
+    /// Counts a wrong PIN over all callers in the alarm window: the gauge shows it, a WARN
+    /// goes out once a window when it passes `gate.pin_failure_alarm_per_hour`, and while it
+    /// is over, wrong answers wait `gate.failure_delay_ms` (right ones never do). A store
+    /// that cannot count leaves the alarm as it was: the answer itself is not held up.
+    async fn sound_alarm(&self) {
+        let gate = &self.settings.gate;
+        let Ok((failures, _)) = self
+            .store
+            .count_in_window("pin-failures-all", ALARM_WINDOW)
+            .await
+        else {
+            return;
+        };
+        self.metrics.pin_failures_per_hour.set(failures as i64);
+        let alarm = gate.pin_failure_alarm_per_hour;
+        if alarm == 0 || failures <= alarm {
+            return;
+        }
+        if failures == alarm + 1 {
+            warn!(
+                failures,
+                alarm,
+                "wrong PINs over all callers passed the alarm level this hour: someone may be guessing across caller ids"
+            );
+        }
+        if gate.failure_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(gate.failure_delay_ms)).await;
+        }
+    }
+
+    /// Whether wrong PINs over all callers are above the alarm level now (for the page).
+    pub fn alarm_on(&self) -> bool {
+        let alarm = self.settings.gate.pin_failure_alarm_per_hour;
+        alarm > 0 && self.metrics.pin_failures_per_hour.get() > alarm as i64
     }
 
     /// Counts one failed attempt against the caller, and blocks it once it has more than

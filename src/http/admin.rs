@@ -200,6 +200,9 @@ struct Health {
     live: usize,
     /// Shutting down: the live calls run to their end, new ones go elsewhere.
     draining: bool,
+    /// Wrong PINs over all callers this hour, and whether that is past the alarm level.
+    pin_failures_this_hour: i64,
+    pin_alarm: bool,
     max_calls: usize,
     signature_failures: u64,
     pin_failures: u64,
@@ -265,6 +268,8 @@ async fn live_view(state: &AppState) -> Live {
             version: env!("CARGO_PKG_VERSION"),
             live: state.hub.live_calls(),
             draining: state.hub.is_draining(),
+            pin_failures_this_hour: state.metrics.pin_failures_per_hour.get(),
+            pin_alarm: state.gate.alarm_on(),
             max_calls: state.settings.media.max_calls,
             signature_failures,
             pin_failures,

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::rate_limit::{ClientIp, Limited};
 use super::{ApiError, AppState};
 use crate::clock::rfc3339;
-use crate::gate::{CallerStatus, GateError, PinOutcome};
+use crate::gate::{CallerStatus, GateError, Limit, PinOutcome};
 use crate::store::Block;
 
 impl From<GateError> for ApiError {
@@ -144,8 +144,11 @@ pub async fn validate_pin(
             "routeToken": route_token,
         }),
         PinOutcome::Blocked => json!({ "authenticated": false, "blocked": true }),
-        PinOutcome::AddressLimited { retry_after } => {
-            state.metrics.limited("pin_failures_per_ip");
+        PinOutcome::Limited { retry_after, why } => {
+            state.metrics.limited(match why {
+                Limit::PerCall => "pin_checks_per_call",
+                Limit::PerAddress => "pin_failures_per_ip",
+            });
             return Err(Limited(retry_after).into_response());
         }
         PinOutcome::Wrong { attempts, blocked } => json!({
