@@ -84,6 +84,12 @@ pub async fn run(
     let limits = http::server::ConnectionLimits {
         header_timeout: state.settings.header_timeout(),
         max_connections: state.settings.server.max_connections,
+        // Behind a trusted proxy every peer is the proxy: a cap per peer would cap them all.
+        max_per_address: if state.settings.twilio.trust_forwarded_headers {
+            0
+        } else {
+            state.settings.server.max_connections_per_address
+        },
     };
     let stop_serving = CancellationToken::new();
     let mut server = tokio::spawn(http::server::serve(

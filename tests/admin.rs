@@ -324,3 +324,29 @@ async fn the_pin_alarm_shows_as_a_banner() {
     assert!(html.contains(r#"id="pin-alarm""#), "{html}");
     assert!(html.contains("3 wrong PINs over all callers this hour"));
 }
+
+/// The page says only what the server chose: a crafted `done=` link puts no words on it.
+#[tokio::test]
+async fn a_crafted_notice_in_the_address_shows_nothing() {
+    let proxy = Proxy::start(settings(&[])).await;
+    let cookie = log_in(&proxy, "test-key").await;
+    let r = client()
+        .get(proxy.url("/admin?done=Your%20session%20expired%2C%20call%20%2B1-900-555-0100"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("session expired"), "{html}");
+    let r = client()
+        .get(proxy.url("/admin?done=blocked"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("Blocked: the caller is on the list below."));
+}

@@ -198,7 +198,7 @@ async fn an_operator_watches_calls_blocks_and_unblocks_in_a_browser() {
     on(&c, "#block-caller", Some("+15550004444")).await;
     on(&c, "#block", None).await;
     until_page(&c, "the blocked caller", |t| {
-        t.contains("Blocked +15550004444")
+        t.contains("Blocked: the caller is on the list below.") && t.contains("+15550004444")
     })
     .await;
     assert_eq!(
@@ -211,7 +211,10 @@ async fn an_operator_watches_calls_blocks_and_unblocks_in_a_browser() {
         None,
     )
     .await;
-    until_page(&c, "the unblock", |t| t.contains("Unblocked +15550004444")).await;
+    until_page(&c, "the unblock", |t| {
+        t.contains("Unblocked: the caller may call again.")
+    })
+    .await;
     assert_eq!(
         proxy.get("/blocked-callers/+15550004444").await.status(),
         404

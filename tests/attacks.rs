@@ -230,3 +230,71 @@ async fn a_speaker_flooding_a_slow_caller_is_bounded_and_past_its_limit_dropped(
         );
     }
 }
+
+/// One address cannot take every connection: past its share the rest of its sockets are
+/// closed at once while another address's call still gets in; headers are bounded in bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_its_share_of_the_connections_and_headers_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start(Behaviour::Normal).await;
+    let url = backend.url();
+    let proxy = tokio::task::spawn_blocking(move || {
+        ServiceProcess::spawn(&[
+            ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+            ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+            ("CALL_PROXY__SERVER__MAX_CONNECTIONS", "300"),
+            ("CALL_PROXY__SERVER__MAX_CONNECTIONS_PER_ADDRESS", "20"),
+        ])
+    })
+    .await
+    .unwrap();
+    // 40 idle sockets from 127.0.0.1, each with a request begun and never finished.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+        held.push(tcp);
+    }
+    let mut closed = 0;
+    for tcp in &mut held {
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 20, "the address's share is 20");
+    // Another address (127.0.0.2, still this machine) streams a call.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket
+        .connect(format!("127.0.0.1:{}", proxy.addr.port()).parse().unwrap())
+        .await
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        proxy.ws_url(),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .expect("another address gets in");
+    let mut call = TwilioCall::from_socket(ws, "other").await;
+    call.start(&[]).await;
+    call.stop().await;
+    drop(held);
+
+    // Headers past the bound are refused, not buffered.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = tcp.write_all(big.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}

@@ -249,9 +249,7 @@ impl Settings {
         for (id, spec) in self.backends.table.iter_mut() {
             for (name, value) in spec.headers.iter_mut() {
                 let key = format!("backends.table.{id}.headers.{name}");
-                let filled = substitute(value.expose(), env).map_err(|var| {
-                    invalid(&key, format!("environment variable `{var}` is not set"))
-                })?;
+                let filled = substitute(value.expose(), env).map_err(|why| invalid(&key, why))?;
                 value.set(filled);
             }
         }
@@ -280,18 +278,21 @@ impl Settings {
     }
 }
 
-/// `text` with every `${NAME}` replaced by the variable's value; the first missing variable
-/// is the error.
+/// `text` with every `${NAME}` replaced by the variable's value. A missing variable, or a
+/// `${` never closed, is the error (said without the value, which may be a secret).
 fn substitute(text: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         let Some(len) = rest[start + 2..].find('}') else {
-            break;
+            return Err("`${` without its closing `}`".to_string());
         };
         let name = &rest[start + 2..start + 2 + len];
         out.push_str(&rest[..start]);
-        out.push_str(env.get(name).ok_or_else(|| name.to_string())?);
+        out.push_str(
+            env.get(name)
+                .ok_or_else(|| format!("environment variable `{name}` is not set"))?,
+        );
         rest = &rest[start + 3 + len..];
     }
     out.push_str(rest);

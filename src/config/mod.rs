@@ -181,6 +181,8 @@ pub struct ServerSettings {
     /// A request body must arrive within this (else 408).
     pub body_timeout_ms: u64,
     pub max_connections: usize,
+    /// Open connections from one client address at most; 0: no cap.
+    pub max_connections_per_address: usize,
     /// Behind `twilio.trust_forwarded_headers`: how many proxies of yours append to
     /// `X-Forwarded-For`; the client is that many entries from the right.
     pub trusted_proxy_hops: usize,
@@ -418,27 +420,66 @@ pub fn is_valid_backend_id(id: &str) -> bool {
 
 /// Accepts `ws://` or `wss://host[:port][/path][?query]`; answers why not otherwise.
 pub fn parse_backend_url(url: &str) -> Result<(), String> {
+    // Errors name the URL as it may be shown: no credentials, no query (either may hold a
+    // secret).
+    let shown = redacted_url(url);
     let Some(rest) = url
         .strip_prefix("ws://")
         .or_else(|| url.strip_prefix("wss://"))
     else {
-        return Err(format!("`{url}` is not a ws:// or wss:// URL"));
+        return Err(format!("`{shown}` is not a ws:// or wss:// URL"));
     };
     let authority = rest.split(['/', '?']).next().unwrap_or("");
-    if authority.is_empty() || authority.contains('@') {
-        return Err(format!("`{url}` has no host"));
+    if authority.contains('@') {
+        return Err(format!(
+            "`{shown}` carries credentials in the URL: put them in a header (`headers`, with `${{NAME}}` from the environment)"
+        ));
+    }
+    if authority.is_empty() {
+        return Err(format!("`{shown}` has no host"));
     }
     tokio_tungstenite::tungstenite::http::Uri::try_from(url)
-        .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+        .map_err(|e| format!("`{shown}` is not a valid URL: {e}"))?;
     Ok(())
+}
+
+/// A URL as logs and errors may show it: credentials and the query string replaced.
+pub fn redacted_url(url: &str) -> String {
+    let (before_query, query) = match url.split_once('?') {
+        Some((b, _)) => (b, "?…"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = before_query.split_once("://").unwrap_or(("", before_query));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => authority.to_string(),
+    };
+    let sep = if scheme.is_empty() { "" } else { "://" };
+    format!("{scheme}{sep}{host}{path}{query}")
 }
 
 /// The CA certificates in a PEM file: at least one, each one readable.
 pub fn load_ca_file(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read `{path}`: {e}"))?
+    use std::io::Read;
+    // A CA bundle is kilobytes; a path to a device or a huge file must not hang or fill memory.
+    const MAX_CA_FILE: u64 = 4 << 20;
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CA_FILE + 1).read_to_end(&mut pem))
+        .map_err(|e| format!("cannot read `{path}`: {e}"))?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(format!(
+            "`{path}` is larger than {} MiB: not a CA file",
+            MAX_CA_FILE >> 20
+        ));
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("`{path}` is not valid PEM: {e}"))?;
     if certs.is_empty() {

@@ -291,3 +291,43 @@ fn a_relative_journal_lives_in_systemds_state_directory() {
     let s = Settings::defaults();
     assert_eq!(s.store.path, "data/state.log", "a checkout keeps its data/");
 }
+
+#[test]
+fn a_bad_backend_url_or_header_is_refused_without_showing_its_secrets() {
+    let err = Settings::load(&with_env(&[(
+        "CALL_PROXY__BACKENDS__TABLE__ASR__URL",
+        "wss://user:TOPSECRETPW@asr.example.com/v1?key=ALSOSECRET",
+    )]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("backends.table.asr.url"), "{err}");
+    assert!(err.contains("credentials"), "{err}");
+    assert!(
+        !err.contains("TOPSECRETPW") && !err.contains("ALSOSECRET"),
+        "{err}"
+    );
+
+    let err = Settings::load(&with_env(&[
+        (
+            "CALL_PROXY__BACKENDS__TABLE__ASR__URL",
+            "wss://asr.example.com/v1",
+        ),
+        (
+            "CALL_PROXY__BACKENDS__TABLE__ASR__HEADERS__AUTHORIZATION",
+            "Bearer ${ASR_TOKEN",
+        ),
+        ("ASR_TOKEN", "secret-token"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("without its closing"), "{err}");
+    assert!(!err.contains("secret-token"), "{err}");
+}
+
+#[test]
+fn a_ca_file_that_is_a_device_is_refused_not_read_forever() {
+    let began = std::time::Instant::now();
+    let err = load_ca_file("/dev/zero").unwrap_err();
+    assert!(err.contains("larger than"), "{err}");
+    assert!(began.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -208,6 +208,12 @@ impl Settings {
             ),
             ("media.max_calls", m.max_calls as u64, 1, 1_000_000),
             (
+                "server.max_connections_per_address",
+                self.server.max_connections_per_address as u64,
+                0,
+                1_000_000,
+            ),
+            (
                 "media.max_backends_per_call",
                 m.max_backends_per_call as u64,
                 1,

@@ -349,7 +349,11 @@ async fn page(
         blocked,
         csrf: csrf_token(key, &session),
         lookup,
-        notice: query.done,
+        notice: query
+            .done
+            .as_deref()
+            .and_then(Done::from_code)
+            .map(|d| d.text().to_string()),
     };
     html(StatusCode::OK, dashboard.render())
 }
@@ -456,9 +460,59 @@ async fn logout(
     r
 }
 
-fn back_with(notice: &str) -> Response {
-    let notice: String = form_urlencoded::byte_serialize(notice.as_bytes()).collect();
-    Redirect::to(&format!("/admin?done={notice}")).into_response()
+/// What a form did, as the page says it: only these, chosen by the server. The address
+/// carries a code, never text, so a crafted link cannot put words on the operator's page.
+#[derive(Clone, Copy)]
+enum Done {
+    Blocked,
+    BadCaller,
+    BlockFailed,
+    Unblocked,
+    NotBlocked,
+    UnblockFailed,
+}
+
+impl Done {
+    const ALL: [Done; 6] = [
+        Done::Blocked,
+        Done::BadCaller,
+        Done::BlockFailed,
+        Done::Unblocked,
+        Done::NotBlocked,
+        Done::UnblockFailed,
+    ];
+
+    fn code(self) -> &'static str {
+        match self {
+            Done::Blocked => "blocked",
+            Done::BadCaller => "bad-caller",
+            Done::BlockFailed => "block-failed",
+            Done::Unblocked => "unblocked",
+            Done::NotBlocked => "not-blocked",
+            Done::UnblockFailed => "unblock-failed",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Done::Blocked => "Blocked: the caller is on the list below.",
+            Done::BadCaller => {
+                "Not blocked: a caller id is 1 to 64 characters, no control characters."
+            }
+            Done::BlockFailed => "Not blocked: the state store did not answer.",
+            Done::Unblocked => "Unblocked: the caller may call again.",
+            Done::NotBlocked => "That caller was not blocked.",
+            Done::UnblockFailed => "Not unblocked: the state store did not answer.",
+        }
+    }
+
+    fn from_code(code: &str) -> Option<Done> {
+        Done::ALL.into_iter().find(|d| d.code() == code)
+    }
+}
+
+fn back_with(done: Done) -> Response {
+    Redirect::to(&format!("/admin?done={}", done.code())).into_response()
 }
 
 async fn block(
@@ -471,11 +525,11 @@ async fn block(
     }
     let caller = form.caller_id.trim();
     if caller.is_empty() || crate::gate::check_caller_id(caller).is_err() {
-        return back_with("Not blocked: a caller id is 1 to 64 characters, no control characters.");
+        return back_with(Done::BadCaller);
     }
     match state.gate.block(caller, "blocked by an operator").await {
-        Ok(_) => back_with(&format!("Blocked {caller}.")),
-        Err(_) => back_with("Not blocked: the state store did not answer."),
+        Ok(_) => back_with(Done::Blocked),
+        Err(_) => back_with(Done::BlockFailed),
     }
 }
 
@@ -489,9 +543,9 @@ async fn unblock(
     }
     let caller = form.caller_id.trim();
     match state.gate.unblock(caller).await {
-        Ok(true) => back_with(&format!("Unblocked {caller}.")),
-        Ok(false) => back_with(&format!("{caller} was not blocked.")),
-        Err(_) => back_with("Not unblocked: the state store did not answer."),
+        Ok(true) => back_with(Done::Unblocked),
+        Ok(false) => back_with(Done::NotBlocked),
+        Err(_) => back_with(Done::UnblockFailed),
     }
 }
 

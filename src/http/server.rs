@@ -5,12 +5,13 @@
 //! WebSockets leave this loop's care the moment they upgrade; the media hub drains those.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::Router;
+use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -31,7 +32,14 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Open connections at most; the excess is closed at accept, before it costs anything.
     pub max_connections: usize,
+    /// Open connections from one address at most (0: no such cap), so one client cannot
+    /// take every place. Off behind a trusted proxy, where every peer is the proxy.
+    pub max_per_address: usize,
 }
+
+/// Request headers buffered per connection at most (hyper's default is ~400 KiB, which made
+/// unfinished headers cost that much each).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then closes the listener (a
 /// new connection is refused at once, never left in the backlog) and waits for the open
@@ -44,8 +52,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_address: Arc<DashMap<IpAddr, usize>> = Arc::default();
     let connections = TaskTracker::new();
     let mut refused_logged = false;
+    let mut refused_address_logged = false;
     loop {
         let (stream, remote) = tokio::select! {
             biased;
@@ -77,6 +87,21 @@ pub async fn serve(
             continue;
         };
         refused_logged = false;
+        let Some(place) = AddressPlace::take(&per_address, remote.ip(), limits.max_per_address)
+        else {
+            metrics.limited("connections_per_address");
+            if !refused_address_logged {
+                refused_address_logged = true;
+                warn!(
+                    %remote,
+                    max = limits.max_per_address,
+                    "connection refused: server.max_connections_per_address are open from this address (further refusals are counted, not logged)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        refused_address_logged = false;
         let _ = stream.set_nodelay(true);
         let service =
             router
@@ -88,6 +113,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             serve_connection(stream, remote, service, limits, shutdown).await;
+            drop(place);
             drop(permit);
         });
     }
@@ -117,6 +143,7 @@ async fn serve_connection<S>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let connection = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
@@ -132,6 +159,42 @@ async fn serve_connection<S>(
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
         }
+    }
+}
+
+/// One open connection counted against its address; given back when dropped.
+struct AddressPlace {
+    open: Arc<DashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl AddressPlace {
+    /// Counts one more connection from `ip`, or `None` when it has `max` open (0: no cap).
+    fn take(open: &Arc<DashMap<IpAddr, usize>>, ip: IpAddr, max: usize) -> Option<AddressPlace> {
+        if max == 0 {
+            return Some(AddressPlace {
+                open: Arc::default(),
+                ip,
+            });
+        }
+        let mut n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressPlace {
+            open: open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressPlace {
+    fn drop(&mut self) {
+        self.open.remove_if_mut(&self.ip, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
     }
 }
 
