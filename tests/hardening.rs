@@ -691,3 +691,42 @@ async fn stored_times_at_their_limit_are_shown_not_panicked_on() {
     assert_eq!(all.status(), 200);
     assert_eq!(proxy.get("/healthz").await.status(), 200);
 }
+
+/// A stream refused for anything but its token — another caller id, backends the token does
+/// not open — leaves the token unused: the real stream with it still gets in.
+#[tokio::test]
+async fn a_stream_refused_for_its_caller_or_backends_does_not_burn_the_token() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[
+        ("rec", &rec.url(), WireFormat::Twilio),
+        ("other", &rec.url(), WireFormat::Twilio),
+    ]);
+    s.security.require_route_token = true;
+    s.rate_limits.pin_per_caller_per_minute = 0;
+    add_pin(&mut s, "1234", &["rec"]);
+    let proxy = Proxy::start(s).await;
+    let token = token_for(&proxy, "+15553330000", None).await;
+
+    for (name, params) in [
+        ("wrongcaller", vec![("callerId", "+15559999999")]),
+        ("morebackends", vec![("backendIds", "rec,other")]),
+    ] {
+        let mut call = TwilioCall::connect(&proxy, name).await;
+        let mut p = params.clone();
+        p.push(("routeToken", token.as_str()));
+        call.start(&p).await;
+        let frame = call.closed().await.expect("a close frame");
+        assert_eq!(u16::from(frame.code), 1008, "{name}: {}", frame.reason);
+    }
+    let mut call = TwilioCall::connect(&proxy, "real").await;
+    call.start(&[("routeToken", &token), ("callerId", "+15553330000")])
+        .await;
+    call.media(&payload(0)).await;
+    call.stop().await;
+    rec.wait_for_stop().await;
+    assert_eq!(
+        payloads(&rec.texts()),
+        [payload(0)],
+        "the token still opened the call"
+    );
+}

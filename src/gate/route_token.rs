@@ -63,10 +63,12 @@ pub fn nonce() -> u64 {
     h.finish()
 }
 
-/// Verifies a token for the stream of `call_sid` and uses it up. The store answers whether the
-/// caller is blocked now and whether the token was used before; a store that cannot answer
-/// refuses the stream (a token is never let through unchecked).
-pub async fn redeem(
+/// Verifies a token for the stream of `call_sid` without using it up: the signature, the
+/// expiry, the call it is bound to, and (the store answers) that its caller is not blocked
+/// now. A store that cannot answer refuses the stream (a token is never let through
+/// unchecked). The stream uses the token up with [`claim`] once nothing else refuses it, so
+/// a stream refused for any other reason burns nobody's token.
+pub async fn check(
     store: &dyn StateStore,
     secret: &str,
     token: &str,
@@ -91,6 +93,18 @@ pub async fn redeem(
     {
         return Err(TokenError::CallerBlocked);
     }
+    Ok(claims)
+}
+
+/// Uses a checked token up: the first stream to claim it has it; any other, on any instance,
+/// is refused until it expires.
+pub async fn claim(
+    store: &dyn StateStore,
+    token: &str,
+    claims: &Claims,
+    now: u64,
+) -> Result<(), TokenError> {
+    let unavailable = |e: crate::store::StoreError| TokenError::Unavailable(e.to_string());
     // The tag is unique to the claims; kept until the token could no longer verify anyway.
     let tag = token.trim().rsplit_once('.').map_or("", |(_, t)| t);
     let ttl = Duration::from_secs(claims.expires_at.saturating_sub(now).max(1));
@@ -101,7 +115,7 @@ pub async fn redeem(
     {
         return Err(TokenError::AlreadyUsed);
     }
-    Ok(claims)
+    Ok(())
 }
 
 fn mac(secret: &str, signed: &str) -> Hmac<Sha256> {

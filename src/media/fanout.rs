@@ -305,6 +305,26 @@ impl Queue {
             q.accounts.refuse();
             return Pushed::Dropped(dropped + 1);
         }
+        // Control messages are never dropped for room — up to twice the byte bound. Past it
+        // the backend has taken nothing while the caller kept pressing keys: the link is given
+        // up (no reconnect, what it holds counted dropped) rather than grown without end.
+        if held.bytes + size > self.max_bytes.saturating_mul(2) {
+            q.accounts.refuse();
+            if !q.giving_up {
+                warn!(
+                    fault = "backend",
+                    held_bytes = held.bytes,
+                    "a backend's queue is full of control messages it does not take; giving the link up"
+                );
+            }
+            q.giving_up = true;
+            q.closed = true;
+            let shed = shed_media(&mut q.items);
+            q.accounts.drop_held(&shed);
+            drop(q);
+            self.waker.wake();
+            return Pushed::Dropped(dropped + 1);
+        }
         if frame.kind == Kind::Stop {
             q.closed = true;
         }
@@ -1350,6 +1370,24 @@ mod tests {
         assert_eq!(q.held().bytes, 800, "what the writer holds");
     }
 
+    #[test]
+    fn control_messages_past_twice_the_byte_bound_give_the_link_up() {
+        let q = Queue::new(10, 4096);
+        let dtmf = "d".repeat(100);
+        let mut refused = 0;
+        for _ in 0..1000 {
+            if q.push(frame(Kind::Control, &dtmf)) != Pushed::Queued {
+                refused += 1;
+            }
+        }
+        let a = q.accounts();
+        assert!(a.held.bytes <= 2 * 4096, "{a:?}");
+        assert!(a.balanced(), "{a:?}");
+        assert!(refused > 900);
+        assert!(q.giving_up(), "the link is given up");
+        assert_eq!(q.push(frame(Kind::Media, "m")), Pushed::Closed);
+    }
+
     /// What the writer does with the queue, one step at a time (writes at once need a real
     /// socket: the media tests drive those through reconnects).
     #[derive(Debug, Clone)]
@@ -1397,8 +1435,8 @@ mod tests {
                             1 | 2 => Kind::Control,
                             _ => Kind::Media,
                         };
-                        stopped |= kind == Kind::Stop && !discarded;
-                        q.push(frame(kind, &"x".repeat(n)));
+                        let pushed = q.push(frame(kind, &"x".repeat(n)));
+                        stopped |= kind == Kind::Stop && pushed == Pushed::Queued;
                     }
                     Op::Take => q.take_all(&mut taken, &mut written),
                     Op::Flush(n) => {

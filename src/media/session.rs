@@ -526,7 +526,7 @@ impl Session {
 
         let security = &self.hub.settings.security;
         let token = match start.param("routeToken") {
-            Some(raw) => match route_token::redeem(
+            Some(raw) => match route_token::check(
                 self.hub.store.as_ref(),
                 security.route_token_secret.expose(),
                 raw,
@@ -536,19 +536,7 @@ impl Session {
             .await
             {
                 Ok(claims) => Some(claims),
-                Err(e) => {
-                    self.hub.metrics.route_token_failures.inc();
-                    let fault = match e {
-                        route_token::TokenError::Unavailable(_) => "store",
-                        _ => "twilio",
-                    };
-                    warn!(fault, error = %e, "stream refused");
-                    return Step::End(End::new(
-                        Outcome::refused_route_token,
-                        close::POLICY,
-                        e.to_string(),
-                    ));
-                }
+                Err(e) => return self.token_refused(e),
             },
             None if security.require_route_token => {
                 self.hub.metrics.route_token_failures.inc();
@@ -600,6 +588,14 @@ impl Session {
                 return Step::End(End::new(outcome, close::POLICY, e.to_string()));
             }
         };
+        // Used up only now that nothing else refuses the stream.
+        if let (Some(raw), Some(claims)) = (start.param("routeToken"), &token) {
+            if let Err(e) =
+                route_token::claim(self.hub.store.as_ref(), raw, claims, unix_now()).await
+            {
+                return self.token_refused(e);
+            }
+        }
         let Route {
             source,
             targets,
@@ -699,6 +695,21 @@ impl Session {
             started: Instant::now(),
         });
         Step::Continue
+    }
+
+    /// A stream refused for its route token: counted, logged with whose fault it is.
+    fn token_refused(&self, e: route_token::TokenError) -> Step {
+        self.hub.metrics.route_token_failures.inc();
+        let fault = match e {
+            route_token::TokenError::Unavailable(_) => "store",
+            _ => "twilio",
+        };
+        warn!(fault, error = %e, "stream refused");
+        Step::End(End::new(
+            Outcome::refused_route_token,
+            close::POLICY,
+            e.to_string(),
+        ))
     }
 
     /// Logs a skipped message once per reason per call, and counts every one.
