@@ -140,17 +140,28 @@ impl Root {
     }
 }
 
-/// `nobody`, when the tests run as root and can switch to it.
+/// `nobody`, when the tests run as root, can switch to it, and `nobody` can run the built
+/// binary where it lies (a checkout under a private home directory is out of its reach).
 fn unprivileged() -> Option<(u32, u32)> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let setpriv = Command::new("setpriv")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    (root && setpriv).then_some((65534, 65534))
+    static NOBODY: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *NOBODY.get_or_init(|| {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let runs = root
+            && Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(env!("CARGO_BIN_EXE_call-proxy"))
+                .arg("--version")
+                .env_clear()
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if !runs {
+            eprintln!("not running the binary as nobody here (not root, no setpriv, or the binary is out of its reach): running it as this user");
+        }
+        runs.then_some((65534, 65534))
+    })
 }
 
 /// A command that runs `argv` as the image or unit would: only the given environment, in
