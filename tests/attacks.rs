@@ -298,3 +298,57 @@ async fn one_address_gets_its_share_of_the_connections_and_headers_are_bounded()
         "{answer}"
     );
 }
+
+/// One client hammering wrong keys and a rate limit cannot flood the log: a few lines, then
+/// at most one a second; every refusal is still answered and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_flood_the_log_with_refusals() {
+    let proxy = tokio::task::spawn_blocking(|| {
+        ServiceProcess::spawn(&[
+            ("CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE", "60"),
+            ("CALL_PROXY__RATE_LIMITS__HTTP_BURST", "100"),
+        ])
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let began = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..300 {
+        let r = client
+            .get(proxy.url("/blocked-callers"))
+            .header("apiKey", "wrong")
+            .send()
+            .await
+            .unwrap();
+        *statuses.entry(r.status().as_u16()).or_insert(0) += 1;
+    }
+    let seconds = began.elapsed().as_secs() + 1;
+    assert_eq!(statuses.get(&403), Some(&100), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&200), "{statuses:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<String> = proxy
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"level\":\"WARN\"") && l.contains("127.0.0.1"))
+        .collect();
+    assert!(
+        lines.len() as u64 <= 5 + seconds,
+        "{} WARN lines in {seconds} s:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    // The limit lets one request a second through again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let m = reqwest::get(proxy.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, r#"call_proxy_rate_limited_total{scope="http_per_ip"}"#),
+        Some(200.0),
+        "every refusal counted"
+    );
+}

@@ -409,7 +409,9 @@ async fn login(
 }
 
 async fn record_failure(state: &AppState, window: &str, client: IpAddr) {
-    tracing::warn!(%client, "wrong API key typed into the operator page");
+    if state.limits.may_log(client) {
+        tracing::warn!(%client, "wrong API key typed into the operator page");
+    }
     let _ = state
         .store
         .count_in_window(window, Duration::from_secs(3600))

@@ -14,7 +14,16 @@ pub async fn require(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    check(state.settings.security.api_key.expose(), request.headers())?;
+    let client = request
+        .extensions()
+        .get::<super::rate_limit::ClientIp>()
+        .map(|c| c.0);
+    check(state.settings.security.api_key.expose(), request.headers()).inspect_err(|e| {
+        if e.status == StatusCode::FORBIDDEN && client.is_none_or(|ip| state.limits.may_log(ip)) {
+            let client = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+            tracing::warn!(%client, "operator route refused: {}", e.message);
+        }
+    })?;
     Ok(next.run(request).await)
 }
 
@@ -41,7 +50,6 @@ fn check(configured: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     if bool::from(presented.trim().as_bytes().ct_eq(configured.as_bytes())) {
         Ok(())
     } else {
-        tracing::warn!("operator route called with a wrong API key");
         Err(ApiError::new(StatusCode::FORBIDDEN, "wrong API key"))
     }
 }

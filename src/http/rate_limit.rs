@@ -19,8 +19,14 @@ pub struct Limiters {
     http: Option<DefaultKeyedRateLimiter<IpAddr>>,
     upgrades: Option<DefaultKeyedRateLimiter<IpAddr>>,
     pins: Option<DefaultKeyedRateLimiter<String>>,
+    /// WARN lines about one client (its 429s, wrong keys, bad signatures): a few, then one a
+    /// second at most, so one client cannot flood the log. Every refusal is still counted.
+    log_lines: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
 }
+
+/// WARN lines about one client: a burst of this many, then one a second.
+const LOG_BURST: u32 = 5;
 
 fn limiter<K: std::hash::Hash + Eq + Clone>(
     per_minute: u32,
@@ -55,6 +61,10 @@ impl Limiters {
             http: limiter(settings.http_per_ip_per_minute, settings.http_burst),
             upgrades: limiter(settings.upgrades_per_ip_per_minute, settings.upgrades_burst),
             pins: limiter(settings.pin_per_caller_per_minute, settings.pin_burst),
+            log_lines: DefaultKeyedRateLimiter::keyed(
+                Quota::per_second(NonZeroU32::MIN)
+                    .allow_burst(NonZeroU32::new(LOG_BURST).unwrap_or(NonZeroU32::MIN)),
+            ),
             clock: DefaultClock::default(),
         }
     }
@@ -76,6 +86,11 @@ impl Limiters {
         self.check(&self.pins, &caller.to_string())
     }
 
+    /// Whether a WARN line about `client` may be written now (see `log_lines`).
+    pub fn may_log(&self, client: IpAddr) -> bool {
+        self.log_lines.check_key(&client).is_ok()
+    }
+
     /// Forgets keys that have been quiet long enough to be full again; run periodically so
     /// the maps do not grow with every address ever seen.
     pub fn forget_idle(&self) {
@@ -91,6 +106,8 @@ impl Limiters {
             l.retain_recent();
             l.shrink_to_fit();
         }
+        self.log_lines.retain_recent();
+        self.log_lines.shrink_to_fit();
     }
 }
 
@@ -142,7 +159,9 @@ pub async fn per_ip(
     };
     if let Err(limited) = state.limits.check(limiter, &ip) {
         state.metrics.limited(scope);
-        tracing::warn!(%ip, limit = scope, "rate limited");
+        if state.limits.may_log(ip) {
+            tracing::warn!(%ip, limit = scope, "rate limited (repeated lines about one client are rate limited too)");
+        }
         return Err(limited);
     }
     Ok(next.run(request).await)

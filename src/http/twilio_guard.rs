@@ -23,13 +23,19 @@ pub async fn require(
         return Ok(next.run(request).await);
     }
     let (parts, body) = request.into_parts();
+    let client = parts
+        .extensions
+        .get::<super::rate_limit::ClientIp>()
+        .map(|c| c.0);
     let refuse = |scope: &'static str, status: StatusCode, message: &str| {
         state.metrics.signature_failed(scope);
-        warn!(
-            path = %parts.uri.path(),
-            why = scope,
-            "request refused: {message}"
-        );
+        if client.is_none_or(|ip| state.limits.may_log(ip)) {
+            warn!(
+                path = %parts.uri.path(),
+                why = scope,
+                "request refused: {message}"
+            );
+        }
         ApiError::new(status, message)
     };
     let Some(presented) = parts
