@@ -434,21 +434,25 @@ impl Session {
                 let audio = (call.any_pcm && callers)
                     .then(|| wire::caller_audio(&media.payload, decoded))
                     .flatten();
+                let media = |message| Frame {
+                    kind: Kind::Media,
+                    message,
+                    received: now,
+                };
                 for link in &mut call.links {
                     let message = match link.format {
                         WireFormat::Twilio => twilio.clone(),
                         WireFormat::Compact => compact.clone(),
-                        WireFormat::Pcm16 => match (&audio, &mut link.pcm) {
-                            (Some(audio), Some(pcm)) => pcm.frame(audio),
-                            _ => None,
-                        },
+                        WireFormat::Pcm16 => {
+                            if let (Some(audio), Some(mut pcm)) = (&audio, link.pcm.take()) {
+                                pcm.frames(audio, |message| link.push(media(message)));
+                                link.pcm = Some(pcm);
+                            }
+                            None
+                        }
                     };
                     if let Some(message) = message {
-                        link.push(Frame {
-                            kind: Kind::Media,
-                            message,
-                            received: now,
-                        });
+                        link.push(media(message));
                     }
                 }
                 Step::Continue

@@ -153,6 +153,8 @@ pub fn compact_payload<'a>(payload: &'a str, decoded: &[u8]) -> Option<Cow<'a, s
 #[derive(Debug)]
 pub struct PcmDown {
     resampler: Resampler,
+    /// The backend's rate.
+    rate: u32,
     samples: Vec<i16>,
     out: Vec<i16>,
 }
@@ -161,26 +163,37 @@ impl PcmDown {
     pub fn new(rate: u32) -> Result<PcmDown, crate::audio::resample::ResampleError> {
         Ok(PcmDown {
             resampler: Resampler::new(crate::audio::SAMPLE_RATE, rate)?,
+            rate,
             samples: Vec::new(),
             out: Vec::new(),
         })
     }
 
-    /// One binary frame for `mulaw`, or `None` while the resampler is still filling.
-    pub fn frame(&mut self, mulaw_audio: &[u8]) -> Option<Message> {
+    /// The binary frames for `mulaw`, each handed to `each`: none while the resampler is
+    /// still filling, one for an ordinary 20 ms frame, and for a payload longer than two
+    /// frames' worth (a whole file in one `media`) one per 20 ms, so no single message grows
+    /// with what the stream chose to send.
+    pub fn frames(&mut self, mulaw_audio: &[u8], mut each: impl FnMut(Message)) {
         self.samples.clear();
         self.samples
             .extend(mulaw_audio.iter().map(|&c| mulaw::decode(c)));
         self.out.clear();
         self.resampler.push(&self.samples, &mut self.out);
-        if self.out.is_empty() {
-            return None;
+        // 20 ms at the backend's rate; an ordinary frame's output is one piece, whatever
+        // the resampler's delay leaves it a sample or two longer or shorter.
+        let piece = (self.rate as usize / 50).max(1);
+        let chunk = if self.out.len() <= 2 * piece {
+            self.out.len().max(1)
+        } else {
+            piece
+        };
+        for samples in self.out.chunks(chunk) {
+            let mut bytes = Vec::with_capacity(samples.len() * 2);
+            for s in samples {
+                bytes.extend_from_slice(&s.to_le_bytes());
+            }
+            each(Message::Binary(bytes.into()));
         }
-        let mut bytes = Vec::with_capacity(self.out.len() * 2);
-        for s in &self.out {
-            bytes.extend_from_slice(&s.to_le_bytes());
-        }
-        Some(Message::Binary(bytes.into()))
     }
 }
 
@@ -313,8 +326,10 @@ mod tests {
     fn pcm16_at_8_khz_is_exactly_the_g711_decode() {
         let codes: Vec<u8> = (0..=255).collect();
         let mut down = PcmDown::new(8000).unwrap();
-        let Some(Message::Binary(b)) = down.frame(&codes) else {
-            panic!("a frame")
+        let mut frames = Vec::new();
+        down.frames(&codes, |m| frames.push(m));
+        let [Message::Binary(b)] = &frames[..] else {
+            panic!("one frame: {frames:?}")
         };
         let samples: Vec<i16> = b
             .chunks(2)
@@ -324,6 +339,22 @@ mod tests {
             samples,
             codes.iter().map(|&c| mulaw::decode(c)).collect::<Vec<_>>()
         );
+    }
+
+    /// A whole file in one payload reaches a pcm16 backend as 20 ms frames, not one message
+    /// of the file's length.
+    #[test]
+    fn long_payloads_go_out_in_20_ms_frames() {
+        let codes = vec![0x7fu8; 48_000]; // 6 s at 8 kHz
+        let mut down = PcmDown::new(24_000).unwrap();
+        let mut sizes = Vec::new();
+        down.frames(&codes, |m| sizes.push(m.len()));
+        assert!(sizes.len() >= 290, "{} frames", sizes.len());
+        assert!(sizes.iter().all(|&n| n <= 24_000 / 50 * 2), "{sizes:?}");
+        // An ordinary 20 ms frame stays one message.
+        let mut n = 0;
+        down.frames(&codes[..160], |_| n += 1);
+        assert_eq!(n, 1);
     }
 
     #[test]
