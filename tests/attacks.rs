@@ -65,14 +65,11 @@ async fn flood_pings(ws: &mut common::Socket, limit: Duration) -> bool {
 async fn a_ping_flood_that_never_reads_its_pongs_is_closed_and_costs_no_memory() {
     let backend = Backend::start(Behaviour::Normal).await;
     let url = backend.url();
-    let proxy = tokio::task::spawn_blocking(move || {
-        ServiceProcess::spawn(&[
-            ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
-            ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
-        ])
-    })
-    .await
-    .unwrap();
+    let proxy = ServiceProcess::start(&[
+        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+    ])
+    .await;
     let pid = proxy.child.id();
     let before = rss_kib(pid);
 
@@ -166,16 +163,13 @@ async fn flooding_speaker(per_second: u32, seconds: u64) -> String {
 async fn a_speaker_flooding_a_slow_caller_is_bounded_and_past_its_limit_dropped() {
     for (per_second, misbehaves) in [(800u32, false), (6000, true)] {
         let url = flooding_speaker(per_second, 5).await;
-        let proxy = tokio::task::spawn_blocking(move || {
-            ServiceProcess::spawn(&[
-                ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url.as_str()),
-                ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
-                ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
-                ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
-            ])
-        })
-        .await
-        .unwrap();
+        let proxy = ServiceProcess::start(&[
+            ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url.as_str()),
+            ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
+            ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
+            ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
+        ])
+        .await;
         let pid = proxy.child.id();
         let before = rss_kib(pid);
         let mut caller = never_reading_socket(&proxy).await;
@@ -238,16 +232,13 @@ async fn one_address_gets_its_share_of_the_connections_and_headers_are_bounded()
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start(Behaviour::Normal).await;
     let url = backend.url();
-    let proxy = tokio::task::spawn_blocking(move || {
-        ServiceProcess::spawn(&[
-            ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
-            ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
-            ("CALL_PROXY__SERVER__MAX_CONNECTIONS", "300"),
-            ("CALL_PROXY__SERVER__MAX_CONNECTIONS_PER_ADDRESS", "20"),
-        ])
-    })
-    .await
-    .unwrap();
+    let proxy = ServiceProcess::start(&[
+        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+        ("CALL_PROXY__SERVER__MAX_CONNECTIONS", "300"),
+        ("CALL_PROXY__SERVER__MAX_CONNECTIONS_PER_ADDRESS", "20"),
+    ])
+    .await;
     // 40 idle sockets from 127.0.0.1, each with a request begun and never finished.
     let mut held = Vec::new();
     for _ in 0..40 {
@@ -303,14 +294,11 @@ async fn one_address_gets_its_share_of_the_connections_and_headers_are_bounded()
 /// at most one a second; every refusal is still answered and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_flood_the_log_with_refusals() {
-    let proxy = tokio::task::spawn_blocking(|| {
-        ServiceProcess::spawn(&[
-            ("CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE", "60"),
-            ("CALL_PROXY__RATE_LIMITS__HTTP_BURST", "100"),
-        ])
-    })
-    .await
-    .unwrap();
+    let proxy = ServiceProcess::start(&[
+        ("CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE", "60"),
+        ("CALL_PROXY__RATE_LIMITS__HTTP_BURST", "100"),
+    ])
+    .await;
     let client = reqwest::Client::new();
     let began = Instant::now();
     let mut statuses = std::collections::BTreeMap::new();

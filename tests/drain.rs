@@ -225,12 +225,7 @@ async fn a_second_sigterm_ends_long_calls_at_once_with_stop_to_every_backend() {
     proxy.wait_for_log("draining: /readyz answers 503; live calls run to their end");
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.sigterm();
-    let (status, proxy) = tokio::task::spawn_blocking(move || {
-        let mut proxy = proxy;
-        (proxy.wait_exit(Duration::from_secs(10)), proxy)
-    })
-    .await
-    .unwrap();
+    let (status, proxy) = proxy.exited(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status}");
     assert!(
         first.elapsed() < Duration::from_secs(6),
@@ -313,12 +308,7 @@ async fn after_the_admission_window_new_streams_get_503_and_every_connection_an_
 
     let (early, late) = (early.await.unwrap(), late.await.unwrap());
     assert_eq!((early.close, late.close), (Some(1000), Some(1000)));
-    let (status, proxy) = tokio::task::spawn_blocking(move || {
-        let mut proxy = proxy;
-        (proxy.wait_exit(Duration::from_secs(10)), proxy)
-    })
-    .await
-    .unwrap();
+    let (status, proxy) = proxy.exited(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     let refused = proxy
         .lines()
@@ -352,12 +342,7 @@ async fn the_drain_deadline_ends_what_is_left_with_stop_and_1001() {
         after >= Duration::from_millis(1400) && after < Duration::from_secs(5),
         "ended {after:?} after the signal, the deadline is 1.5 s"
     );
-    let (status, proxy) = tokio::task::spawn_blocking(move || {
-        let mut proxy = proxy;
-        (proxy.wait_exit(Duration::from_secs(10)), proxy)
-    })
-    .await
-    .unwrap();
+    let (status, proxy) = proxy.exited(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     proxy.wait_for_log(
         "drain deadline (server.drain_timeout_ms) reached; ending the calls that are left",

@@ -163,14 +163,11 @@ async fn attempts(p: &ServiceProcess, caller: &str) -> u16 {
 async fn the_originals_pin_service_is_asked_as_it_was() {
     let service = PinService::start().await;
     let url = service.url.clone();
-    let proxy = tokio::task::spawn_blocking(move || {
-        ServiceProcess::spawn(&[
-            ("SERVER_API_HOST", url.as_str()),
-            ("SERVER_API_TIMEOUT_MS", "500"),
-        ])
-    })
-    .await
-    .unwrap();
+    let proxy = ServiceProcess::start(&[
+        ("SERVER_API_HOST", url.as_str()),
+        ("SERVER_API_TIMEOUT_MS", "500"),
+    ])
+    .await;
 
     let r = validate(&proxy, "4242", "+15557770001").await;
     assert_eq!(r.status(), 200);

@@ -207,16 +207,22 @@ fn debug_routes(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// The caller a debug route acts on, once debug routes are known to be on.
+fn debug_caller<'a>(state: &AppState, caller: &'a str) -> Result<&'a str, ApiError> {
+    debug_routes(state)?;
+    let caller = caller_id(caller)?;
+    if caller.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "callerId: empty"));
+    }
+    Ok(caller)
+}
+
 /// Debug route: blocks a caller by hand (201).
 pub async fn block_caller(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<Response, ApiError> {
-    debug_routes(&state)?;
-    let caller = caller_id(&caller)?;
-    if caller.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "callerId: empty"));
-    }
+    let caller = debug_caller(&state, &caller)?;
     let block = state.gate.block(caller, "blocked by an operator").await?;
     Ok((StatusCode::CREATED, Json(block_json(&block))).into_response())
 }
@@ -241,11 +247,7 @@ pub async fn count_attempt(
     State(state): State<AppState>,
     Path(caller): Path<String>,
 ) -> Result<Response, ApiError> {
-    debug_routes(&state)?;
-    let caller = caller_id(&caller)?;
-    if caller.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "callerId: empty"));
-    }
+    let caller = debug_caller(&state, &caller)?;
     let (attempts, blocked) = state.gate.count_failure(caller).await?;
     Ok((
         StatusCode::CREATED,

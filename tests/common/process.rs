@@ -133,6 +133,31 @@ impl ServiceProcess {
         format!("ws://{}/media", self.addr)
     }
 
+    /// [`spawn`](Self::spawn) from async code (it blocks until the listening line).
+    pub async fn start(env: &[(&str, &str)]) -> ServiceProcess {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            ServiceProcess::spawn(&env)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// [`wait_exit`](Self::wait_exit) from async code; hands the process back for its log.
+    pub async fn exited(self, limit: std::time::Duration) -> (std::process::ExitStatus, Self) {
+        tokio::task::spawn_blocking(move || {
+            let mut proxy = self;
+            (proxy.wait_exit(limit), proxy)
+        })
+        .await
+        .unwrap()
+    }
+
     /// SIGTERM, as a deploy or `systemctl stop` sends it.
     pub fn sigterm(&self) {
         let status = std::process::Command::new("kill")
