@@ -79,7 +79,8 @@ pub async fn run(
     state.hub.set_local_addr(local_addr);
     announce(&state, local_addr);
     let background = spawn_background(&state);
-    let mut signals = std::pin::pin!(signals);
+    // Fused: a stream of signals that ends (a test's channel dropped) is never polled again.
+    let mut signals = std::pin::pin!(signals.fuse());
 
     let limits = http::server::ConnectionLimits {
         header_timeout: state.settings.header_timeout(),
