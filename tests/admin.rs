@@ -350,3 +350,117 @@ async fn a_crafted_notice_in_the_address_shows_nothing() {
         .unwrap()
         .contains("Blocked: the caller is on the list below."));
 }
+
+/// Sessions live in the store: after logout the old cookie and its CSRF token open nothing,
+/// while another operator's session goes on.
+#[tokio::test]
+async fn logout_closes_the_session_for_good_and_only_that_one() {
+    let proxy = Proxy::start(settings(&[])).await;
+    let mine = log_in(&proxy, "test-key").await;
+    let theirs = log_in(&proxy, "test-key").await;
+    let token = csrf_of(&page(&proxy, &mine).await);
+    assert_eq!(
+        submit(&proxy, "/admin/logout", &mine, &[("csrf", token.as_str())]).await,
+        303
+    );
+    let html = page(&proxy, &mine).await;
+    assert!(
+        html.contains(r#"name="key""#),
+        "the login form again: {html}"
+    );
+    assert_eq!(
+        submit(
+            &proxy,
+            "/admin/block",
+            &mine,
+            &[("csrf", token.as_str()), ("callerId", "+15550001234")]
+        )
+        .await,
+        401,
+        "the old cookie and CSRF token open nothing"
+    );
+    let r = client()
+        .get(proxy.url("/admin/live"))
+        .header("cookie", &mine)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        page(&proxy, &theirs).await.contains("Live calls"),
+        "the other session goes on"
+    );
+}
+
+/// One limit for wrong keys, through the `apiKey` header and the login form alike, counted
+/// before it is decided: past it wrong keys wait and get 429, and the right key still works
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_keys_are_slowed_by_one_limit_and_the_right_key_is_never_refused() {
+    let mut s = settings(&[]);
+    s.rate_limits.http_per_ip_per_minute = 0;
+    let proxy = std::sync::Arc::new(Proxy::start(s).await);
+    // Thirty at once: exactly the limit's twenty are plain refusals.
+    let tries = (0..30).map(|_| {
+        let proxy = proxy.clone();
+        async move {
+            client()
+                .get(proxy.url("/blocked-callers"))
+                .header("apiKey", "guess")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(tries).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 403).count(),
+        20,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        10,
+        "{statuses:?}"
+    );
+    // The form counts against the same limit.
+    let r = client()
+        .post(proxy.url("/admin/login"))
+        .form(&[("key", "another guess")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // The right key, by header and by form, at once.
+    let began = std::time::Instant::now();
+    assert_eq!(
+        proxy
+            .get_with_key("/blocked-callers", "test-key")
+            .await
+            .status(),
+        200
+    );
+    log_in(&proxy, "test-key").await;
+    assert!(began.elapsed() < std::time::Duration::from_millis(500));
+}
+
+/// With the store down the limit fails closed: a wrong key is slowed and refused; the right
+/// key still works (it needs no store).
+#[tokio::test]
+async fn the_wrong_key_limit_fails_closed_when_the_store_is_down() {
+    let mut redis = RedisServer::start();
+    let mut s = settings(&[]);
+    use_redis(&mut s, &redis, "keys-down");
+    let proxy = Proxy::start(s).await;
+    redis.stop();
+    let r = client()
+        .get(proxy.url("/calls"))
+        .header("apiKey", "guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(proxy.get_with_key("/calls", "test-key").await.status(), 200);
+}

@@ -3,11 +3,12 @@
 //! the templates in `templates/admin/`. A small script beside it refreshes the live part.
 //!
 //! Access is the API key, typed once into a login form: the answer is a session cookie
-//! (HttpOnly, SameSite=Strict, Secure when the page is served over TLS) holding an expiry
-//! signed with a key derived from the API key, so every instance accepts it and changing the
-//! key ends every session. Forms carry a CSRF token bound to the session.
+//! (HttpOnly, SameSite=Strict, Secure when the page is served over TLS) holding a random
+//! session id and an expiry, signed with a key derived from the API key, so changing the key
+//! ends every session. The session itself lives in the store: logout closes it there, so the
+//! old cookie and its CSRF token open nothing afterwards, on any instance. Forms carry a
+//! CSRF token bound to the session.
 
-use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use askama::Template;
@@ -32,8 +33,6 @@ use crate::media::{BackendSnapshot, EndedCall};
 const COOKIE: &str = "cp_admin";
 /// How long a login lasts.
 const SESSION_SECS: u64 = 8 * 3600;
-/// Wrong keys one address may type into the login form in an hour.
-const LOGIN_FAILURES_PER_HOUR: u64 = 20;
 
 /// Content-Security-Policy: nothing from elsewhere, and no inline script or style.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -68,10 +67,35 @@ fn mac(api_key: &str, purpose: &str, data: &str) -> Vec<u8> {
     m.finalize().into_bytes().to_vec()
 }
 
-fn new_session(api_key: &str, now: u64) -> String {
-    let expires = now + SESSION_SECS;
-    let tag = URL_SAFE_NO_PAD.encode(mac(api_key, "session", &expires.to_string()));
-    format!("{expires}.{tag}")
+/// A fresh session id: 32 bytes of the system's randomness.
+fn session_id() -> Option<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).ok()?;
+    Some(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The cookie's value for session `id`: `expires.id.tag`.
+fn new_session(api_key: &str, now: u64, id: &str) -> String {
+    let signed = format!("{}.{id}", now + SESSION_SECS);
+    let tag = URL_SAFE_NO_PAD.encode(mac(api_key, "session", &signed));
+    format!("{signed}.{tag}")
+}
+
+/// The session id in a cookie value [`session`] accepted.
+fn id_of(session: &str) -> &str {
+    session.split('.').nth(1).unwrap_or_default()
+}
+
+/// The cookie's session, if it is signed under the API key, not expired, and open in the
+/// store. A store that does not answer opens nothing.
+async fn live_session(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    let key = state.settings.security.api_key.expose();
+    let value = session(key, headers, unix_now())?;
+    match state.store.session_live(id_of(&value)).await {
+        Ok(true) => Some(value),
+        _ => None,
+    }
 }
 
 /// The session cookie's value, if it holds a live session signed under `api_key`.
@@ -87,13 +111,14 @@ fn session(api_key: &str, headers: &HeaderMap, now: u64) -> Option<String> {
         .filter_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
         .next()?
         .to_string();
-    let (expires, tag) = value.split_once('.')?;
+    let (signed, tag) = value.rsplit_once('.')?;
+    let (expires, id) = signed.split_once('.')?;
     let at: u64 = expires.parse().ok()?;
-    if at <= now || at > now + SESSION_SECS {
+    if at <= now || at > now + SESSION_SECS || id.is_empty() {
         return None;
     }
     let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-    let expected = mac(api_key, "session", expires);
+    let expected = mac(api_key, "session", signed);
     bool::from(tag.ct_eq(&expected)).then_some(value)
 }
 
@@ -311,7 +336,7 @@ async fn page(
     if key.is_empty() {
         return html(StatusCode::OK, NoKey.render());
     }
-    let Some(session) = session(key, &headers, unix_now()) else {
+    let Some(session) = live_session(&state, &headers).await else {
         return html(StatusCode::OK, Login { error: None }.render());
     };
     let blocked = state.gate.blocks().await.ok().map(|blocks| {
@@ -359,8 +384,7 @@ async fn page(
 }
 
 async fn live(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let key = state.settings.security.api_key.expose();
-    if session(key, &headers, unix_now()).is_none() {
+    if live_session(&state, &headers).await.is_none() {
         return super::ApiError::new(StatusCode::UNAUTHORIZED, "log in at /admin").into_response();
     }
     html(StatusCode::OK, live_view(&state).await.render())
@@ -381,41 +405,44 @@ async fn login(
     if key.is_empty() {
         return html(StatusCode::FORBIDDEN, NoKey.render());
     }
-    let window = format!("admin-login:{client}");
-    if let Ok(Some((failures, left))) = state.store.window(&window).await {
-        if failures >= LOGIN_FAILURES_PER_HOUR {
-            state.metrics.limited("admin_login");
-            return Limited(left).into_response();
-        }
-    }
     if !bool::from(form.key.trim().as_bytes().ct_eq(key.as_bytes())) {
-        record_failure(&state, &window, client).await;
+        if state.limits.may_log(client) {
+            tracing::warn!(%client, "wrong API key typed into the operator page");
+        }
+        // The same limit as the apiKey header's: wrong keys slow down, the right one never.
+        if let Some(retry) = super::api_key::wrong_key(&state, client).await {
+            return Limited(retry).into_response();
+        }
         let page = Login {
             error: Some("That is not the API key."),
         };
         return html(StatusCode::FORBIDDEN, page.render());
+    }
+    let Some(id) = session_id() else {
+        return super::ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no randomness for a session",
+        )
+        .into_response();
+    };
+    let ttl = Duration::from_secs(SESSION_SECS);
+    if state.store.session_open(&id, ttl).await.is_err() {
+        let page = Login {
+            error: Some("The state store did not answer: try again shortly."),
+        };
+        return html(StatusCode::SERVICE_UNAVAILABLE, page.render());
     }
     tracing::info!(%client, "operator logged in to the page");
     let mut r = Redirect::to("/admin").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
         cookie(
-            &new_session(key, unix_now()),
+            &new_session(key, unix_now(), &id),
             SESSION_SECS,
             over_tls(&state, &headers),
         ),
     );
     r
-}
-
-async fn record_failure(state: &AppState, window: &str, client: IpAddr) {
-    if state.limits.may_log(client) {
-        tracing::warn!(%client, "wrong API key typed into the operator page");
-    }
-    let _ = state
-        .store
-        .count_in_window(window, Duration::from_secs(3600))
-        .await;
 }
 
 #[derive(Deserialize)]
@@ -430,11 +457,16 @@ struct CallerForm {
     caller_id: String,
 }
 
-/// Whether a form comes with a live session and that session's CSRF token.
-fn checked(state: &AppState, headers: &HeaderMap, csrf: &str) -> Result<(), super::ApiError> {
+/// Whether a form comes with a live session and that session's CSRF token; answers the
+/// session.
+async fn checked(
+    state: &AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<String, super::ApiError> {
     let key = state.settings.security.api_key.expose();
-    match session(key, headers, unix_now()) {
-        Some(s) if csrf_ok(key, &s, csrf) => Ok(()),
+    match live_session(state, headers).await {
+        Some(s) if csrf_ok(key, &s, csrf) => Ok(s),
         Some(_) => Err(super::ApiError::new(
             StatusCode::FORBIDDEN,
             "the form's CSRF token does not match this session; reload the page",
@@ -451,8 +483,17 @@ async fn logout(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(refused) = checked(&state, &headers, &form.csrf) {
-        return refused.into_response();
+    let session = match checked(&state, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(refused) => return refused.into_response(),
+    };
+    // Closed in the store: this cookie and its CSRF token open nothing from now on.
+    if state.store.session_close(id_of(&session)).await.is_err() {
+        return super::ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the state store did not answer: the session is still open; try again",
+        )
+        .into_response();
     }
     let mut r = Redirect::to("/admin").into_response();
     r.headers_mut().insert(
@@ -522,7 +563,7 @@ async fn block(
     headers: HeaderMap,
     Form(form): Form<CallerForm>,
 ) -> Response {
-    if let Err(refused) = checked(&state, &headers, &form.csrf) {
+    if let Err(refused) = checked(&state, &headers, &form.csrf).await {
         return refused.into_response();
     }
     let caller = form.caller_id.trim();
@@ -540,7 +581,7 @@ async fn unblock(
     headers: HeaderMap,
     Form(form): Form<CallerForm>,
 ) -> Response {
-    if let Err(refused) = checked(&state, &headers, &form.csrf) {
+    if let Err(refused) = checked(&state, &headers, &form.csrf).await {
         return refused.into_response();
     }
     let caller = form.caller_id.trim();
@@ -582,7 +623,8 @@ mod tests {
     #[test]
     fn sessions_are_signed_expire_and_die_with_the_key() {
         let now = 1_000_000;
-        let s = new_session("key-one", now);
+        let s = new_session("key-one", now, "id1");
+        assert_eq!(id_of(&s), "id1");
         assert_eq!(
             session("key-one", &with_cookie(&s), now + 10).as_deref(),
             Some(s.as_str())
@@ -595,8 +637,8 @@ mod tests {
             session("key-one", &with_cookie(&s), now + SESSION_SECS).is_none(),
             "expired"
         );
-        let (expires, tag) = s.split_once('.').unwrap();
-        let stretched = format!("{}.{tag}", expires.parse::<u64>().unwrap() + 3600);
+        let (expires, rest) = s.split_once('.').unwrap();
+        let stretched = format!("{}.{rest}", expires.parse::<u64>().unwrap() + 3600);
         assert!(
             session("key-one", &with_cookie(&stretched), now).is_none(),
             "forged expiry"
@@ -608,7 +650,7 @@ mod tests {
         let token = csrf_token("key-one", &s);
         assert!(csrf_ok("key-one", &s, &token));
         assert!(
-            !csrf_ok("key-one", &new_session("key-one", now + 1), &token),
+            !csrf_ok("key-one", &new_session("key-one", now, "id2"), &token),
             "bound to its session"
         );
         assert!(!csrf_ok("key-one", &s, ""));

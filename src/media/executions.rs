@@ -329,6 +329,15 @@ mod tests {
         fn ping(&self) -> StoreFuture<'_, ()> {
             self.inner.ping()
         }
+        fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+            self.inner.session_open(id, ttl)
+        }
+        fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+            self.inner.session_live(id)
+        }
+        fn session_close<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+            self.inner.session_close(id)
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,6 +27,8 @@ struct Maps {
     windows: DashMap<String, (u64, Instant)>,
     /// Keys taken once, until they expire.
     claims: DashMap<String, Instant>,
+    /// Operator sessions and when each expires (in memory: a restart logs everyone out).
+    sessions: DashMap<String, Instant>,
 }
 
 #[derive(Default)]
@@ -365,6 +367,28 @@ impl StateStore for MemoryStore {
         ready(claimed)
     }
 
+    fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.maps
+            .sessions
+            .insert(id.to_string(), Instant::now() + ttl);
+        ready(())
+    }
+
+    fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        ready(self.maps.sessions.get(id).is_some_and(|at| *at > now))
+    }
+
+    fn session_close<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        ready(
+            self.maps
+                .sessions
+                .remove(id)
+                .is_some_and(|(_, at)| at > now),
+        )
+    }
+
     fn purge_expired(&self) -> StoreFuture<'_, ()> {
         self.maps.purge(Instant::now(), unix_now());
         ready(())
@@ -400,6 +424,7 @@ impl Maps {
         self.blocks.retain(|_, b| live(b, now_unix));
         self.windows.retain(|_, (_, at)| *at > now);
         self.claims.retain(|_, at| *at > now);
+        self.sessions.retain(|_, at| *at > now);
         self.executions.retain(|_, streams| {
             streams.retain(|(_, at)| *at > now);
             !streams.is_empty()

@@ -128,6 +128,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// lasts (on every instance).
     fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool>;
 
+    /// Opens an operator session `id` for `ttl`.
+    fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()>;
+
+    /// Whether the operator session `id` is open (not expired, not closed).
+    fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;
+
+    /// Closes the operator session `id` (a logout): it opens nothing from now on, on any
+    /// instance. Answers whether it was open.
+    fn session_close<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;
+
     /// Forgets what has expired. Engines that expire entries by themselves do nothing.
     fn purge_expired(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))

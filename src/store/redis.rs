@@ -359,6 +359,37 @@ impl StateStore for RedisStore {
         })
     }
 
+    fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.call(
+                redis::cmd("SET")
+                    .arg(self.key("session", id))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .query_async::<()>(&mut conn),
+            )
+            .await
+        })
+    }
+
+    fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let n: u64 = self.call(conn.exists(self.key("session", id))).await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn session_close<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let n: u64 = self.call(conn.del(self.key("session", id))).await?;
+            Ok(n > 0)
+        })
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
