@@ -331,3 +331,22 @@ fn a_ca_file_that_is_a_device_is_refused_not_read_forever() {
     assert!(err.contains("larger than"), "{err}");
     assert!(began.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn a_header_value_from_the_environment_that_is_not_ascii_is_refused() {
+    let err = Settings::load(&with_env(&[
+        (
+            "CALL_PROXY__BACKENDS__TABLE__ASR__URL",
+            "wss://asr.example.com/v1",
+        ),
+        (
+            "CALL_PROXY__BACKENDS__TABLE__ASR__HEADERS__AUTHORIZATION",
+            "${ASR_TOKEN}",
+        ),
+        ("ASR_TOKEN", "Bearer t\u{f6}kenXYZZY"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("non-ASCII"), "{err}");
+    assert!(!err.contains("XYZZY"), "the value is not shown: {err}");
+}

@@ -101,7 +101,8 @@ impl Settings {
                     return Err(invalid(at, "not a valid HTTP header name"));
                 }
                 // The value is a secret: say what is wrong with it, never what it is.
-                if HeaderValue::from_str(value.expose()).is_err() {
+                // `HeaderValue` takes bytes past ASCII (obs-text); a backend's header must not.
+                if !value.expose().is_ascii() || HeaderValue::from_str(value.expose()).is_err() {
                     return Err(invalid(
                         at,
                         "the value is not a valid HTTP header value (control characters or non-ASCII)",
