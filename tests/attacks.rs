@@ -23,16 +23,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// A WebSocket to the proxy over a socket with a tiny receive window, so that what the proxy
 /// sends and nobody reads backs up into the proxy quickly.
 async fn never_reading_socket(proxy: &ServiceProcess) -> common::Socket {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(proxy.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(
-        proxy.ws_url(),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
-    ws
+    slow_reading_socket(proxy.addr, &proxy.ws_url(), 4096).await
 }
 
 /// Sends pings as fast as the socket takes them, never reading, until a send fails (the

@@ -162,7 +162,6 @@ async fn a_mark_goes_round_and_only_the_speaker_hears_its_echo() {
 
 #[tokio::test]
 async fn clear_reaches_the_caller_first_and_the_backlog_before_it_is_never_played() {
-    use tokio::net::TcpSocket;
     let mut agent = TalkingBackend::start().await;
     let mut s = talking(&[("agent", &agent.url(), WireFormat::Twilio)], &["agent"]);
     // This agent says far more than any real one at once, to overflow every buffer on the
@@ -171,15 +170,7 @@ async fn clear_reaches_the_caller_first_and_the_backlog_before_it_is_never_playe
     s.backends.max_speaker_bytes_per_second = 1 << 30;
     let proxy = Proxy::start(s).await;
     // A caller that reads slowly: a tiny receive window, so the proxy's writes back up.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(2048).unwrap();
-    let stream = socket.connect(proxy.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(
-        proxy.ws_url(),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
+    let ws = slow_reading_socket(proxy.addr, &proxy.ws_url(), 2048).await;
     let mut call = TwilioCall::from_socket(ws, "clear").await;
     call.start(&[("backendIds", "agent")]).await;
     agent.wait_for_start(1).await;

@@ -162,9 +162,10 @@ async fn serve_connection<S>(
     }
 }
 
-/// One open connection counted against its address; given back when dropped.
+/// One open connection counted against its address; given back when dropped. `open` is
+/// `None` when there is no cap: nothing is counted.
 struct AddressPlace {
-    open: Arc<DashMap<IpAddr, usize>>,
+    open: Option<Arc<DashMap<IpAddr, usize>>>,
     ip: IpAddr,
 }
 
@@ -172,10 +173,7 @@ impl AddressPlace {
     /// Counts one more connection from `ip`, or `None` when it has `max` open (0: no cap).
     fn take(open: &Arc<DashMap<IpAddr, usize>>, ip: IpAddr, max: usize) -> Option<AddressPlace> {
         if max == 0 {
-            return Some(AddressPlace {
-                open: Arc::default(),
-                ip,
-            });
+            return Some(AddressPlace { open: None, ip });
         }
         let mut n = open.entry(ip).or_default();
         if *n >= max {
@@ -183,7 +181,7 @@ impl AddressPlace {
         }
         *n += 1;
         Some(AddressPlace {
-            open: open.clone(),
+            open: Some(open.clone()),
             ip,
         })
     }
@@ -191,7 +189,8 @@ impl AddressPlace {
 
 impl Drop for AddressPlace {
     fn drop(&mut self) {
-        self.open.remove_if_mut(&self.ip, |_, n| {
+        let Some(open) = &self.open else { return };
+        open.remove_if_mut(&self.ip, |_, n| {
             *n = n.saturating_sub(1);
             *n == 0
         });

@@ -34,6 +34,18 @@ pub fn frame_number(payload: &str) -> u64 {
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A WebSocket to `ws_url` at `addr` over a socket with a receive window of `window` bytes:
+/// a caller that reads slowly (or not at all), so what the proxy sends backs up into it.
+pub async fn slow_reading_socket(addr: std::net::SocketAddr, ws_url: &str, window: u32) -> Socket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(window).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(ws_url, MaybeTlsStream::Plain(tcp))
+        .await
+        .unwrap();
+    ws
+}
+
 /// Plays Twilio's side of one media stream.
 pub struct TwilioCall {
     pub ws: Socket,
