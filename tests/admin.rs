@@ -392,6 +392,104 @@ async fn logout_closes_the_session_for_good_and_only_that_one() {
     );
 }
 
+/// The handles of the sessions the page lists, with the one it marks as the reader's own.
+fn sessions_of(html: &str) -> (Vec<String>, Option<String>) {
+    let mut all = Vec::new();
+    let mut mine = None;
+    for row in html.split(r#"<tr data-session=""#).skip(1) {
+        let handle = row.split('"').next().unwrap().to_string();
+        if row.split('>').next().unwrap().contains(r#"class="mine""#) {
+            mine = Some(handle.clone());
+        }
+        all.push(handle);
+    }
+    (all, mine)
+}
+
+/// The page lists every open session (on every instance: the store holds them) and revokes
+/// any of them: the revoked cookie opens nothing, the others go on; revoking one's own logs
+/// out. A handle that names nothing, or a forged form, closes nothing.
+async fn sessions_are_listed_and_revoked(proxy: &Proxy, other_instance: &Proxy) {
+    let mine = log_in(proxy, "test-key").await;
+    let theirs = log_in(other_instance, "test-key").await;
+    let html = page(proxy, &mine).await;
+    let (listed, own) = sessions_of(&html);
+    assert_eq!(listed.len(), 2, "{html}");
+    let own = own.expect("the reader's own session is marked");
+    let other = listed.iter().find(|h| **h != own).unwrap().clone();
+    assert!(html.contains("127.0.0.1"), "where each login came from");
+    assert!(
+        !html.contains(mine.split('.').nth(1).unwrap()),
+        "the page never shows a session id"
+    );
+    let token = csrf_of(&html);
+    // Without the CSRF token, or with a handle that is no session: nothing closes.
+    assert_eq!(
+        submit(
+            proxy,
+            "/admin/revoke",
+            &mine,
+            &[("csrf", "forged"), ("session", &other)]
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        submit(
+            proxy,
+            "/admin/revoke",
+            &mine,
+            &[("csrf", &token), ("session", "nope")]
+        )
+        .await,
+        303
+    );
+    assert!(page(other_instance, &theirs).await.contains("Live calls"));
+    // Revoked from one instance, refused on the other.
+    let r = client()
+        .post(proxy.url("/admin/revoke"))
+        .header("cookie", &mine)
+        .form(&[("csrf", token.as_str()), ("session", other.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/admin?done=revoked");
+    assert!(page(other_instance, &theirs)
+        .await
+        .contains(r#"name="key""#));
+    assert_eq!(sessions_of(&page(proxy, &mine).await).0, [own.clone()]);
+    // One's own: a logout.
+    let r = client()
+        .post(proxy.url("/admin/revoke"))
+        .header("cookie", &mine)
+        .form(&[("csrf", token.as_str()), ("session", own.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    assert!(page(proxy, &mine).await.contains(r#"name="key""#));
+}
+
+#[tokio::test]
+async fn sessions_are_listed_and_revoked_on_the_memory_engine() {
+    let proxy = Proxy::start(settings(&[])).await;
+    sessions_are_listed_and_revoked(&proxy, &proxy).await
+}
+
+#[tokio::test]
+async fn sessions_are_listed_and_revoked_across_instances_on_redis() {
+    let redis = RedisServer::start();
+    let mut s = settings(&[]);
+    use_redis(&mut s, &redis, "sessions");
+    let a = Proxy::start(s.clone()).await;
+    let b = Proxy::start(s).await;
+    sessions_are_listed_and_revoked(&a, &b).await
+}
+
 /// One limit for wrong keys, through the `apiKey` header and the login form alike, counted
 /// before it is decided: past it wrong keys wait and get 429, and the right key still works
 /// at once.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use call_proxy::config::{Settings, StoreKind};
-use call_proxy::store::{self, StateStore};
+use call_proxy::store::{self, OperatorSession, StateStore};
 use common::RedisServer;
 
 /// An engine under test, with whatever keeps it alive.
@@ -309,6 +309,33 @@ async fn a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry(e: Engin
     assert_eq!(s.blocked("+7").await.unwrap(), None, "it expired");
 }
 
+async fn operator_sessions_open_list_close_and_expire(e: Engine) {
+    let s = e.store;
+    let now = call_proxy::clock::unix_now();
+    let session = |id: &str, opened: u64, lasts: u64| OperatorSession {
+        id: id.to_string(),
+        opened_at: opened,
+        expires_at: now + lasts,
+        client: "203.0.113.9".to_string(),
+    };
+    s.session_open(&session("later", now, 3600)).await.unwrap();
+    s.session_open(&session("earlier", now - 60, 3600))
+        .await
+        .unwrap();
+    s.session_open(&session("brief", now, 1)).await.unwrap();
+    let ids = |list: Vec<OperatorSession>| list.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let listed = s.sessions().await.unwrap();
+    assert_eq!(listed[0], session("earlier", now - 60, 3600), "as written");
+    assert_eq!(ids(listed), ["earlier", "brief", "later"], "oldest first");
+    assert!(s.session_close("later").await.unwrap());
+    assert!(!s.session_close("later").await.unwrap(), "closed once");
+    assert!(!s.session_live("later").await.unwrap());
+    assert!(s.session_live("earlier").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(!s.session_live("brief").await.unwrap(), "expired");
+    assert_eq!(ids(s.sessions().await.unwrap()), ["earlier"]);
+}
+
 macro_rules! suite {
     ($($engine:ident: paused $paused:literal),*) => {
         $(
@@ -350,6 +377,10 @@ macro_rules! suite {
                 #[tokio::test(start_paused = $paused)]
                 async fn executions_refresh_in_one_batch() {
                     super::executions_refresh_in_one_batch(super::$engine()).await
+                }
+                #[tokio::test]
+                async fn operator_sessions_open_list_close_and_expire() {
+                    super::operator_sessions_open_list_close_and_expire(super::$engine()).await
                 }
                 #[tokio::test]
                 async fn a_timed_block_placed_after_an_old_one_expired_keeps_its_expiry() {

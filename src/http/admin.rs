@@ -9,7 +9,7 @@
 //! old cookie and its CSRF token open nothing afterwards, on any instance. Forms carry a
 //! CSRF token bound to the session.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use askama::Template;
 use axum::extract::{Query, State};
@@ -29,6 +29,7 @@ use super::AppState;
 use crate::clock::{rfc3339, unix_now};
 use crate::logging::mask_caller;
 use crate::media::{BackendSnapshot, EndedCall};
+use crate::store::OperatorSession;
 
 const COOKIE: &str = "cp_admin";
 /// How long a login lasts.
@@ -47,6 +48,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/admin/live", get(live))
         .route("/admin/login", post(login))
         .route("/admin/logout", post(logout))
+        .route("/admin/revoke", post(revoke))
         .route("/admin/block", post(block))
         .route("/admin/unblock", post(unblock))
         .route("/admin/app.js", get(script))
@@ -80,6 +82,17 @@ fn new_session(api_key: &str, now: u64, id: &str) -> String {
     let signed = format!("{}.{id}", now + SESSION_SECS);
     let tag = URL_SAFE_NO_PAD.encode(mac(api_key, "session", &signed));
     format!("{signed}.{tag}")
+}
+
+/// What the page calls a session: a digest of its id, so the list of sessions never shows an
+/// id (half of someone's cookie) to whoever reads the page.
+fn handle(id: &str) -> String {
+    use sha2::Digest;
+    let digest = Sha256::new()
+        .chain_update(b"operator session handle:")
+        .chain_update(id.as_bytes())
+        .finalize();
+    URL_SAFE_NO_PAD.encode(&digest[..9])
 }
 
 /// The session id in a cookie value [`session`] accepted.
@@ -210,6 +223,16 @@ struct RecentCall {
     trouble: bool,
 }
 
+/// One operator session as the page lists it.
+struct SessionRow {
+    handle: String,
+    since: String,
+    until: String,
+    client: String,
+    /// The session the page is shown to.
+    mine: bool,
+}
+
 struct BlockedRow {
     caller: String,
     since: String,
@@ -247,9 +270,19 @@ struct Dashboard {
     live: Live,
     recent: Vec<RecentCall>,
     blocked: Option<Vec<BlockedRow>>,
+    sessions: Option<Vec<SessionRow>>,
     csrf: String,
     lookup: Option<(String, String)>,
     notice: Option<String>,
+}
+
+/// A time the store recorded; sessions opened by a build before 0.2 carry none.
+fn known_time(unix: u64) -> String {
+    if unix == 0 {
+        "(not recorded)".into()
+    } else {
+        rfc3339(unix)
+    }
 }
 
 fn duration_text(secs: u64) -> String {
@@ -353,6 +386,22 @@ async fn page(
             })
             .collect()
     });
+    let sessions = state.store.sessions().await.ok().map(|open| {
+        let mine = id_of(&session);
+        open.into_iter()
+            .map(|s| SessionRow {
+                handle: handle(&s.id),
+                since: known_time(s.opened_at),
+                until: known_time(s.expires_at),
+                client: if s.client.is_empty() {
+                    "(not recorded)".into()
+                } else {
+                    s.client
+                },
+                mine: s.id == mine,
+            })
+            .collect()
+    });
     let lookup = match query.attempts.as_deref().map(str::trim) {
         Some(id) if !id.is_empty() && crate::gate::check_caller_id(id).is_ok() => {
             let answer = match state.gate.attempts(id).await {
@@ -372,6 +421,7 @@ async fn page(
         live: live_view(&state).await,
         recent: recent_view(&state, state.hub.recent()),
         blocked,
+        sessions,
         csrf: csrf_token(key, &session),
         lookup,
         notice: query
@@ -425,8 +475,14 @@ async fn login(
         )
         .into_response();
     };
-    let ttl = Duration::from_secs(SESSION_SECS);
-    if state.store.session_open(&id, ttl).await.is_err() {
+    let now = unix_now();
+    let opened = OperatorSession {
+        id,
+        opened_at: now,
+        expires_at: now + SESSION_SECS,
+        client: client.to_string(),
+    };
+    if state.store.session_open(&opened).await.is_err() {
         let page = Login {
             error: Some("The state store did not answer: try again shortly."),
         };
@@ -437,7 +493,7 @@ async fn login(
     r.headers_mut().insert(
         header::SET_COOKIE,
         cookie(
-            &new_session(key, unix_now(), &id),
+            &new_session(key, now, &opened.id),
             SESSION_SECS,
             over_tls(&state, &headers),
         ),
@@ -503,6 +559,47 @@ async fn logout(
     r
 }
 
+#[derive(Deserialize)]
+struct RevokeForm {
+    csrf: String,
+    /// The [`handle`] of the session to close.
+    session: String,
+}
+
+/// Closes another operator's session (or one's own, which is a logout): that cookie opens
+/// nothing from now on, on any instance.
+async fn revoke(
+    State(state): State<AppState>,
+    Extension(ClientIp(client)): Extension<ClientIp>,
+    headers: HeaderMap,
+    Form(form): Form<RevokeForm>,
+) -> Response {
+    let session = match checked(&state, &headers, &form.csrf).await {
+        Ok(s) => s,
+        Err(refused) => return refused.into_response(),
+    };
+    let Ok(open) = state.store.sessions().await else {
+        return back_with(Done::RevokeFailed);
+    };
+    let Some(target) = open.into_iter().find(|s| handle(&s.id) == form.session) else {
+        return back_with(Done::NotOpen);
+    };
+    match state.store.session_close(&target.id).await {
+        Ok(_) => {}
+        Err(_) => return back_with(Done::RevokeFailed),
+    }
+    tracing::info!(%client, session = %handle(&target.id), "operator session revoked from the page");
+    if target.id == id_of(&session) {
+        let mut r = Redirect::to("/admin").into_response();
+        r.headers_mut().insert(
+            header::SET_COOKIE,
+            cookie("", 0, over_tls(&state, &headers)),
+        );
+        return r;
+    }
+    back_with(Done::Revoked)
+}
+
 /// What a form did, as the page says it: only these, chosen by the server. The address
 /// carries a code, never text, so a crafted link cannot put words on the operator's page.
 #[derive(Clone, Copy)]
@@ -513,16 +610,22 @@ enum Done {
     Unblocked,
     NotBlocked,
     UnblockFailed,
+    Revoked,
+    NotOpen,
+    RevokeFailed,
 }
 
 impl Done {
-    const ALL: [Done; 6] = [
+    const ALL: [Done; 9] = [
         Done::Blocked,
         Done::BadCaller,
         Done::BlockFailed,
         Done::Unblocked,
         Done::NotBlocked,
         Done::UnblockFailed,
+        Done::Revoked,
+        Done::NotOpen,
+        Done::RevokeFailed,
     ];
 
     fn code(self) -> &'static str {
@@ -533,6 +636,9 @@ impl Done {
             Done::Unblocked => "unblocked",
             Done::NotBlocked => "not-blocked",
             Done::UnblockFailed => "unblock-failed",
+            Done::Revoked => "revoked",
+            Done::NotOpen => "not-open",
+            Done::RevokeFailed => "revoke-failed",
         }
     }
 
@@ -546,6 +652,9 @@ impl Done {
             Done::Unblocked => "Unblocked: the caller may call again.",
             Done::NotBlocked => "That caller was not blocked.",
             Done::UnblockFailed => "Not unblocked: the state store did not answer.",
+            Done::Revoked => "Revoked: that session opens nothing any more.",
+            Done::NotOpen => "That session is not open (it ended or was revoked already).",
+            Done::RevokeFailed => "Not revoked: the state store did not answer.",
         }
     }
 

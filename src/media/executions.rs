@@ -250,7 +250,7 @@ fn counts(e: &Executions) -> std::collections::HashMap<String, u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemoryStore, StoreFuture};
+    use crate::store::{MemoryStore, OperatorSession, StoreFuture};
     use tokio::sync::Notify;
 
     /// The memory engine, whose batch refresh waits until the test lets it through.
@@ -329,8 +329,11 @@ mod tests {
         fn ping(&self) -> StoreFuture<'_, ()> {
             self.inner.ping()
         }
-        fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
-            self.inner.session_open(id, ttl)
+        fn session_open<'a>(&'a self, s: &'a OperatorSession) -> StoreFuture<'a, ()> {
+            self.inner.session_open(s)
+        }
+        fn sessions(&self) -> StoreFuture<'_, Vec<OperatorSession>> {
+            self.inner.sessions()
         }
         fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
             self.inner.session_live(id)

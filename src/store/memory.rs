@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::journal::{self, Journal, JournalError, Record};
-use super::{Block, StateStore, StoreError, StoreFuture};
+use super::{Block, OperatorSession, StateStore, StoreError, StoreFuture};
 use crate::clock::unix_now;
 use crate::config::MAX_TTL_SECS;
 
@@ -28,7 +28,7 @@ struct Maps {
     /// Keys taken once, until they expire.
     claims: DashMap<String, Instant>,
     /// Operator sessions and when each expires (in memory: a restart logs everyone out).
-    sessions: DashMap<String, Instant>,
+    sessions: DashMap<String, (OperatorSession, Instant)>,
 }
 
 #[derive(Default)]
@@ -367,16 +367,30 @@ impl StateStore for MemoryStore {
         ready(claimed)
     }
 
-    fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+    fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()> {
+        let ttl = Duration::from_secs(session.expires_at.saturating_sub(unix_now()));
         self.maps
             .sessions
-            .insert(id.to_string(), Instant::now() + ttl);
+            .insert(session.id.clone(), (session.clone(), Instant::now() + ttl));
         ready(())
     }
 
     fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
         let now = Instant::now();
-        ready(self.maps.sessions.get(id).is_some_and(|at| *at > now))
+        ready(self.maps.sessions.get(id).is_some_and(|e| e.1 > now))
+    }
+
+    fn sessions(&self) -> StoreFuture<'_, Vec<OperatorSession>> {
+        let now = Instant::now();
+        let mut open: Vec<OperatorSession> = self
+            .maps
+            .sessions
+            .iter()
+            .filter(|e| e.1 > now)
+            .map(|e| e.0.clone())
+            .collect();
+        super::sort_sessions(&mut open);
+        ready(open)
     }
 
     fn session_close<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
@@ -385,7 +399,7 @@ impl StateStore for MemoryStore {
             self.maps
                 .sessions
                 .remove(id)
-                .is_some_and(|(_, at)| at > now),
+                .is_some_and(|(_, (_, at))| at > now),
         )
     }
 
@@ -424,7 +438,7 @@ impl Maps {
         self.blocks.retain(|_, b| live(b, now_unix));
         self.windows.retain(|_, (_, at)| *at > now);
         self.claims.retain(|_, at| *at > now);
-        self.sessions.retain(|_, at| *at > now);
+        self.sessions.retain(|_, (_, at)| *at > now);
         self.executions.retain(|_, streams| {
             streams.retain(|(_, at)| *at > now);
             !streams.is_empty()

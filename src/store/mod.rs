@@ -50,6 +50,25 @@ impl Block {
     }
 }
 
+/// An operator logged in to the page: who is in, since when, from where. The id is the
+/// secret half of the session cookie (the other half is a tag under the API key), so the page
+/// shows a handle derived from it, never the id itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OperatorSession {
+    pub id: String,
+    /// Unix seconds.
+    pub opened_at: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+    /// The address the login came from.
+    pub client: String,
+}
+
+/// The order every engine lists sessions in: oldest first, then by id.
+pub fn sort_sessions(sessions: &mut [OperatorSession]) {
+    sessions.sort_by(|a, b| a.opened_at.cmp(&b.opened_at).then_with(|| a.id.cmp(&b.id)));
+}
+
 /// The order every engine lists blocks in: oldest first, then by caller.
 pub fn sort_blocks(blocks: &mut [Block]) {
     blocks.sort_by(|a, b| {
@@ -128,13 +147,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// lasts (on every instance).
     fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool>;
 
-    /// Opens an operator session `id` for `ttl`.
-    fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()>;
+    /// Opens an operator session until its `expires_at`.
+    fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()>;
 
     /// Whether the operator session `id` is open (not expired, not closed).
     fn session_live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;
 
-    /// Closes the operator session `id` (a logout): it opens nothing from now on, on any
+    /// Every operator session open now, on every instance.
+    fn sessions(&self) -> StoreFuture<'_, Vec<OperatorSession>>;
+
+    /// Closes the operator session `id` (a logout or a revocation): it opens nothing from now on, on any
     /// instance. Answers whether it was open.
     fn session_close<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;
 

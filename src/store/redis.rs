@@ -16,7 +16,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
-use super::{Block, StateStore, StoreError, StoreFuture};
+use super::{Block, OperatorSession, StateStore, StoreError, StoreFuture};
 use crate::clock::{unix_now, unix_now_ms as now_ms};
 use crate::config::StoreSettings;
 
@@ -62,6 +62,49 @@ impl RedisStore {
 
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// Every `<prefix>:<kind>:*` key with its value. SCAN, never KEYS: it does not stall a
+    /// busy Redis; keys that expire between the SCAN and the MGET are left out.
+    async fn scan_values(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let pattern = format!("{}:{kind}:*", self.prefix);
+        let mut conn = self.conn.clone();
+        let mut cursor = 0u64;
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .call(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        // SCAN may return a key more than once.
+        keys.sort();
+        keys.dedup();
+        let mut found = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let values: Vec<Option<String>> = self
+                .call(redis::cmd("MGET").arg(chunk).query_async(&mut conn))
+                .await?;
+            found.extend(
+                chunk
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(k, v)| Some((k.clone(), v?))),
+            );
+        }
+        Ok(found)
     }
 
     /// Runs one round trip under the deadline.
@@ -177,39 +220,9 @@ impl StateStore for RedisStore {
 
     fn blocks(&self) -> StoreFuture<'_, Vec<Block>> {
         Box::pin(async move {
-            let pattern = format!("{}:block:*", self.prefix);
-            let mut conn = self.conn.clone();
-            let mut cursor = 0u64;
-            let mut keys: Vec<String> = Vec::new();
-            // SCAN, never KEYS: it does not stall a busy Redis.
-            loop {
-                let (next, batch): (u64, Vec<String>) = self
-                    .call(
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(500)
-                            .query_async(&mut conn),
-                    )
-                    .await?;
-                keys.extend(batch);
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-            keys.sort();
-            keys.dedup();
-            let mut blocks = Vec::with_capacity(keys.len());
-            for chunk in keys.chunks(500) {
-                let values: Vec<Option<String>> = self
-                    .call(redis::cmd("MGET").arg(chunk).query_async(&mut conn))
-                    .await?;
-                for json in values.into_iter().flatten() {
-                    blocks.push(Self::decode_block(&json)?);
-                }
+            let mut blocks = Vec::new();
+            for (_, json) in self.scan_values("block").await? {
+                blocks.push(Self::decode_block(&json)?);
             }
             super::sort_blocks(&mut blocks);
             Ok(blocks)
@@ -359,15 +372,17 @@ impl StateStore for RedisStore {
         })
     }
 
-    fn session_open<'a>(&'a self, id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+    fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            let json = serde_json::to_string(session).expect("a session serializes");
+            let ttl = session.expires_at.saturating_sub(unix_now()).max(1);
             let mut conn = self.conn.clone();
             self.call(
                 redis::cmd("SET")
-                    .arg(self.key("session", id))
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64)
+                    .arg(self.key("session", &session.id))
+                    .arg(json)
+                    .arg("EX")
+                    .arg(ttl)
                     .query_async::<()>(&mut conn),
             )
             .await
@@ -379,6 +394,29 @@ impl StateStore for RedisStore {
             let mut conn = self.conn.clone();
             let n: u64 = self.call(conn.exists(self.key("session", id))).await?;
             Ok(n > 0)
+        })
+    }
+
+    fn sessions(&self) -> StoreFuture<'_, Vec<OperatorSession>> {
+        Box::pin(async move {
+            let prefix = format!("{}:session:", self.prefix);
+            let mut sessions: Vec<OperatorSession> = self
+                .scan_values("session")
+                .await?
+                .into_iter()
+                .map(|(key, json)| {
+                    // A session written by an older build holds no record; it is listed (and
+                    // so can be revoked) with what its key says.
+                    serde_json::from_str(&json).unwrap_or_else(|_| OperatorSession {
+                        id: key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
+                        opened_at: 0,
+                        expires_at: 0,
+                        client: String::new(),
+                    })
+                })
+                .collect();
+            super::sort_sessions(&mut sessions);
+            Ok(sessions)
         })
     }
 
