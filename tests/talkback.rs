@@ -255,6 +255,8 @@ async fn bad_messages_from_a_speaker_are_dropped_and_counted_and_the_call_goes_o
     agent.say_text("this is not JSON");
     agent.say_text(r#"{"event":"media","media":{"payload":"*** not base64 ***"}}"#);
     agent.say_text(twilio_media(&"A".repeat(1 << 20)));
+    // Larger than any message a listener may send, within a second's budget of a speaker's.
+    agent.say_text(twilio_media(&"A".repeat(3 << 20)));
     agent.say(Message::Binary(vec![0u8; 320].into()));
     agent.say_text(r#"{"event":"media","media":{"payload":42}}"#);
     agent.say_text(twilio_media(&payload(7)));
@@ -276,7 +278,7 @@ async fn bad_messages_from_a_speaker_are_dropped_and_counted_and_the_call_goes_o
             &m,
             r#"call_proxy_backend_rejected_messages_total{backend="agent"}"#
         ),
-        Some(5.0)
+        Some(6.0)
     );
     assert_eq!(
         metric(

@@ -243,7 +243,8 @@ impl Settings {
                 "backends.max_speaker_bytes_per_second",
                 b.max_speaker_bytes_per_second as u64,
                 1024,
-                1 << 30,
+                // Also the largest message read from a speaker: a bound on what one may hold.
+                64 << 20,
             ),
             (
                 "media.max_message_bytes",

@@ -537,10 +537,6 @@ pub struct Policy {
     pub max_spoken: (u32, usize),
 }
 
-/// The largest message read from a speaking backend: more than any payload it may send, so
-/// an oversized one is read whole and refused (the call goes on) rather than failing the link.
-const SPEAKER_MAX_MESSAGE: usize = 2 << 20;
-
 /// What a writer does with what its backend says.
 enum Hearing {
     /// Checked, and queued toward the caller.
@@ -870,8 +866,11 @@ impl Writer {
     async fn connect(&self) -> Result<BackendSocket, LinkError> {
         // Backends seldom say anything, and every idle wait makes a read attempt, which zeroes
         // this much buffer first: keep it small. A speaker talks 50 times a second: more.
+        // A speaker's message is read whole up to its byte budget for a second, so an oversized
+        // one is refused and counted while the call goes on; one larger than a second's budget
+        // is a flood by itself and fails the link as a flood does.
         let (read_chunk, max_message) = if self.speaker {
-            (4096, SPEAKER_MAX_MESSAGE.max(self.policy.max_message_bytes))
+            (4096, self.policy.max_spoken.1.max(self.policy.max_message_bytes))
         } else {
             (BACKEND_READ_CHUNK, self.policy.max_message_bytes)
         };
