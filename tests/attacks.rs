@@ -332,3 +332,77 @@ async fn one_client_cannot_flood_the_log_with_refusals() {
         "every refusal counted"
     );
 }
+
+/// Operator sessions through the real binary: two logins, one revoked from the other's page
+/// opens nothing more (nor its CSRF token), and a restart opens no old cookie at all.
+#[tokio::test]
+async fn a_revoked_or_restarted_session_opens_nothing() {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let log_in = |proxy: &ServiceProcess| {
+        let r = client
+            .post(proxy.url("/admin/login"))
+            .form(&[("key", "test-key")]);
+        async move {
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 303);
+            let c = r.headers()["set-cookie"].to_str().unwrap();
+            c.split(';').next().unwrap().to_string()
+        }
+    };
+    let page = |proxy: &ServiceProcess, cookie: &str| {
+        let r = client.get(proxy.url("/admin")).header("cookie", cookie);
+        async move { r.send().await.unwrap().text().await.unwrap() }
+    };
+    let field = |html: &str, before: &str| {
+        let at = html
+            .find(before)
+            .unwrap_or_else(|| panic!("{before} in {html}"))
+            + before.len();
+        html[at..].split('"').next().unwrap().to_string()
+    };
+    let proxy = ServiceProcess::start(&[]).await;
+    let lost_laptop = log_in(&proxy).await;
+    let desk = log_in(&proxy).await;
+    let stolen = page(&proxy, &lost_laptop).await;
+    let stolen_csrf = field(&stolen, r#"name="csrf" value=""#);
+    let html = page(&proxy, &desk).await;
+    let csrf = field(&html, r#"name="csrf" value=""#);
+    let other = html
+        .split(r#"<tr data-session=""#)
+        .skip(1)
+        .find(|row| !row.split('>').next().unwrap().contains("mine"))
+        .map(|row| row.split('"').next().unwrap().to_string())
+        .expect("the other session is listed");
+    let r = client
+        .post(proxy.url("/admin/revoke"))
+        .header("cookie", &desk)
+        .form(&[("csrf", csrf.as_str()), ("session", other.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(page(&proxy, &lost_laptop).await.contains(r#"name="key""#));
+    let r = client
+        .post(proxy.url("/admin/block"))
+        .header("cookie", &lost_laptop)
+        .form(&[("csrf", stolen_csrf.as_str()), ("callerId", "+15550001234")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "the revoked cookie and its CSRF token open nothing"
+    );
+    assert!(page(&proxy, &desk).await.contains("Live calls"));
+    // The cookie is the same wherever the next process listens.
+    drop(proxy);
+    let restarted = ServiceProcess::start(&[]).await;
+    assert!(
+        page(&restarted, &desk).await.contains(r#"name="key""#),
+        "a restart opens no old cookie"
+    );
+}

@@ -870,7 +870,10 @@ impl Writer {
         // one is refused and counted while the call goes on; one larger than a second's budget
         // is a flood by itself and fails the link as a flood does.
         let (read_chunk, max_message) = if self.speaker {
-            (4096, self.policy.max_spoken.1.max(self.policy.max_message_bytes))
+            (
+                4096,
+                self.policy.max_spoken.1.max(self.policy.max_message_bytes),
+            )
         } else {
             (BACKEND_READ_CHUNK, self.policy.max_message_bytes)
         };
