@@ -217,9 +217,16 @@ async fn a_refused_stream_is_a_warning_not_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_parameters_cannot_forge_log_lines() {
     use std::io::BufRead;
+    // The demo backend on a port held here without listening, whatever else runs here.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_call-proxy"))
         .env_remove("RUST_LOG")
         .env_remove("RUN_MODE")
+        .env(
+            "CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL",
+            format!("ws://{}/media", closed.local_addr().unwrap()),
+        )
         .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
         .env("CALL_PROXY__SERVER__PORT", "0")
         .env("CALL_PROXY__STORE__PATH", "")

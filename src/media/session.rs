@@ -949,8 +949,15 @@ mod tests {
         let mut settings = crate::config::Settings::defaults();
         // Shorter than the time a backend that is not there takes to count as gone.
         settings.media.idle_timeout_ms = 3000;
+        // The demo speaker's backend, moved to a port this test holds without listening, so
+        // every connect is refused whatever else runs on the machine (the walk-through's own
+        // local-speaker may have the default port).
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = held.local_addr().unwrap().port();
+        settings.backends.table.get_mut("speaker").unwrap().url =
+            format!("ws://127.0.0.1:{port}/media");
         let (hub, task, tx, mut answers) = session(settings);
-        // Routed to the demo speaker; nothing listens there, which this test does not need.
         let start = crate::twilio::messages::outbound::start(
             1,
             &crate::twilio::messages::outbound::StartInfo {

@@ -266,17 +266,23 @@ impl Backend {
         }
     }
 
-    /// Waits until `pred` holds over the log, or fails the test.
+    /// Waits until `pred` holds over what the backend has seen. The wait scales with what it
+    /// waits for: it gives up after [`WAIT`] without a new message (a long backlog read on a
+    /// loaded machine keeps it going), and after six times that in all.
     pub async fn wait_for(&mut self, what: &str, pred: impl Fn(&[Seen]) -> bool) {
-        let deadline = Instant::now() + WAIT;
+        let cap = Instant::now() + WAIT * 6;
+        let mut deadline = Instant::now() + WAIT;
         loop {
             self.drain();
             if pred(&self.log) {
                 return;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.min(cap).saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.seen.recv()).await {
-                Ok(Some(s)) => self.log.push(s),
+                Ok(Some(s)) => {
+                    self.log.push(s);
+                    deadline = Instant::now() + WAIT;
+                }
                 Ok(None) => panic!("backend stopped while waiting for {what}"),
                 Err(_) => panic!("timed out waiting for {what}; saw {:?}", summary(&self.log)),
             }

@@ -12,6 +12,8 @@ pub struct ServiceProcess {
     lines: std::sync::mpsc::Receiver<String>,
     /// Every line read so far, so a later wait can find an earlier line.
     history: std::sync::Mutex<Vec<String>>,
+    /// The port the demo backend is moved to: bound, never listening.
+    _closed: tokio::net::TcpSocket,
 }
 
 impl ServiceProcess {
@@ -31,8 +33,15 @@ impl ServiceProcess {
             }
             None => std::process::Command::new(binary),
         };
+        // The embedded demo backend points at the walk-through's local-speaker port, which a
+        // developer's own local-speaker may hold: tests move it to a port held here without
+        // listening (every connect refused) for as long as the process runs.
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let closed_url = format!("ws://{}/media", closed.local_addr().unwrap());
         cmd.env_remove("RUST_LOG")
             .env_remove("RUN_MODE")
+            .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", &closed_url)
             .env("CALL_PROXY__SERVER__HOST", "127.0.0.1")
             .env("CALL_PROXY__SERVER__PORT", "0")
             .env("CALL_PROXY__LOG__FORMAT", "json")
@@ -57,6 +66,7 @@ impl ServiceProcess {
             }
         });
         let mut p = ServiceProcess {
+            _closed: closed,
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
