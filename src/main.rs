@@ -47,14 +47,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&Sources::from_process(cli.config)) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    let sources = Sources::from_process(cli.config);
+    // hash-pin needs the PIN key and the backend table, not the secrets a service needs.
+    let loaded = match command {
+        Command::HashPin { .. } => Settings::layered(&sources),
+        _ => Settings::load(&sources),
+    };
+    let settings = match loaded {
         Ok(s) => s,
         Err(e) => {
             eprintln!("call-proxy: {e}");
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
         Command::CheckConfig => {
             println!(
                 "config OK: listening on {}, {} backend(s), default {:?}, store {:?}",
@@ -107,8 +114,7 @@ fn hash_pin(settings: &Settings, pin: Option<String>, backends: &[String]) -> Ex
         eprintln!("call-proxy: no backend `{unknown}` in backends.table");
         return ExitCode::from(2);
     }
-    let production = std::env::var("RUN_MODE").is_ok_and(|m| m == "production");
-    if production && pin.len() < 6 {
+    if settings.production && pin.len() < 6 {
         eprintln!("call-proxy: warning: a PIN of {} digits is guessed within a few thousand tries; use 6 or more in production (the gate's limits slow guessing, they cannot stop it across many calls)", pin.len());
     }
     if settings.gate.pin_key.len() < 16 {

@@ -457,7 +457,7 @@ async fn sessions_are_listed_and_revoked(proxy: &Proxy, other_instance: &Proxy) 
     assert!(page(other_instance, &theirs)
         .await
         .contains(r#"name="key""#));
-    assert_eq!(sessions_of(&page(proxy, &mine).await).0, [own.clone()]);
+    assert_eq!(sessions_of(&page(proxy, &mine).await).0, [own.as_str()]);
     // One's own: a logout.
     let r = client()
         .post(proxy.url("/admin/revoke"))

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use call_proxy::config::{Settings, WireFormat};
 use call_proxy::gate::route_token;
 use common::*;
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::{Hmac, Mac};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::Digest;
@@ -21,8 +21,8 @@ const SHA256_KEY: &str = "a-sha256-signing-key";
 
 // ---- an independent signer, written from Twilio's documentation -----------------------
 
-fn hmac_b64<M: Mac + KeyInit>(key: &str, data: &str) -> String {
-    let mut mac = <M as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
+fn hmac_b64<M: Mac + hmac::digest::KeyInit>(key: &str, data: &str) -> String {
+    let mut mac = <M as Mac>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(data.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }

@@ -141,6 +141,105 @@ fn a_typo_in_a_key_stops_the_service_naming_the_nearest_key() {
     assert!(ok, "{text}");
 }
 
+/// Every mistake in one run: wrong names list the right ones (in any case they are accepted),
+/// a word where a number belongs, a number out of range, each with the variable or file that
+/// set it.
+#[test]
+fn check_config_reports_every_problem_at_once_naming_where_each_came_from() {
+    let (ok, text) = check_config(
+        &[
+            ("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", "opus"),
+            ("CALL_PROXY__STORE__KIND", "mongo"),
+            ("CALL_PROXY__MEDIA__MAX_CALLS", "lots"),
+            ("CALL_PROXY__BACKENDS__QUEUE_FRAMES", "0"),
+        ],
+        Some("[log]\nformat = \"yaml\"\n"),
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("5 problems"), "{text}");
+    for expected in [
+        "`backends.table.speaker.format`: `opus` is not one of: twilio, compact, pcm16 (set by CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT)",
+        "`store.kind`: `mongo` is not one of: memory, redis (set by CALL_PROXY__STORE__KIND)",
+        "`media.max_calls`: string \"lots\" is not an integer (set by CALL_PROXY__MEDIA__MAX_CALLS)",
+        "`backends.queue_frames`: must be from 1 to 1000000, got 0 (set by CALL_PROXY__BACKENDS__QUEUE_FRAMES)",
+        "`log.format`: `yaml` is not one of: human, json (set by ",
+    ] {
+        assert!(text.contains(expected), "{expected}\nin:\n{text}");
+    }
+    assert!(text.contains("extra.toml)"), "the file named: {text}");
+    // The right names in any case.
+    let (ok, text) = check_config(
+        &[
+            ("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", "PCM16"),
+            ("CALL_PROXY__LOG__FORMAT", "Json"),
+        ],
+        None,
+    );
+    assert!(ok, "{text}");
+}
+
+/// Production refuses to start without the operator API key and the address Twilio calls,
+/// as it does without the auth token; `hash-pin` needs none of them, only the PIN key.
+#[test]
+fn production_requires_every_secret_but_hash_pin_needs_only_the_pin_key() {
+    // As an operator's environment file would hold them.
+    let file = "RUN_MODE=production\n\
+                CALL_PROXY__GATE__PIN_KEY=a-pin-key-of-some-length\n\
+                TWILIO_AUTH_TOKEN=an-auth-token\n\
+                CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET=a-route-token-secret\n\
+                SERVER_API_KEY=an-api-key\n\
+                CALL_PROXY__TWILIO__PUBLIC_URL=https://proxy.example.com";
+    let secrets: Vec<(&str, &str)> = file.lines().map(|l| l.split_once('=').unwrap()).collect();
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy"));
+        cmd.env_remove("RUN_MODE")
+            .env_remove("SERVER_API_KEY")
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&secrets, &["check-config"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(&secrets[..4], &["check-config"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("2 problems"), "{text}");
+    assert!(
+        text.contains("`security.api_key`: required in production"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`twilio.public_url`: required in production"),
+        "{text}"
+    );
+
+    let (code, text) = run(
+        &secrets[..2],
+        &["hash-pin", "12345678", "--backends", "speaker"],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("\"hmac-sha256:"), "{text}");
+    let (code, text) = run(
+        &secrets[..2],
+        &["hash-pin", "4321", "--backends", "speaker"],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("use 6 or more in production"), "{text}");
+    let (code, text) = run(
+        &[secrets[0]],
+        &["hash-pin", "12345678", "--backends", "speaker"],
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("gate.pin_key"), "{text}");
+}
+
 #[test]
 fn numbers_at_their_limits_are_refused_naming_the_key() {
     for (var, key) in [

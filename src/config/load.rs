@@ -108,6 +108,151 @@ fn known_keys() -> Vec<String> {
     out
 }
 
+/// The settings the layers describe, and each value that is not of its setting's type. A
+/// wrong value is noted and replaced by the embedded default so that the rest is still read:
+/// every such mistake is reported at once. A key no setting has stops at once (it is named
+/// with its nearest), as does anything that is not a value's fault (a file that is not TOML).
+fn deserialize_all(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+) -> Result<(Settings, Vec<ConfigError>), ConfigError> {
+    let mut problems = Vec::new();
+    let mut patched: Vec<(String, serde_json::Value)> = Vec::new();
+    loop {
+        let mut layered = builder.clone();
+        for (key, value) in &patched {
+            layered = layered.set_override(key, config_value(value))?;
+        }
+        let mut unknown = Vec::new();
+        let error = match serde_ignored::deserialize(layered.build()?, |path| {
+            unknown.push(path.to_string())
+        }) {
+            Ok(settings) => {
+                if let Some(key) = unknown.first() {
+                    return Err(unknown_key(key));
+                }
+                return Ok((settings, problems));
+            }
+            Err(e) => e,
+        };
+        let (key, message) = match &error {
+            config::ConfigError::Type {
+                key: Some(key),
+                unexpected,
+                expected,
+                ..
+            } => (key.clone(), format!("{unexpected} is not {expected}")),
+            config::ConfigError::At {
+                key: Some(key),
+                error,
+                ..
+            } => (key.clone(), error.to_string()),
+            _ => return Err(error.into()),
+        };
+        let fallback = default_at(&key).filter(|_| !patched.iter().any(|(k, _)| *k == key));
+        problems.push(invalid(&key, message));
+        match fallback {
+            Some(value) => patched.push((key, value)),
+            // Nothing to read on with: what was found so far is the report.
+            None => {
+                return Err(super::validate::Problems(problems)
+                    .into_result()
+                    .unwrap_err())
+            }
+        }
+    }
+}
+
+/// The embedded default at a dotted key, for reading on past a wrong value. A backend's field
+/// takes the demo backend's.
+fn default_at(key: &str) -> Option<serde_json::Value> {
+    let defaults: serde_json::Value = Config::builder()
+        .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+        .build()
+        .and_then(Config::try_deserialize)
+        .ok()?;
+    let at = |path: &str| {
+        path.split('.')
+            .try_fold(&defaults, |v, part| v.get(part))
+            .filter(|v| !v.is_object())
+            .cloned()
+    };
+    at(key).or_else(|| {
+        let field = key.strip_prefix("backends.table.")?.split_once('.')?.1;
+        at(&format!("backends.table.speaker.{field}"))
+    })
+}
+
+fn config_value(value: &serde_json::Value) -> config::Value {
+    match value {
+        serde_json::Value::Bool(b) => (*b).into(),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => i.into(),
+            None => n.as_f64().unwrap_or_default().into(),
+        },
+        serde_json::Value::String(s) => s.as_str().into(),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(config_value)
+            .collect::<Vec<config::Value>>()
+            .into(),
+        _ => config::Value::from(Option::<String>::None),
+    }
+}
+
+/// Which layer set `key`: the environment variable, or the file, that an operator should
+/// look at. The embedded defaults are not named (they are not the operator's to fix).
+fn origin(sources: &Sources, key: &str) -> Option<String> {
+    // `backends.default[1]` was set by whatever set `backends.default`.
+    let key = key.split('[').next().unwrap_or(key);
+    let from_env = sources.env.keys().find(|var| {
+        var.strip_prefix("CALL_PROXY__")
+            .is_some_and(|p| p.to_ascii_lowercase().replace("__", ".") == key)
+    });
+    if let Some(var) = from_env {
+        return Some(var.clone());
+    }
+    let legacy = LEGACY_ENV
+        .iter()
+        .map(|(var, k)| (*var, *k))
+        .chain([
+            ("SERVER_API_HOST", "gate.pin_service_url"),
+            ("SERVER_API_TIMEOUT_MS", "gate.pin_service_timeout_ms"),
+            ("REDIS_HOST", "store.redis_url"),
+            ("REMOTE_CACHE_ENABLED", "store.kind"),
+        ])
+        .find(|(var, k)| *k == key && sources.env.get(*var).is_some_and(|v| !v.is_empty()));
+    if let Some((var, _)) = legacy {
+        return Some(var.to_string());
+    }
+    let sets = |text: &str| {
+        toml_value(text)
+            .is_some_and(|v| key.split('.').try_fold(&v, |v, part| v.get(part)).is_some())
+    };
+    if let Some(file) = &sources.file {
+        if std::fs::read_to_string(file).is_ok_and(|t| sets(&t)) {
+            return Some(file.display().to_string());
+        }
+    }
+    let mode = sources.run_mode.as_deref()?;
+    let on_disk = Path::new("config").join(format!("{mode}.toml"));
+    match std::fs::read_to_string(&on_disk) {
+        Ok(text) if sets(&text) => Some(on_disk.display().to_string()),
+        Err(_) if mode == "production" && sets(PRODUCTION_TOML) => {
+            Some("RUN_MODE=production (its embedded layer)".to_string())
+        }
+        _ => None,
+    }
+}
+
+/// A TOML text as a tree, through the same reader the layers use.
+fn toml_value(text: &str) -> Option<serde_json::Value> {
+    Config::builder()
+        .add_source(File::from_str(text, FileFormat::Toml))
+        .build()
+        .and_then(Config::try_deserialize)
+        .ok()
+}
+
 /// The original Node.js service's environment variables, mapped onto our keys.
 const LEGACY_ENV: &[(&str, &str)] = &[
     ("AUDIO_PROXY_PORT", "server.port"),
@@ -123,8 +268,38 @@ const LEGACY_ENV: &[(&str, &str)] = &[
 ];
 
 impl Settings {
-    /// Builds the layered settings and validates them.
+    /// Builds the layered settings and validates them: every problem is reported at once,
+    /// each naming its key and the variable or file that set it.
     pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let (mut settings, problems) = Settings::layers(sources)?;
+        let mut found = super::validate::Problems(problems);
+        if let Err(e) = settings.fill_from_environment(&sources.env) {
+            found.0.push(e);
+        }
+        settings.place_state(&sources.env);
+        settings.find_problems(&mut found);
+        for problem in &mut found.0 {
+            if let ConfigError::Invalid { key, message } = problem {
+                if let Some(source) = origin(sources, key) {
+                    message.push_str(&format!(" (set by {source})"));
+                }
+            }
+        }
+        found.into_result()?;
+        Ok(settings)
+    }
+
+    /// The layered settings as read, without the checks a service needs before it serves
+    /// (secrets, backend headers from the environment): for tools that use a few settings,
+    /// such as `hash-pin`, which needs the PIN key and the backend table and nothing else.
+    pub fn layered(sources: &Sources) -> Result<Settings, ConfigError> {
+        let (settings, problems) = Settings::layers(sources)?;
+        super::validate::Problems(problems).into_result()?;
+        Ok(settings)
+    }
+
+    /// The layers merged, and the values that were not of their setting's type.
+    fn layers(sources: &Sources) -> Result<(Settings, Vec<ConfigError>), ConfigError> {
         let mut builder =
             Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
 
@@ -218,22 +393,15 @@ impl Settings {
             builder = builder.set_override("store.redis_url", url)?;
         }
 
-        let mut unknown = Vec::new();
-        let mut settings: Settings =
-            serde_ignored::deserialize(builder.build()?, |path| unknown.push(path.to_string()))?;
-        if let Some(key) = unknown.first() {
-            return Err(unknown_key(key));
-        }
-        settings.fill_from_environment(&sources.env)?;
-        settings.place_state(&sources.env);
+        let (mut settings, problems) = deserialize_all(builder)?;
+        settings.production = sources.run_mode.as_deref() == Some("production");
         // `CALL_PROXY__BACKENDS__DEFAULT=` (set to nothing) means an empty list.
         settings.backends.default.retain(|id| !id.trim().is_empty());
         settings
             .backends
             .hosts_allowlist
             .retain(|h| !h.trim().is_empty());
-        settings.validate()?;
-        Ok(settings)
+        Ok((settings, problems))
     }
 
     /// The embedded defaults alone: what tests start from.

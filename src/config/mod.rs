@@ -85,6 +85,48 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
     #[error("config: RUN_MODE={mode}: no file config/{mode}.toml")]
     UnknownMode { mode: String },
+    /// Every problem a config has, found in one pass.
+    #[error("{}", several(.0))]
+    Several(Vec<ConfigError>),
+}
+
+/// A setting that is one of a few names: read in any case (`PCM16`, `Redis`), and a name
+/// that is none of them is refused listing the ones that are.
+macro_rules! named_choice {
+    ($ty:ident { $($name:literal => $variant:ident),+ $(,)? }) => {
+        impl $ty {
+            /// The names this setting takes.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                match text.trim().to_ascii_lowercase().as_str() {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(serde::de::Error::custom(format!(
+                        "`{}` is not one of: {}",
+                        text.escape_debug(),
+                        $ty::NAMES.join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+named_choice!(PinProviderKind { "directory" => Directory, "http" => Http });
+named_choice!(LogFormat { "human" => Human, "json" => Json });
+named_choice!(WireFormat { "twilio" => Twilio, "compact" => Compact, "pcm16" => Pcm16 });
+named_choice!(StoreKind { "memory" => Memory, "redis" => Redis });
+
+fn several(problems: &[ConfigError]) -> String {
+    let mut text = format!("config: {} problems:", problems.len());
+    for p in problems {
+        text.push_str("\n  - ");
+        text.push_str(p.to_string().trim_start_matches("config: "));
+    }
+    text
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -105,6 +147,9 @@ pub struct Settings {
     pub twilio: TwilioSettings,
     pub gate: GateSettings,
     pub rate_limits: RateLimitSettings,
+    /// `RUN_MODE=production`: the secrets production needs are required, not just warned of.
+    #[serde(skip)]
+    pub production: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,8 +192,7 @@ pub struct GateSettings {
     pub pins: BTreeMap<String, Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinProviderKind {
     Directory,
     Http,
@@ -195,8 +239,7 @@ pub struct LogSettings {
     pub mask_callers: bool,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Human,
     Json,
@@ -293,8 +336,7 @@ fn yes() -> bool {
 }
 
 /// How a backend wants the call's messages (SPEC section 3).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum WireFormat {
     /// Twilio's messages forwarded byte for byte.
     #[default]
@@ -350,8 +392,7 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
     Redis,

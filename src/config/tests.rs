@@ -69,6 +69,11 @@ const PRODUCTION_SECRETS: &[(&str, &str)] = &[
         "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
         "a-route-token-secret",
     ),
+    ("SERVER_API_KEY", "an-api-key"),
+    (
+        "CALL_PROXY__TWILIO__PUBLIC_URL",
+        "https://proxy.example.com",
+    ),
 ];
 
 #[test]
@@ -79,6 +84,8 @@ fn production_requires_its_secrets_and_names_each_missing_one() {
         (0, "twilio.auth_token"),
         (1, "gate.pin_key"),
         (2, "security.route_token_secret"),
+        (3, "security.api_key"),
+        (4, "twilio.public_url"),
     ] {
         let mut env = PRODUCTION_SECRETS.to_vec();
         env.remove(i);

@@ -12,35 +12,57 @@ use super::{
 /// The longest any `_ms` duration may be: a day.
 const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
 
+/// Every problem found, each naming its key: a config is checked whole, so an operator fixes
+/// it in one pass rather than one error per start.
+#[derive(Default)]
+pub(super) struct Problems(pub(super) Vec<ConfigError>);
+
+impl Problems {
+    /// Adds a problem; a key already found wrong keeps its first problem (a value out of
+    /// range is not also reported by each check that builds on it).
+    fn push(&mut self, problem: ConfigError) {
+        let key = |e: &ConfigError| match e {
+            ConfigError::Invalid { key, .. } => Some(key.clone()),
+            _ => None,
+        };
+        if let Some(k) = key(&problem) {
+            if self.0.iter().any(|e| key(e).as_ref() == Some(&k)) {
+                return;
+            }
+        }
+        self.0.push(problem);
+    }
+
+    /// Nothing found: Ok; one problem: that one; more: all of them.
+    pub(super) fn into_result(mut self) -> Result<(), ConfigError> {
+        match self.0.len() {
+            0 => Ok(()),
+            1 => Err(self.0.remove(0)),
+            _ => Err(ConfigError::Several(self.0)),
+        }
+    }
+}
+
 impl Settings {
-    /// Checks everything a running service would trip over later.
+    /// Checks everything a running service would trip over later; reports every problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_addr()?;
-        self.validate_ranges()?;
-        if self.media.max_calls == 0 {
-            return Err(invalid("media.max_calls", "must be at least 1"));
+        let mut problems = Problems::default();
+        self.find_problems(&mut problems);
+        problems.into_result()
+    }
+
+    /// Adds every problem these settings have to `p`.
+    pub(super) fn find_problems(&self, p: &mut Problems) {
+        if let Err(e) = self.listen_addr() {
+            p.push(e);
         }
-        if self.media.idle_timeout_ms == 0 {
-            return Err(invalid("media.idle_timeout_ms", "must be at least 1"));
-        }
-        if self.media.max_message_bytes < 1024 {
-            return Err(invalid(
-                "media.max_message_bytes",
-                "must be at least 1024 (a Twilio media message is about 300 bytes)",
-            ));
-        }
-        if self.backends.queue_frames == 0 {
-            return Err(invalid("backends.queue_frames", "must be at least 1"));
-        }
-        if self.backends.connect_timeout_ms == 0 {
-            return Err(invalid("backends.connect_timeout_ms", "must be at least 1"));
-        }
+        self.validate_ranges(p);
         if self.store.execution_ttl_ms < 3 {
-            return Err(invalid("store.execution_ttl_ms", "must be at least 3"));
+            p.push(invalid("store.execution_ttl_ms", "must be at least 3"));
         }
         if self.store.kind == StoreKind::Redis {
             if !self.store.redis_url.starts_with("redis://") {
-                return Err(invalid(
+                p.push(invalid(
                     "store.redis_url",
                     "must be a redis:// URL (REDIS_HOST=host[:port] also works)",
                 ));
@@ -48,39 +70,37 @@ impl Settings {
             if self.store.key_prefix.is_empty()
                 || self.store.key_prefix.contains(['*', '?', '[', ' '])
             {
-                return Err(invalid(
+                p.push(invalid(
                     "store.key_prefix",
                     "must be non-empty, without spaces or glob characters",
                 ));
             }
         }
-        if self.store.timeout_ms == 0 {
-            return Err(invalid("store.timeout_ms", "must be at least 1"));
-        }
         for (id, spec) in &self.backends.table {
             let key = format!("backends.table.{id}");
             if !is_valid_backend_id(id) {
-                return Err(invalid(
-                    key,
+                p.push(invalid(
+                    &key,
                     "backend ids are lowercase letters, digits, '-' and '_'",
                 ));
             }
             if !spec.enabled {
                 continue;
             }
-            parse_backend_url(&spec.url).map_err(|m| invalid(format!("{key}.url"), m))?;
+            if let Err(m) = parse_backend_url(&spec.url) {
+                p.push(invalid(format!("{key}.url"), m));
+            }
             if spec.queue_frames == Some(0) {
-                return Err(invalid(format!("{key}.queue_frames"), "must be at least 1"));
+                p.push(invalid(format!("{key}.queue_frames"), "must be at least 1"));
             }
             if let Some(rate) = spec.sample_rate {
                 if spec.format != WireFormat::Pcm16 {
-                    return Err(invalid(
+                    p.push(invalid(
                         format!("{key}.sample_rate"),
                         "only a pcm16 backend has a sample rate",
                     ));
-                }
-                if !PCM16_RATES.contains(&rate) {
-                    return Err(invalid(
+                } else if !PCM16_RATES.contains(&rate) {
+                    p.push(invalid(
                         format!("{key}.sample_rate"),
                         format!("must be 8000, 16000 or 24000, got {rate}"),
                     ));
@@ -88,22 +108,23 @@ impl Settings {
             }
             if !spec.ca_file.is_empty() {
                 if !spec.url.starts_with("wss://") {
-                    return Err(invalid(
+                    p.push(invalid(
                         format!("{key}.ca_file"),
                         "only a wss:// backend has certificates to check",
                     ));
+                } else if let Err(m) = load_ca_file(&spec.ca_file) {
+                    p.push(invalid(format!("{key}.ca_file"), m));
                 }
-                load_ca_file(&spec.ca_file).map_err(|m| invalid(format!("{key}.ca_file"), m))?;
             }
             for (name, value) in &spec.headers {
                 let at = format!("{key}.headers.{name}");
                 if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    return Err(invalid(at, "not a valid HTTP header name"));
+                    p.push(invalid(&at, "not a valid HTTP header name"));
                 }
                 // The value is a secret: say what is wrong with it, never what it is.
                 // `HeaderValue` takes bytes past ASCII (obs-text); a backend's header must not.
                 if !value.expose().is_ascii() || HeaderValue::from_str(value.expose()).is_err() {
-                    return Err(invalid(
+                    p.push(invalid(
                         at,
                         "the value is not a valid HTTP header value (control characters or non-ASCII)",
                     ));
@@ -113,35 +134,30 @@ impl Settings {
         for (i, id) in self.backends.default.iter().enumerate() {
             match self.backends.table.get(id) {
                 Some(spec) if spec.enabled => {}
-                Some(_) => {
-                    return Err(invalid(
-                        format!("backends.default[{i}]"),
-                        format!("backend `{id}` is disabled"),
-                    ))
-                }
-                None => {
-                    return Err(invalid(
-                        format!("backends.default[{i}]"),
-                        format!("no backend `{id}` in backends.table"),
-                    ))
-                }
+                Some(_) => p.push(invalid(
+                    format!("backends.default[{i}]"),
+                    format!("backend `{id}` is disabled"),
+                )),
+                None => p.push(invalid(
+                    format!("backends.default[{i}]"),
+                    format!("no backend `{id}` in backends.table"),
+                )),
             }
         }
-        self.validate_gate()?;
+        self.validate_gate(p);
         for (i, host) in self.backends.hosts_allowlist.iter().enumerate() {
             if host.trim().is_empty() || host.contains('/') {
-                return Err(invalid(
+                p.push(invalid(
                     format!("backends.hosts_allowlist[{i}]"),
                     "must be a bare host name or IP address",
                 ));
             }
         }
-        Ok(())
     }
 
     /// Every number within a range that means something, so no arithmetic on it overflows and
     /// no "forever" hides behind a wrapped value.
-    fn validate_ranges(&self) -> Result<(), ConfigError> {
+    fn validate_ranges(&self, p: &mut Problems) {
         let (m, b, g) = (&self.media, &self.backends, &self.gate);
         let durations_ms = [
             (
@@ -170,7 +186,7 @@ impl Settings {
         ];
         for (key, value) in durations_ms {
             if !(1..=MAX_DURATION_MS).contains(&value) {
-                return Err(invalid(
+                p.push(invalid(
                     key,
                     format!("must be from 1 to {MAX_DURATION_MS} (a day), got {value}"),
                 ));
@@ -188,7 +204,7 @@ impl Settings {
         ];
         for (key, value, min) in ttls {
             if !(min..=MAX_TTL_SECS).contains(&value) {
-                return Err(invalid(
+                p.push(invalid(
                     key,
                     format!("must be from {min} to {MAX_TTL_SECS} (ten years), got {value}"),
                 ));
@@ -300,19 +316,18 @@ impl Settings {
         ];
         for (key, value, min, max) in counts {
             if !(min..=max).contains(&value) {
-                return Err(invalid(
+                p.push(invalid(
                     key,
                     format!("must be from {min} to {max}, got {value}"),
                 ));
             }
         }
-        Ok(())
     }
 
-    fn validate_gate(&self) -> Result<(), ConfigError> {
+    fn validate_gate(&self, p: &mut Problems) {
         let t = &self.twilio;
         if t.validate_signatures && t.auth_token.is_empty() && t.signing_keys.is_empty() {
-            return Err(invalid(
+            p.push(invalid(
                 "twilio.auth_token",
                 "required when twilio.validate_signatures is on (set TWILIO_AUTH_TOKEN)",
             ));
@@ -321,20 +336,17 @@ impl Settings {
             let ok = (t.public_url.starts_with("https://") || t.public_url.starts_with("http://"))
                 && !t.public_url.contains(['?', '#']);
             if !ok {
-                return Err(invalid(
+                p.push(invalid(
                     "twilio.public_url",
                     "must be an http(s):// base URL without query, like https://proxy.example.com",
                 ));
             }
         }
-        if t.max_body_bytes < 256 {
-            return Err(invalid("twilio.max_body_bytes", "must be at least 256"));
-        }
         let g = &self.gate;
         match g.pin_provider {
             PinProviderKind::Directory => {
                 if !g.pins.is_empty() && g.pin_key.len() < 16 {
-                    return Err(invalid(
+                    p.push(invalid(
                         "gate.pin_key",
                         "required (16 characters or more) to check the PINs in gate.pins",
                     ));
@@ -343,7 +355,7 @@ impl Settings {
             PinProviderKind::Http => {
                 let url = &g.pin_service_url;
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(invalid(
+                    p.push(invalid(
                         "gate.pin_service_url",
                         "required as an http(s):// URL when gate.pin_provider = \"http\"",
                     ));
@@ -354,30 +366,40 @@ impl Settings {
             let key = format!("gate.pins.\"{hash}\"");
             let hex = hash.strip_prefix("hmac-sha256:").unwrap_or("");
             if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(
-                    key,
+                p.push(invalid(
+                    &key,
                     "not a PIN hash: use the line `call-proxy hash-pin` prints",
                 ));
             }
             for id in ids {
                 if !self.backends.table.contains_key(id) {
-                    return Err(invalid(key, format!("no backend `{id}` in backends.table")));
+                    p.push(invalid(
+                        &key,
+                        format!("no backend `{id}` in backends.table"),
+                    ));
                 }
             }
         }
         let s = &self.security;
+        if self.production {
+            if s.api_key.is_empty() {
+                p.push(invalid(
+                    "security.api_key",
+                    "required in production: the operator routes and page (set SERVER_API_KEY or CALL_PROXY__SECURITY__API_KEY)",
+                ));
+            }
+            if t.public_url.is_empty() && !t.trust_forwarded_headers {
+                p.push(invalid(
+                    "twilio.public_url",
+                    "required in production: the https:// address Twilio calls, which signatures are checked against (or set twilio.trust_forwarded_headers behind a proxy you run)",
+                ));
+            }
+        }
         if s.route_token_secret.len() < 16 {
-            return Err(invalid(
+            p.push(invalid(
                 "security.route_token_secret",
                 "required, 16 characters or more, the same on every instance",
             ));
         }
-        if s.route_token_ttl_secs == 0 {
-            return Err(invalid(
-                "security.route_token_ttl_secs",
-                "must be at least 1",
-            ));
-        }
-        Ok(())
     }
 }

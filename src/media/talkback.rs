@@ -175,7 +175,7 @@ impl Reader {
 impl PcmUp {
     /// Little-endian 16-bit PCM at the speaker's rate, as base64 mu-law at 8 kHz.
     fn audio(&mut self, bytes: &[u8]) -> Result<Option<String>, Refused> {
-        if bytes.len() % 2 != 0 {
+        if !bytes.len().is_multiple_of(2) {
             return Err(Refused::BadPcm);
         }
         self.samples.clear();

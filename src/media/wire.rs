@@ -88,7 +88,7 @@ pub fn decode_payload<'a>(
 /// call whose backends all take Twilio's own frames needs the check, not the audio.
 pub fn is_base64(payload: &str) -> bool {
     let bytes = payload.as_bytes();
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return false;
     }
     let padding = bytes

@@ -8,7 +8,7 @@
 //! `X-Twilio-Webhooks-Signature-Settings` header says so.
 
 use base64::Engine as _;
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::{Hmac, Mac};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
@@ -72,8 +72,8 @@ pub fn signed_data(url: &str, params: &[(String, String)]) -> String {
     data
 }
 
-fn keyed<M: Mac + KeyInit>(key: &[u8], data: &str) -> M {
-    let mut mac = <M as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+fn keyed<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &str) -> M {
+    let mut mac = <M as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data.as_bytes());
     mac
 }

@@ -108,7 +108,7 @@ impl Agent {
         if let Speak::Echo(delay) = self.speak {
             let due = Instant::now() + delay;
             self.queue(due, audio);
-            if self.frames_said % MARK_EVERY == 0 {
+            if self.frames_said.is_multiple_of(MARK_EVERY) {
                 let name = format!("echo-{}", self.frames_said / MARK_EVERY);
                 self.mark(due, &name);
             }
@@ -122,7 +122,7 @@ impl Agent {
             let due = Instant::now() + delay;
             self.frames_said += 1;
             self.send(due, Message::Binary(pcm.to_vec().into()));
-            if self.frames_said % MARK_EVERY == 0 {
+            if self.frames_said.is_multiple_of(MARK_EVERY) {
                 let name = format!("echo-{}", self.frames_said / MARK_EVERY);
                 self.mark(due, &name);
             }

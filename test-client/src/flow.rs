@@ -44,6 +44,34 @@ struct Signer {
     client: reqwest::Client,
 }
 
+/// Twilio's signature over a URL with no parameters (a GET, or the WebSocket upgrade).
+fn sign_url(token: &str, signed_url: &str) -> String {
+    let data = signature::signed_data(signed_url, &[]);
+    signature::sign(Algorithm::HmacSha1, token.as_bytes(), &data)
+}
+
+/// The `X-Twilio-Signature` header Twilio would send on the upgrade to `url`: signed over the
+/// proxy's public address when given (what Twilio calls), else over `url` itself.
+pub fn upgrade_signature(url: &str, public_url: Option<&str>, token: &str) -> (String, String) {
+    let signed = match public_url {
+        Some(public) => public_ws_url(public),
+        None => url.to_string(),
+    };
+    (
+        signature::SIGNATURE_HEADER.to_string(),
+        sign_url(token, &signed),
+    )
+}
+
+/// `https://host` → `wss://host/media`: the stream URL Twilio signs.
+fn public_ws_url(public: &str) -> String {
+    let ws = public
+        .trim_end_matches('/')
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
+    format!("{ws}/media")
+}
+
 impl Signer {
     fn new(opts: &FlowOptions) -> Result<Signer> {
         let (scheme, rest) = opts
@@ -54,13 +82,10 @@ impl Signer {
         let http_scheme = if scheme == "wss" { "https" } else { "http" };
         let http_base = format!("{http_scheme}://{authority}");
         let (signed_http_base, signed_ws_url) = match &opts.public_url {
-            Some(public) => {
-                let public = public.trim_end_matches('/');
-                let ws = public
-                    .replacen("https://", "wss://", 1)
-                    .replacen("http://", "ws://", 1);
-                (public.to_string(), format!("{ws}/media"))
-            }
+            Some(public) => (
+                public.trim_end_matches('/').to_string(),
+                public_ws_url(public),
+            ),
             None => (http_base.clone(), opts.url.clone()),
         };
         Ok(Signer {
@@ -76,13 +101,7 @@ impl Signer {
     }
 
     fn signature(&self, signed_url: &str) -> Option<String> {
-        let token = self.token.as_ref()?;
-        let data = signature::signed_data(signed_url, &[]);
-        Some(signature::sign(
-            Algorithm::HmacSha1,
-            token.as_bytes(),
-            &data,
-        ))
+        Some(sign_url(self.token.as_ref()?, signed_url))
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response> {

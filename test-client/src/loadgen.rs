@@ -235,7 +235,7 @@ impl Call {
     }
 
     async fn send_frame(&mut self, origin: Instant, b64: &base64::engine::GeneralPurpose) -> bool {
-        if self.chunk % CLOSE_CHECK_EVERY == 0 {
+        if self.chunk.is_multiple_of(CLOSE_CHECK_EVERY) {
             self.check_closed();
         }
         if self.closed {

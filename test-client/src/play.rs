@@ -54,7 +54,8 @@ pub struct CallSpec {
     pub headers: Vec<(String, String)>,
     /// Keys the caller presses, each at its time into the call.
     pub dtmf: Vec<(char, Duration)>,
-    /// How long to stay on the line after the audio, to hear the rest of an answer.
+    /// How long to stay on the line once the caller's audio is done and whatever came back
+    /// has played out (and its marks echoed): an answer that starts within it is heard out.
     pub linger: Duration,
 }
 
@@ -103,6 +104,9 @@ pub struct CallReport {
     pub close: Option<(u16, String)>,
     pub reply: Reply,
 }
+
+/// The longest a call stays on the line after its audio, however long the answer.
+const MAX_LINGER: Duration = Duration::from_secs(60);
 
 /// Twilio's side of the way back: plays what comes in at real time, echoes each mark when
 /// the audio before it has played, and on `clear` cuts what has not played yet.
@@ -183,6 +187,13 @@ impl Playback {
     fn next_due(&self) -> Option<Instant> {
         self.marks.front().map(|(at, _)| *at)
     }
+
+    /// When everything heard so far will have played and every mark been echoed.
+    fn busy_until(&self) -> Instant {
+        self.marks
+            .back()
+            .map_or(self.played_until, |(at, _)| (*at).max(self.played_until))
+    }
 }
 
 /// Connects, streams `frames` in real time (pressing the keys `spec.dtmf` names), listens to
@@ -241,9 +252,14 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
     // back is played, its marks echoed through `echo`.
     let (closed_tx, closed_rx) = tokio::sync::watch::channel::<Option<Option<(u16, String)>>>(None);
     let (echo_tx, mut echo_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (busy_tx, mut busy_rx) = tokio::sync::watch::channel(began);
     let reader = tokio::spawn(async move {
         let mut playback = Playback::new(began);
         loop {
+            busy_tx.send_if_modified(|at| {
+                let busy = playback.busy_until();
+                (busy != *at).then(|| *at = busy).is_some()
+            });
             let due = playback.next_due();
             tokio::select! {
                 _ = async { tokio::time::sleep_until(due.expect("guarded").into()).await }, if due.is_some() => {
@@ -283,11 +299,16 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
     loop {
         let frame_at = Duration::from_millis(next as u64 * FRAME_MS);
         let key_at = keys.peek().map(|(_, at)| *at);
+        // After the audio: until the answer has played out, then `linger` more (at most a
+        // minute, or `linger` if longer, past the audio, whatever keeps coming back).
+        let answered = busy_rx.borrow().duration_since(began);
+        let hang_up =
+            (audio_end.max(answered) + spec.linger).min(audio_end + MAX_LINGER.max(spec.linger));
         let (wake, is_key) = match (next < frames.len(), key_at) {
             (true, Some(k)) if k <= frame_at => (k, true),
             (true, _) => (frame_at, false),
-            (false, Some(k)) if k <= audio_end + spec.linger => (k, true),
-            (false, _) => (audio_end + spec.linger, false),
+            (false, Some(k)) if k <= hang_up => (k, true),
+            (false, _) => (hang_up, false),
         };
         tokio::select! {
             Some(name) = echo_rx.recv() => {
@@ -295,6 +316,8 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
                 seq += 1;
                 continue;
             }
+            // More came back: the hang-up moves.
+            Ok(()) = busy_rx.changed(), if next >= frames.len() => continue,
             _ = tokio::time::sleep_until(start + wake) => {}
         }
         if let Some(close) = closed_rx.borrow().clone() {

@@ -359,7 +359,11 @@ fn production_proxy(speaker_url: &str, dir: &Path) -> (Proc, String) {
         .env(
             "CALL_PROXY__SECURITY__ROUTE_TOKEN_SECRET",
             "test-route-token-secret",
-        );
+        )
+        .env("SERVER_API_KEY", "test-api-key")
+        // The address is known only once it listens: signatures are over the Host it is
+        // called on, as behind a proxy that forwards it.
+        .env("CALL_PROXY__TWILIO__TRUST_FORWARDED_HEADERS", "true");
     start_proxy(cmd)
 }
 
@@ -410,9 +414,25 @@ fn the_flow_walk_passes_a_production_configured_proxy_and_only_with_the_right_to
         err.contains("PIN refused") && err.contains(r#""attempts":1"#),
         "{err}"
     );
-    // A stream straight to /media without the PIN's route token: the proxy closes it.
+    // A stream straight to /media: unsigned, the upgrade is refused; signed (--auth-token
+    // without --flow signs the upgrade too), it is let in and closed for want of the PIN's
+    // route token.
     let out = play(&url, "testing-123.wav");
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("refused the stream: HTTP 400"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_test-client"))
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .args(["--once", "--url", &url, "--auth-token", AUTH_TOKEN, "--wav"])
+        .arg(sample("testing-123.wav"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("proxy closed the stream") && err.contains("route token"),
+        "{err}"
+    );
 }
 
 fn talking_speaker(extra: &[&str]) -> (Proc, String) {
@@ -498,10 +518,30 @@ fn a_voice_agent_answers_the_caller_through_the_proxy() {
     });
     assert!(summary.contains("mark(s) sent"), "{summary}");
 
-    // Compact and pcm16 agents saying a long message, interrupted: a key press 1 s in, the
-    // agent clears and stops, and the caller hears no more of it.
+    // A long answer, not interrupted, with the default --linger: the call stays on the line
+    // until the answer has played out, so all of it is heard and its marks come back.
     let message = sample("hello-en-us.wav");
     let message_seconds = source_frames("hello-en-us.wav").len() as f64 / 8000.0;
+    let (_speaker, speaker_url) = talking_speaker(&["--say", message.to_str().unwrap()]);
+    let (_proxy, url) = talking_proxy(&speaker_url, "twilio");
+    let out = Command::new(env!("CARGO_BIN_EXE_test-client"))
+        .args(["--once", "--url", &url, "--wav"])
+        .arg(sample("testing-123.wav"))
+        .arg("--reply")
+        .arg(dir.path().join("whole.wav"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    let (got_seconds, _, marks, _) = reply_line(&stdout);
+    assert!(
+        got_seconds >= message_seconds - 0.05 && message_seconds > seconds,
+        "{got_seconds} s of the {message_seconds} s answer heard: {stdout}"
+    );
+    assert!(marks >= 1, "{stdout}");
+
+    // Compact and pcm16 agents saying a long message, interrupted: a key press 1 s in, the
+    // agent clears and stops, and the caller hears no more of it.
     for format in ["compact", "pcm16"] {
         let (_speaker, speaker_url) = talking_speaker(&["--say", message.to_str().unwrap()]);
         let (_proxy, url) = talking_proxy(&speaker_url, format);

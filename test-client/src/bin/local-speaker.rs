@@ -20,7 +20,8 @@ struct Cli {
     /// WebSocket path.
     #[arg(long, default_value = "/media")]
     path: String,
-    /// Write each call to DIR/<call sid>.wav (16-bit PCM).
+    /// Write each call to DIR/<call sid>.wav (16-bit PCM); the compact format's `start`
+    /// carries no call sid, so those calls are DIR/call-<n>.wav, numbered per connection.
     #[arg(long)]
     record_dir: Option<PathBuf>,
     /// Do not play on the sound card (builds with the `speaker` feature play by default).

@@ -56,7 +56,8 @@ struct Cli {
     /// With --flow: the PIN to enter.
     #[arg(long, default_value = "1234", requires = "flow")]
     pin: String,
-    /// Sign every request and the upgrade as Twilio does, with this auth token.
+    /// Sign every request and the upgrade as Twilio does, with this auth token (with or
+    /// without --flow).
     #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
     /// The URL Twilio calls the proxy on (its twilio.public_url), when signing.
@@ -69,7 +70,8 @@ struct Cli {
     /// it) to this WAV file, and say how it went: time to first audio, marks, clears.
     #[arg(long, value_name = "FILE")]
     reply: Option<PathBuf>,
-    /// How long to stay on the line after the audio, to hear the answer out.
+    /// With --reply: how long to stay on the line once the audio is done and the answer so
+    /// far has played out (its marks echoed); an answer that starts within it is heard out.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     linger: Duration,
 }
@@ -159,6 +161,13 @@ async fn run(cli: Cli) -> Result<()> {
         let mut spec = CallSpec::new(&cli.url, n);
         spec.custom_parameters = params.clone();
         spec.dtmf = cli.dtmf.clone();
+        if let Some(token) = &cli.auth_token {
+            spec.headers.push(studio::upgrade_signature(
+                &cli.url,
+                cli.public_url.as_deref(),
+                token,
+            ));
+        }
         if cli.reply.is_some() {
             spec.linger = cli.linger;
         }
