@@ -254,7 +254,11 @@ impl Running {
             .success();
         assert!(ok);
         let status = wait_exit(&mut self.child, Duration::from_secs(10));
-        let lines: Vec<String> = self.log.try_iter().collect();
+        // The log up to the end of the pipe: the thread reading it may be a line behind.
+        let mut lines = Vec::new();
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            lines.push(line);
+        }
         assert!(
             lines.iter().any(|l| l.contains("shutdown complete")),
             "{lines:#?}"
