@@ -766,10 +766,12 @@ impl Writer {
         let mut outage: Option<(Instant, u32)> = None;
         let mut connected_before = false;
         loop {
+            // Boxed: connecting (TCP, TLS, the upgrade) is a 10 KiB future, and unboxed it
+            // would sit in every link's task for the whole call, connected or not.
             let connected = tokio::select! {
                 biased;
                 () = self.shared.queue.given_up() => None,
-                connected = self.connect() => Some(connected),
+                connected = Box::pin(self.connect()) => Some(connected),
             };
             // The first attempt is over: the socket holds its descriptor, or there is none.
             drop(self.descriptor.take());
@@ -863,7 +865,9 @@ impl Writer {
         self.changed.notify_one();
     }
 
-    async fn connect(&self) -> Result<BackendSocket, LinkError> {
+    /// A connection to the backend, boxed: it moves into the queue and back with every
+    /// park, and no future of the writer's holds a socket's worth of bytes in place.
+    async fn connect(&self) -> Result<Box<BackendSocket>, LinkError> {
         // Backends seldom say anything, and every idle wait makes a read attempt, which zeroes
         // this much buffer first: keep it small. A speaker talks 50 times a second: more.
         // A speaker's message is read whole up to its byte budget for a second, so an oversized
@@ -885,6 +889,7 @@ impl Writer {
         self.endpoint
             .connect(&self.policy.hop, config, self.policy.connect_timeout)
             .await
+            .map(Box::new)
             .map_err(LinkError::Connect)
     }
 
@@ -897,7 +902,7 @@ impl Writer {
     /// through on the way is another cache line to miss.
     async fn pump(
         &self,
-        socket: BackendSocket,
+        mut socket: Box<BackendSocket>,
         pending: &mut VecDeque<Frame>,
         written: &mut Held,
         buffered: &mut Held,
@@ -906,8 +911,6 @@ impl Writer {
         let shared = &*self.shared;
         let metrics = &self.metrics;
         let deadline = self.policy.write_timeout;
-        // Boxed: parking moves it into the queue and back, a pointer rather than the socket.
-        let mut socket = Box::new(socket);
         // One socket, not split: reading (while idle) and writing (after) never overlap, so
         // no lock is needed between two halves.
         match tokio::time::timeout(deadline, socket.send(self.start.clone())).await {
