@@ -71,6 +71,15 @@ pub enum Rejection {
     backend_entry,
 }
 
+/// A Twilio stream status callback: its event, and the Media Streams error code it named
+/// (`none` for events without an error, `other` for an error with no such code), so the
+/// label's values are a fixed set whatever Twilio's text.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamEventLabel {
+    pub event: &'static str,
+    pub error_code: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabel {
     pub scope: &'static str,
@@ -105,6 +114,7 @@ pub struct Metrics {
     pub talkback_dropped: Family<BackendLabel, Counter>,
     pub talkback_cleared: Family<BackendLabel, Counter>,
     pub forward_latency: LatencyHistogram,
+    pub twilio_stream_events: Family<StreamEventLabel, Counter>,
     /// Totals over every label, for the operator page's headline figures.
     signature_failures_total: std::sync::atomic::AtomicU64,
     rate_limited_total: std::sync::atomic::AtomicU64,
@@ -143,6 +153,7 @@ impl Metrics {
             talkback_out: Family::default(),
             talkback_dropped: Family::default(),
             talkback_cleared: Family::default(),
+            twilio_stream_events: Family::default(),
             forward_latency: LatencyHistogram::default(),
             signature_failures_total: Default::default(),
             rate_limited_total: Default::default(),
@@ -240,6 +251,11 @@ impl Metrics {
             "Requests refused for a missing or wrong Twilio signature, by why",
             m.signature_failures.clone(),
         );
+        registry.register(
+            "twilio_stream_events",
+            "Twilio's stream status callbacks, by event and Media Streams error code",
+            m.twilio_stream_events.clone(),
+        );
         registry.register("pin_failures", "Wrong PINs", m.pin_failures.clone());
         registry.register("blocks", "Callers blocked", m.blocks.clone());
         registry.register(
@@ -279,6 +295,18 @@ impl Metrics {
     pub fn limited(&self, scope: &'static str) {
         self.rate_limited_total.fetch_add(1, Ordering::Relaxed);
         self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
+    }
+
+    /// Counts one of Twilio's stream status callbacks.
+    pub fn twilio_stream_event(&self, event: &'static str, error: Option<&str>, code: Option<u16>) {
+        let error_code = match (error, code) {
+            (None, _) => "none".to_string(),
+            (Some(_), Some(code)) => code.to_string(),
+            (Some(_), None) => "other".to_string(),
+        };
+        self.twilio_stream_events
+            .get_or_create(&StreamEventLabel { event, error_code })
+            .inc();
     }
 
     pub fn rejected(&self, reason: Rejection) {

@@ -194,6 +194,44 @@ async fn an_operator_watches_calls_blocks_and_unblocks_in_a_browser() {
     std::fs::write(out.join("admin-page.png"), &shot).unwrap();
     assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot");
 
+    // Twilio's own reports (signatures are off in this config): one for the live call, one
+    // for a stream that failed before it reached any instance.
+    for (stream, event, error) in [
+        ("MZbrowser", "stream-started", None),
+        (
+            "MZneverarrived",
+            "stream-error",
+            Some("31920: Stream - WebSocket - Handshake Error"),
+        ),
+    ] {
+        let mut form = vec![
+            ("AccountSid", "ACtest"),
+            ("CallSid", "CAbrowser"),
+            ("StreamSid", stream),
+            ("StreamEvent", event),
+            ("Timestamp", "2026-12-04T20:00:00Z"),
+        ];
+        form.extend(error.map(|e| ("StreamError", e)));
+        let r = reqwest::Client::new()
+            .post(proxy.url("/twilio/stream-status"))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    c.goto(&proxy.url("/admin")).await.unwrap();
+    let reports = text_of(&c, "#twilio-reports").await;
+    for expected in [
+        "MZneverarrived",
+        "error 31920",
+        "reached no instance",
+        "MZbrowser",
+        "reached this instance",
+    ] {
+        assert!(reports.contains(expected), "{expected} in:\n{reports}");
+    }
+
     // Block a caller, then unblock them, while the caller waits on the line.
     on(&c, "#block-caller", Some("+15550004444")).await;
     on(&c, "#block", None).await;

@@ -28,10 +28,13 @@ use super::rate_limit::{ClientIp, Limited};
 use super::AppState;
 use crate::clock::{rfc3339, unix_now};
 use crate::logging::mask_caller;
+use crate::media::reports::Reached;
 use crate::media::{BackendSnapshot, EndedCall};
 use crate::store::OperatorSession;
 
 const COOKIE: &str = "cp_admin";
+/// How many streams Twilio reported on the page lists.
+const REPORTS_SHOWN: usize = 20;
 /// How long a login lasts.
 const SESSION_SECS: u64 = 8 * 3600;
 
@@ -221,6 +224,34 @@ struct RecentCall {
     duration: String,
     outcome: String,
     trouble: bool,
+    /// What Twilio reported about the stream, when it sent status callbacks.
+    twilio: String,
+}
+
+/// A stream Twilio reported on, as the page lists it.
+struct ReportRow {
+    stream_sid: String,
+    call_sid: String,
+    reached: &'static str,
+    events: String,
+    /// An error, or a stream that reached no instance.
+    trouble: bool,
+}
+
+/// Twilio's events for a stream, in a few words: `started, stopped`, `error 31920`.
+fn events_text(events: &[crate::media::reports::Reported]) -> String {
+    events
+        .iter()
+        .map(|e| {
+            let word = e.event.trim_start_matches("stream-");
+            match (e.error_code, &e.error) {
+                (Some(code), _) => format!("{word} {code}"),
+                (None, Some(text)) => format!("{word}: {text}"),
+                (None, None) => word.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One operator session as the page lists it.
@@ -269,6 +300,7 @@ struct Live {
 struct Dashboard {
     live: Live,
     recent: Vec<RecentCall>,
+    reports: Vec<ReportRow>,
     blocked: Option<Vec<BlockedRow>>,
     sessions: Option<Vec<SessionRow>>,
     csrf: String,
@@ -344,6 +376,7 @@ fn recent_view(state: &AppState, recent: Vec<EndedCall>) -> Vec<RecentCall> {
             started: rfc3339(c.started_at),
             duration: duration_text(c.seconds as u64),
             trouble: c.outcome != "completed" && c.outcome != "twilio_closed",
+            twilio: events_text(&c.twilio),
             outcome: c.outcome,
             call_sid: c.call_sid,
         })
@@ -420,6 +453,20 @@ async fn page(
     let dashboard = Dashboard {
         live: live_view(&state).await,
         recent: recent_view(&state, state.hub.recent()),
+        reports: state
+            .hub
+            .twilio_reports(REPORTS_SHOWN)
+            .await
+            .into_iter()
+            .map(|r| ReportRow {
+                trouble: r.reached == Reached::NoInstance
+                    || r.events.iter().any(|e| e.error.is_some()),
+                reached: r.reached.text(),
+                events: events_text(&r.events),
+                stream_sid: r.stream_sid,
+                call_sid: r.call_sid,
+            })
+            .collect(),
         blocked,
         sessions,
         csrf: csrf_token(key, &session),

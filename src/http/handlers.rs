@@ -145,7 +145,56 @@ pub async fn execution_connected(
 
 /// The live calls, with per-backend state and counters.
 pub async fn calls(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "data": state.hub.snapshot() }))
+    Json(json!({
+        "data": state.hub.snapshot(),
+        // Twilio's own view of the newest streams, those that never reached any instance too.
+        "twilio": state.hub.twilio_reports(TWILIO_REPORTS_SHOWN).await,
+    }))
+}
+
+/// How many streams' Twilio reports `/calls` and the page show.
+pub(super) const TWILIO_REPORTS_SHOWN: usize = 50;
+
+/// Twilio's stream status callback (`statusCallback` on `<Stream>` or the Stream resource):
+/// recorded beside the proxy's own view of the stream, counted, logged. Signed like every
+/// Twilio request (the guard in front checks it).
+pub async fn stream_status(
+    State(state): State<AppState>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    use crate::logging::escape;
+    use crate::twilio::stream_status::{error_code, parse, StreamEvent};
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return ApiError::new(r.status(), r.body_text()).into_response(),
+    };
+    let status = match parse(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "stream status callback refused");
+            return ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        }
+    };
+    let code = status.error.as_deref().and_then(error_code);
+    state
+        .metrics
+        .twilio_stream_event(status.event.as_str(), status.error.as_deref(), code);
+    state.hub.reports.record(&status);
+    let (stream, call) = (escape(&status.stream_sid), escape(&status.call_sid));
+    match status.event {
+        StreamEvent::Error => tracing::warn!(
+            fault = "twilio",
+            stream_sid = %stream,
+            call_sid = %call,
+            code,
+            error = %escape(status.error.as_deref().unwrap_or("")),
+            "Twilio reports a stream error"
+        ),
+        event => {
+            tracing::info!(stream_sid = %stream, call_sid = %call, event = event.as_str(), "Twilio reports on a stream")
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// The calls that ended last, newest first, with each backend's final counts (what the

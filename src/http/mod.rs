@@ -84,6 +84,10 @@ pub fn router(state: AppState) -> Router {
             get(handlers::execution_connected),
         )
         .route(
+            "/twilio/stream-status",
+            post(handlers::stream_status.layer(twilio.clone())),
+        )
+        .route(
             "/validate-pin",
             post(gate_routes::validate_pin.layer(twilio.clone())),
         )

@@ -326,6 +326,9 @@ mod tests {
         fn claim_once<'a>(&'a self, k: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
             self.inner.claim_once(k, ttl)
         }
+        fn is_claimed<'a>(&'a self, k: &'a str) -> StoreFuture<'a, bool> {
+            self.inner.is_claimed(k)
+        }
         fn ping(&self) -> StoreFuture<'_, ()> {
             self.inner.ping()
         }

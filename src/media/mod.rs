@@ -12,6 +12,7 @@ mod door;
 pub mod executions;
 pub mod fanout;
 pub mod link;
+pub mod reports;
 pub mod route;
 pub mod session;
 pub mod talkback;
@@ -62,6 +63,8 @@ pub struct MediaHub {
     host_endpoints: DashMap<String, Arc<Endpoint>>,
     /// The calls that ended last, newest first, for the operator page.
     recent: std::sync::Mutex<std::collections::VecDeque<EndedCall>>,
+    /// What Twilio reported about streams through its status callbacks.
+    pub reports: reports::Reports,
     started: SystemTime,
 }
 
@@ -72,12 +75,16 @@ const RECENT_CALLS: usize = 100;
 #[derive(Debug, Clone, Serialize)]
 pub struct EndedCall {
     pub call_sid: String,
+    pub stream_sid: String,
     pub caller: Option<String>,
     /// Seconds since the Unix epoch.
     pub started_at: u64,
     pub seconds: f64,
     pub outcome: String,
     pub backends: Vec<BackendSnapshot>,
+    /// What Twilio reported about the stream, when it sent status callbacks here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub twilio: Vec<reports::Reported>,
 }
 
 /// The header that marks a backend link's upgrade with the proxy instance that opened it.
@@ -102,6 +109,9 @@ pub struct CallSnapshot {
     /// Seconds since the Unix epoch.
     pub started_at: u64,
     pub backends: Vec<BackendSnapshot>,
+    /// What Twilio reported about the stream, when it sent status callbacks here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub twilio: Vec<reports::Reported>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -192,6 +202,7 @@ impl MediaHub {
             endpoints,
             host_endpoints: DashMap::new(),
             recent: Default::default(),
+            reports: Default::default(),
             started: SystemTime::now(),
         }))
     }
@@ -242,25 +253,66 @@ impl MediaHub {
         };
         let ended = EndedCall {
             call_sid: info.call_sid.clone(),
+            stream_sid: info.stream_sid.clone(),
             caller: info.caller.clone(),
             started_at: crate::clock::unix_secs(info.started_at),
             seconds: info.started_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             outcome: format!("{outcome:?}"),
             backends: info.links.iter().map(|l| backend_snapshot(l)).collect(),
+            twilio: Vec::new(),
         };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.push_front(ended);
         recent.truncate(RECENT_CALLS);
     }
 
-    /// The calls that ended last, newest first.
+    /// The calls that ended last, newest first, with what Twilio reported about each.
     pub fn recent(&self) -> Vec<EndedCall> {
-        self.recent
+        let mut recent: Vec<EndedCall> = self
+            .recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .cloned()
-            .collect()
+            .collect();
+        for call in &mut recent {
+            call.twilio = self.reports.events_for(&call.stream_sid);
+        }
+        recent
+    }
+
+    /// A stream's first message reached this instance: the store remembers it, so that any
+    /// instance can tell a stream Twilio reported from one that reached nobody. Written
+    /// beside the call, never awaited by it.
+    pub fn stream_arrived(&self, stream_sid: &str) {
+        let store = self.store.clone();
+        let key = format!("stream:{stream_sid}");
+        self.tracker.spawn(async move {
+            if let Err(e) = store.claim_once(&key, reports::SEEN_FOR).await {
+                tracing::debug!(error = %e, "could not note the stream's arrival in the store");
+            }
+        });
+    }
+
+    /// Twilio's reports on the newest `limit` streams, each placed: here, on another instance,
+    /// or nowhere.
+    pub async fn twilio_reports(&self, limit: usize) -> Vec<reports::StreamReport> {
+        let here = |sid: &str| {
+            self.calls.iter().any(|c| c.stream_sid == sid)
+                || self
+                    .recent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .any(|c| c.stream_sid == sid)
+        };
+        let store = self.store.clone();
+        self.reports
+            .view(limit, here, move |sid| {
+                let store = store.clone();
+                async move { store.is_claimed(&format!("stream:{sid}")).await.ok() }
+            })
+            .await
     }
 
     /// Takes a place for a new stream, or says why there is none: `media.max_calls` are
@@ -363,6 +415,7 @@ impl MediaHub {
                     execution_id: c.execution_id.clone(),
                     started_at: crate::clock::unix_secs(c.started_at),
                     backends: c.links.iter().map(|l| backend_snapshot(l)).collect(),
+                    twilio: self.reports.events_for(&c.stream_sid),
                 }
             })
             .collect();

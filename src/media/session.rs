@@ -517,6 +517,8 @@ impl Session {
         let span = Span::current();
         span.record("call_sid", start.call_sid.as_str());
         span.record("stream_sid", start.stream_sid.as_str());
+        // Reached an instance, whatever happens next: Twilio's reports on it say so.
+        self.hub.stream_arrived(&start.stream_sid);
         let caller = start
             .param("callerId")
             .or_else(|| start.param("from"))

@@ -367,6 +367,11 @@ impl StateStore for MemoryStore {
         ready(claimed)
     }
 
+    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        ready(self.maps.claims.get(key).is_some_and(|at| *at > now))
+    }
+
     fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()> {
         let ttl = Duration::from_secs(session.expires_at.saturating_sub(unix_now()));
         self.maps

@@ -147,6 +147,9 @@ pub trait StateStore: Send + Sync + 'static {
     /// lasts (on every instance).
     fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool>;
 
+    /// Whether `key` is taken by [`claim_once`](Self::claim_once) now (on any instance).
+    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool>;
+
     /// Opens an operator session until its `expires_at`.
     fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()>;
 

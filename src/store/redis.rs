@@ -372,6 +372,14 @@ impl StateStore for RedisStore {
         })
     }
 
+    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let n: u64 = self.call(conn.exists(self.key("claim", key))).await?;
+            Ok(n > 0)
+        })
+    }
+
     fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let json = serde_json::to_string(session).expect("a session serializes");

@@ -1,0 +1,233 @@
+//! Seeing every call: Twilio's stream status callbacks recorded beside the proxy's own view —
+//! signed or refused, counted by error code, and a stream Twilio started that never reached
+//! any instance told apart from one that reached this instance or another.
+
+mod common;
+
+use call_proxy::config::{Settings, WireFormat};
+use call_proxy::twilio::signature::{self, Algorithm};
+use common::*;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const TOKEN: &str = "observe-auth-token";
+
+fn signed(backend: &Backend) -> Settings {
+    let mut s = settings(&[("rec", &backend.url(), WireFormat::Twilio)]);
+    s.twilio.validate_signatures = true;
+    s.twilio.auth_token = TOKEN.into();
+    s
+}
+
+/// Posts a status callback as Twilio does: a form, signed over the URL and its parameters.
+async fn callback(proxy: &Proxy, params: &[(&str, &str)], token: Option<&str>) -> u16 {
+    let url = proxy.url("/twilio/stream-status");
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    let mut request = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body);
+    if let Some(token) = token {
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let data = signature::signed_data(&url, &owned);
+        let sig = signature::sign(Algorithm::HmacSha1, token.as_bytes(), &data);
+        request = request.header(signature::SIGNATURE_HEADER, sig);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+fn status<'a>(stream: &'a str, event: &'a str, error: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+    let mut p = vec![
+        ("AccountSid", "AC00000000000000000000000000000001"),
+        ("CallSid", "CA00000000000000000000000000000002"),
+        ("StreamSid", stream),
+        ("StreamName", "call-proxy-FN1"),
+        ("StreamEvent", event),
+        ("Timestamp", "2026-12-04T20:00:00.000Z"),
+    ];
+    if let Some(e) = error {
+        p.push(("StreamError", e));
+    }
+    p
+}
+
+/// A stream with a signed upgrade, as Twilio opens one.
+async fn signed_call(proxy: &Proxy, name: &str) -> TwilioCall {
+    let url = proxy.ws_url();
+    let sig = signature::sign(
+        Algorithm::HmacSha1,
+        TOKEN.as_bytes(),
+        &signature::signed_data(&url, &[]),
+    );
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert(signature::SIGNATURE_HEADER, sig.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    TwilioCall::from_socket(ws, name).await
+}
+
+/// A report Twilio signs, accepted.
+async fn reported(proxy: &Proxy, stream: &str, event: &str, error: Option<&str>) {
+    let params = status(stream, event, error);
+    assert_eq!(callback(proxy, &params, Some(TOKEN)).await, 204);
+}
+
+async fn json(proxy: &Proxy, path: &str) -> Value {
+    proxy
+        .get_with_key(path, "test-key")
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A signed stream to `rec`, once the backend has its `start`.
+async fn streaming(proxy: &Proxy, rec: &mut Backend, name: &str) -> TwilioCall {
+    let mut call = signed_call(proxy, name).await;
+    call.start(&[("backendIds", "rec")]).await;
+    rec.wait_for("start", |log| {
+        texts(log).iter().any(|t| event(t) == "start")
+    })
+    .await;
+    call
+}
+
+async fn twilio_view(proxy: &Proxy) -> Vec<Value> {
+    let calls = json(proxy, "/calls").await;
+    calls["twilio"].as_array().unwrap().clone()
+}
+
+fn reached<'a>(view: &'a [Value], stream: &str) -> &'a str {
+    view.iter()
+        .find(|r| r["stream_sid"] == stream)
+        .unwrap_or_else(|| panic!("{stream} in {view:?}"))["reached"]
+        .as_str()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn twilios_reports_show_beside_the_proxys_and_a_stream_that_never_arrived_is_named() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(signed(&rec)).await;
+
+    // Unsigned or signed with another token: refused, and nothing recorded.
+    let failed = status(
+        "MZfailed",
+        "stream-error",
+        Some("31920: WebSocket handshake error"),
+    );
+    assert_eq!(callback(&proxy, &failed, None).await, 400);
+    assert_eq!(callback(&proxy, &failed, Some("not-the-token")).await, 403);
+    assert!(twilio_view(&proxy).await.is_empty());
+    // Malformed: named.
+    assert_eq!(
+        callback(&proxy, &status("MZx", "stream-exploded", None), Some(TOKEN)).await,
+        400
+    );
+
+    // A stream that failed before it reached any instance, and one that streams here.
+    assert_eq!(callback(&proxy, &failed, Some(TOKEN)).await, 204);
+    let mut call = streaming(&proxy, &mut rec, "here").await;
+    reported(&proxy, "MZhere", "stream-started", None).await;
+    let view = twilio_view(&proxy).await;
+    assert_eq!(reached(&view, "MZfailed"), "no_instance");
+    assert_eq!(reached(&view, "MZhere"), "here");
+    let failed_view = view.iter().find(|r| r["stream_sid"] == "MZfailed").unwrap();
+    assert_eq!(failed_view["events"][0]["error_code"], 31920);
+    assert_eq!(
+        failed_view["call_sid"],
+        "CA00000000000000000000000000000002"
+    );
+    let calls = json(&proxy, "/calls").await;
+    assert_eq!(
+        calls["data"][0]["twilio"][0]["event"], "stream-started",
+        "the live call carries Twilio's word on it"
+    );
+
+    call.stop().await;
+    rec.wait_for_stop().await;
+    reported(&proxy, "MZhere", "stream-stopped", None).await;
+    // The call is listed as ended once its session has finished.
+    let deadline = std::time::Instant::now() + WAIT;
+    let recent = loop {
+        let recent = json(&proxy, "/calls/recent").await;
+        if recent["data"][0]["twilio"].is_array() {
+            break recent;
+        }
+        assert!(std::time::Instant::now() < deadline, "{recent}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let events: Vec<&str> = recent["data"][0]["twilio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["stream-started", "stream-stopped"]);
+
+    let m = proxy.metrics().await;
+    for (series, n) in [
+        (
+            r#"call_proxy_twilio_stream_events_total{event="stream-error",error_code="31920"}"#,
+            1.0,
+        ),
+        (
+            r#"call_proxy_twilio_stream_events_total{event="stream-started",error_code="none"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(metric(&m, series), Some(n), "{series}");
+    }
+    // An error Twilio words without a Media Streams code counts as "other".
+    callback(
+        &proxy,
+        &status("MZodd", "stream-error", Some("something else")),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &proxy.metrics().await,
+            r#"call_proxy_twilio_stream_events_total{event="stream-error",error_code="other"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+/// Two instances on one Redis: Twilio's callback reaches one, the stream the other; the one
+/// with the callback says the stream reached another instance, not none.
+#[tokio::test]
+async fn a_stream_on_another_instance_is_not_reported_missing() {
+    let redis = RedisServer::start();
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut s = signed(&rec);
+    use_redis(&mut s, &redis, "observe");
+    let a = Proxy::start(s.clone()).await;
+    let b = Proxy::start(s).await;
+    let mut call = streaming(&b, &mut rec, "onb").await;
+    reported(&a, "MZonb", "stream-started", None).await;
+    callback(
+        &a,
+        &status("MZnowhere", "stream-error", Some("31910 TLS")),
+        Some(TOKEN),
+    )
+    .await;
+    // The arrival is written beside the call: give the store a moment.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let view = twilio_view(&a).await;
+        if reached(&view, "MZonb") == "another_instance" {
+            assert_eq!(reached(&view, "MZnowhere"), "no_instance");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{view:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    call.stop().await;
+}
