@@ -10,7 +10,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
@@ -80,6 +85,103 @@ pub struct StreamEventLabel {
     pub error_code: String,
 }
 
+/// An HTTP request: the route's pattern as the router names it (a fixed set, never the path
+/// a client wrote), the method (`other` beyond the usual ones) and the status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabel {
+    pub route: String,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRouteLabel {
+    pub route: String,
+    pub method: &'static str,
+}
+
+/// From half a millisecond to about 16 s: a page render, a PIN check against a slow PIN
+/// service, a signature failure answered after its delay.
+fn http_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// The process's own figures, read from `/proc` at each scrape (Linux; elsewhere none):
+/// CPU seconds, resident and virtual memory, open and allowed descriptors, start time.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl ProcessCollector {
+    /// `(cpu seconds, start time in Unix seconds, virtual bytes, resident bytes)`.
+    fn stat() -> Option<(f64, f64, f64, f64)> {
+        // /proc reports CPU in USER_HZ ticks, 100 a second on Linux whatever the kernel's HZ.
+        const TICKS: f64 = 100.0;
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+        let cpu = (field(14)? + field(15)?) / TICKS;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+        let started = boot + field(22)? / TICKS;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .map(|k| k * 1024.0)
+        };
+        Some((cpu, started, kib("VmSize:")?, kib("VmRSS:")?))
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some((cpu, started, virtual_bytes, resident)) = Self::stat() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(cpu);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()) as f64;
+        let max = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0.0, |(soft, _)| soft as f64);
+        for (name, help, value) in [
+            (
+                "process_start_time_seconds",
+                "When the process started, in Unix seconds",
+                started,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                virtual_bytes,
+            ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                resident,
+            ),
+            ("process_open_fds", "Open file descriptors", open),
+            ("process_max_fds", "The limit on open file descriptors", max),
+        ] {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabel {
     pub scope: &'static str,
@@ -115,6 +217,8 @@ pub struct Metrics {
     pub talkback_cleared: Family<BackendLabel, Counter>,
     pub forward_latency: LatencyHistogram,
     pub twilio_stream_events: Family<StreamEventLabel, Counter>,
+    pub http_requests: Family<HttpLabel, Counter>,
+    pub http_duration: Family<HttpRouteLabel, Histogram, fn() -> Histogram>,
     /// Totals over every label, for the operator page's headline figures.
     signature_failures_total: std::sync::atomic::AtomicU64,
     rate_limited_total: std::sync::atomic::AtomicU64,
@@ -128,7 +232,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("call_proxy");
+        // The service's own metrics under `call_proxy_`; the process's under the names every
+        // Prometheus exporter gives them (`process_cpu_seconds_total`, ...).
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("call_proxy");
         let m = Metrics {
             signature_failures: Family::default(),
             pin_failures: Counter::default(),
@@ -154,6 +262,8 @@ impl Metrics {
             talkback_dropped: Family::default(),
             talkback_cleared: Family::default(),
             twilio_stream_events: Family::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(http_histogram),
             forward_latency: LatencyHistogram::default(),
             signature_failures_total: Default::default(),
             rate_limited_total: Default::default(),
@@ -256,6 +366,21 @@ impl Metrics {
             "Twilio's stream status callbacks, by event and Media Streams error code",
             m.twilio_stream_events.clone(),
         );
+        registry.register(
+            "build",
+            "The running build",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route (the router's pattern), method and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from a request's arrival to its answer, by route and method",
+            m.http_duration.clone(),
+        );
         registry.register("pin_failures", "Wrong PINs", m.pin_failures.clone());
         registry.register("blocks", "Callers blocked", m.blocks.clone());
         registry.register(
@@ -268,7 +393,43 @@ impl Metrics {
             "Streams refused for a missing, forged, expired or exceeded route token",
             m.route_token_failures.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
+    }
+
+    /// Counts one answered HTTP request under its route's pattern (`unmatched` for none).
+    pub fn http_answered(
+        &self,
+        route: &str,
+        method: &axum::http::Method,
+        status: u16,
+        took: std::time::Duration,
+    ) {
+        let method = match *method {
+            axum::http::Method::GET => "GET",
+            axum::http::Method::POST => "POST",
+            axum::http::Method::DELETE => "DELETE",
+            axum::http::Method::HEAD => "HEAD",
+            axum::http::Method::PUT => "PUT",
+            axum::http::Method::PATCH => "PATCH",
+            axum::http::Method::OPTIONS => "OPTIONS",
+            _ => "other",
+        };
+        self.http_requests
+            .get_or_create(&HttpLabel {
+                route: route.to_string(),
+                method,
+                status,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&HttpRouteLabel {
+                route: route.to_string(),
+                method,
+            })
+            .observe(took.as_secs_f64());
     }
 
     pub fn call_ended(&self, outcome: Outcome) {

@@ -231,3 +231,60 @@ async fn a_stream_on_another_instance_is_not_reported_missing() {
     }
     call.stop().await;
 }
+
+/// The usual exporter figures: the build, the process (from /proc), and every HTTP request by
+/// its route's pattern — never by the path a client wrote, so a client cannot make new series.
+#[tokio::test]
+async fn build_process_and_http_figures_are_exported_with_fixed_labels() {
+    let rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
+    for caller in ["+15550001111", "+15550002222", "%0aforged"] {
+        proxy.get(&format!("/blocked-callers/{caller}")).await;
+    }
+    proxy.get("/no/such/route/a").await;
+    proxy.get("/no/such/route/b").await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            &format!(
+                r#"call_proxy_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0)
+    );
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric(&m, series).is_some_and(|v| v > 0.0), "{series}");
+    }
+    assert!(metric(&m, "process_cpu_seconds_total").is_some());
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_http_requests_total{route="/blocked-callers/{caller_id}",method="GET",status="404"}"#
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_http_requests_total{route="unmatched",method="GET",status="404"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_http_request_duration_seconds_count{route="/blocked-callers/{caller_id}",method="GET"}"#
+        ),
+        Some(3.0)
+    );
+    assert!(!m.contains("+1555000"), "no caller id in a label");
+    assert!(!m.contains("no/such"), "no client-written path in a label");
+}

@@ -10,6 +10,7 @@ mod body;
 mod error;
 mod gate_routes;
 mod handlers;
+mod observe;
 pub mod rate_limit;
 pub mod server;
 mod twilio_guard;
@@ -114,11 +115,13 @@ pub fn router(state: AppState) -> Router {
         .route("/calls/recent", get(handlers::recent_calls.layer(key)))
         .route("/metrics", metrics)
         .merge(admin::routes())
+        .route_layer(axum::middleware::from_fn(observe::tag_route))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.twilio.max_body_bytes))
         .layer(from_fn_with_state(state.clone(), body::read_whole))
         .layer(from_fn_with_state(state.clone(), rate_limit::per_ip))
         .layer(axum::middleware::map_response(error::every_response))
+        .layer(from_fn_with_state(state.clone(), observe::measure))
         .with_state(state)
 }
