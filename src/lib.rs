@@ -233,7 +233,28 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
             }
         }
     });
-    vec![janitor]
+    let mut tasks = vec![janitor];
+    let capture = &state.settings.media.capture;
+    if capture.enabled {
+        // Captures hold callers' voices: none is kept past its retention.
+        let dir = std::path::PathBuf::from(&capture.dir);
+        let retention = std::time::Duration::from_secs(capture.retention_secs);
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                let dir = dir.clone();
+                let purged =
+                    tokio::task::spawn_blocking(move || media::capture::purge(&dir, retention))
+                        .await
+                        .unwrap_or(0);
+                if purged > 0 {
+                    tracing::info!(files = purged, "captures past their retention deleted");
+                }
+            }
+        }));
+    }
+    tasks
 }
 
 fn announce(state: &AppState, addr: SocketAddr) {

@@ -217,6 +217,7 @@ pub struct Metrics {
     pub talkback_cleared: Family<BackendLabel, Counter>,
     pub forward_latency: LatencyHistogram,
     pub twilio_stream_events: Family<StreamEventLabel, Counter>,
+    pub capture_lines_dropped: Counter,
     pub http_requests: Family<HttpLabel, Counter>,
     pub http_duration: Family<HttpRouteLabel, Histogram, fn() -> Histogram>,
     /// Totals over every label, for the operator page's headline figures.
@@ -262,6 +263,7 @@ impl Metrics {
             talkback_dropped: Family::default(),
             talkback_cleared: Family::default(),
             twilio_stream_events: Family::default(),
+            capture_lines_dropped: Counter::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
             forward_latency: LatencyHistogram::default(),
@@ -365,6 +367,11 @@ impl Metrics {
             "twilio_stream_events",
             "Twilio's stream status callbacks, by event and Media Streams error code",
             m.twilio_stream_events.clone(),
+        );
+        registry.register(
+            "capture_lines_dropped",
+            "Messages left out of call captures because the disk did not keep up",
+            m.capture_lines_dropped.clone(),
         );
         registry.register(
             "build",

@@ -288,3 +288,36 @@ async fn build_process_and_http_figures_are_exported_with_fixed_labels() {
     assert!(!m.contains("+1555000"), "no caller id in a label");
     assert!(!m.contains("no/such"), "no client-written path in a label");
 }
+
+/// A capture stops growing at its bound, says so in its last line, and the call is none the
+/// worse: every frame still reaches the backend.
+#[tokio::test]
+async fn a_capture_is_bounded_and_the_call_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut s = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
+    s.media.capture.enabled = true;
+    s.media.capture.backends = vec!["rec".into()];
+    s.media.capture.dir = dir.path().to_string_lossy().into_owned();
+    s.media.capture.max_bytes = 4096;
+    let proxy = Proxy::start(s).await;
+    let mut call = TwilioCall::connect(&proxy, "bounded").await;
+    call.start(&[("backendIds", "rec")]).await;
+    for i in 0..100 {
+        call.media(&payload(i)).await;
+    }
+    call.stop().await;
+    rec.wait_for_stop().await;
+    assert_eq!(payloads(&rec.texts()).len(), 100);
+    let file = dir.path().join("CAbounded-MZbounded.jsonl");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("truncated")) {
+        assert!(std::time::Instant::now() < deadline, "no truncated capture");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let last = text.lines().last().unwrap();
+    assert!(last.contains("media.capture.max_bytes"), "{last}");
+    assert!(text.len() <= 4096 + last.len() + 1, "{} bytes", text.len());
+    assert!(text.lines().nth(1).unwrap().contains(r#""event":"start""#));
+}

@@ -39,7 +39,11 @@ impl Sources {
 }
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: &[&str] = &["backends.default", "backends.hosts_allowlist"];
+const LIST_KEYS: &[&str] = &[
+    "backends.default",
+    "backends.hosts_allowlist",
+    "media.capture.backends",
+];
 
 /// The fields of a `backends.table.<id>` row.
 const BACKEND_FIELDS: &[&str] = &[
@@ -430,18 +434,21 @@ impl Settings {
     /// (`StateDirectory=` sets `STATE_DIRECTORY`), else under the working directory (a
     /// checkout's `data/`). Containers and units set an absolute path.
     fn place_state(&mut self, env: &BTreeMap<String, String>) {
-        let path = Path::new(&self.store.path);
-        if self.store.path.is_empty() || path.is_absolute() {
-            return;
-        }
         // systemd lists one directory per StateDirectory= entry, separated by ':'.
-        if let Some(dir) = env
+        let Some(dir) = env
             .get("STATE_DIRECTORY")
             .and_then(|d| d.split(':').next())
             .filter(|d| !d.is_empty())
-        {
-            let file = path.file_name().map_or(path, Path::new);
-            self.store.path = Path::new(dir).join(file).to_string_lossy().into_owned();
+        else {
+            return;
+        };
+        for path in [&mut self.store.path, &mut self.media.capture.dir] {
+            let relative = Path::new(path.as_str());
+            if path.is_empty() || relative.is_absolute() {
+                continue;
+            }
+            let file = relative.file_name().map_or(relative, Path::new);
+            *path = Path::new(dir).join(file).to_string_lossy().into_owned();
         }
     }
 }

@@ -256,6 +256,25 @@ pub struct MediaSettings {
     pub idle_timeout_ms: u64,
     pub max_message_bytes: usize,
     pub all_backends_gone_grace_ms: u64,
+    pub capture: CaptureSettings,
+}
+
+/// Writing chosen calls' Twilio messages to files, with their arrival times, for replay with
+/// `test-client --replay`. A capture holds the caller's voice: off unless an operator turns
+/// it on.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CaptureSettings {
+    pub enabled: bool,
+    /// Only calls routed to one of these backends (all calls when empty).
+    pub backends: Vec<String>,
+    /// The share of those calls captured, from 0 to 1.
+    pub share: f64,
+    /// Where the files go; a relative directory sits where the journal does.
+    pub dir: String,
+    /// The most one call's file holds; the rest of the call is not captured.
+    pub max_bytes: u64,
+    /// Files older than this are deleted (checked at start-up and every hour).
+    pub retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -357,3 +357,29 @@ fn a_header_value_from_the_environment_that_is_not_ascii_is_refused() {
     assert!(err.contains("non-ASCII"), "{err}");
     assert!(!err.contains("XYZZY"), "the value is not shown: {err}");
 }
+
+#[test]
+fn capture_settings_are_checked_together() {
+    let err = Settings::load(&with_env(&[
+        ("CALL_PROXY__MEDIA__CAPTURE__SHARE", "1.5"),
+        ("CALL_PROXY__MEDIA__CAPTURE__BACKENDS", "speaker,nosuch"),
+        ("CALL_PROXY__MEDIA__CAPTURE__RETENTION_SECS", "1"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "media.capture.share",
+        "media.capture.backends[1]",
+        "media.capture.retention_secs",
+    ] {
+        assert!(err.contains(expected), "{expected} in {err}");
+    }
+    let s = Settings::load(&with_env(&[
+        ("CALL_PROXY__MEDIA__CAPTURE__ENABLED", "true"),
+        ("CALL_PROXY__MEDIA__CAPTURE__BACKENDS", "speaker"),
+        ("STATE_DIRECTORY", "/var/lib/call-proxy"),
+    ]))
+    .unwrap();
+    assert_eq!(s.media.capture.backends, ["speaker"]);
+    assert_eq!(s.media.capture.dir, "/var/lib/call-proxy/captures");
+}

@@ -145,6 +145,27 @@ impl Settings {
             }
         }
         self.validate_gate(p);
+        let capture = &self.media.capture;
+        if !(0.0..=1.0).contains(&capture.share) {
+            p.push(invalid(
+                "media.capture.share",
+                format!("must be from 0 to 1, got {}", capture.share),
+            ));
+        }
+        if capture.enabled && capture.dir.trim().is_empty() {
+            p.push(invalid(
+                "media.capture.dir",
+                "required when capture is enabled",
+            ));
+        }
+        for (i, id) in capture.backends.iter().enumerate() {
+            if !self.backends.table.contains_key(id) {
+                p.push(invalid(
+                    format!("media.capture.backends[{i}]"),
+                    format!("no backend `{id}` in backends.table"),
+                ));
+            }
+        }
         for (i, host) in self.backends.hosts_allowlist.iter().enumerate() {
             if host.trim().is_empty() || host.contains('/') {
                 p.push(invalid(
@@ -301,6 +322,18 @@ impl Settings {
                 1_000_000_000,
             ),
             ("gate.failure_delay_ms", g.failure_delay_ms, 0, 60_000),
+            (
+                "media.capture.max_bytes",
+                m.capture.max_bytes,
+                4096,
+                1 << 36,
+            ),
+            (
+                "media.capture.retention_secs",
+                m.capture.retention_secs,
+                60,
+                MAX_TTL_SECS,
+            ),
             (
                 "gate.max_pin_failures_per_ip",
                 g.max_pin_failures_per_ip,

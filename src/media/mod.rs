@@ -8,6 +8,7 @@
 /// nothing and larger messages are simply read in several steps.
 pub const READ_CHUNK: usize = 4096;
 
+pub mod capture;
 mod door;
 pub mod executions;
 pub mod fanout;

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::{debug, info, warn, Span};
 
+use super::capture::{self, Capture};
 use super::fanout::{self, Frame, Kind, Link, Policy};
 use super::route::{self, Route};
 use super::talkback::{self, TowardTwilio};
@@ -88,6 +89,8 @@ struct Streaming {
     /// Compact and pcm16 backends carry one track: the call's first (the caller's voice).
     caller_track: Box<str>,
     started: Instant,
+    /// This call's messages on their way to a capture file, when it is captured.
+    capture: Option<Box<Capture>>,
 }
 
 /// Writes the speaker's queued words to Twilio whenever its socket can take them, from the
@@ -400,6 +403,13 @@ impl Session {
                 return Step::Continue;
             }
         };
+        if let Some(capture) = self
+            .streaming
+            .as_mut()
+            .and_then(|c| c.capture.as_deref_mut())
+        {
+            capture.message(text.as_str());
+        }
         match event {
             Event::Media(media) => {
                 self.frames_in += 1;
@@ -662,7 +672,16 @@ impl Session {
             })
             .collect();
         let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-        info!(backends = ?names, source = ?source, tracks = ?start.tracks, "stream started");
+        let captures = &self.hub.settings.media.capture;
+        let capture = capture::chosen(captures, names.iter().copied()).then(|| {
+            Box::new(Capture::begin(
+                captures,
+                &start,
+                raw.as_str(),
+                self.hub.tracker(),
+            ))
+        });
+        info!(backends = ?names, source = ?source, tracks = ?start.tracks, captured = capture.is_some(), "stream started");
 
         let execution_id = start.param("executionId").map(str::to_string);
         self.hub.register(
@@ -699,6 +718,7 @@ impl Session {
             links,
             start,
             started: Instant::now(),
+            capture,
         });
         Step::Continue
     }
@@ -754,6 +774,10 @@ impl Session {
         self.report_frames();
         if let Some(call) = &mut self.streaming {
             call.links.iter_mut().for_each(Link::flush_metrics);
+            if let Some(lost) = call.capture.take().map(|c| c.dropped).filter(|n| *n > 0) {
+                warn!(lines = lost, "the disk did not keep up with the call's capture; some messages are missing from it");
+                self.hub.metrics.capture_lines_dropped.inc_by(lost);
+            }
         }
         self.hub.metrics.call_ended(end.outcome);
         if let Some((code, reason)) = &end.close {

@@ -41,6 +41,42 @@ pub fn frames(audio: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The proxy's media endpoint at `url`, upgraded with these extra headers; a refusal is said
+/// with the proxy's answer.
+pub async fn connect(
+    url: &str,
+    headers: &[(String, String)],
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    let mut request = url
+        .into_client_request()
+        .with_context(|| format!("bad proxy URL {url}"))?;
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::try_from(name.as_str())?,
+            HeaderValue::from_str(value)?,
+        );
+    }
+    let connecting = tokio_tungstenite::connect_async(request);
+    match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Err(_) => bail!("the proxy at {url} did not answer within 5 s"),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            bail!(
+                "the proxy refused the stream: HTTP {} {body}",
+                resp.status()
+            )
+        }
+        Ok(Err(e)) => bail!("cannot reach the proxy at {url}: {e}"),
+        Ok(Ok((ws, _))) => Ok(ws),
+    }
+}
+
 /// One call to play.
 #[derive(Debug, Clone)]
 pub struct CallSpec {
@@ -200,34 +236,7 @@ impl Playback {
 /// what comes back as Twilio would play it, stops and closes. Fails when the proxy cannot be
 /// reached, refuses the upgrade, or closes the stream before the audio is done.
 pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
-    let mut request = spec
-        .url
-        .as_str()
-        .into_client_request()
-        .with_context(|| format!("bad proxy URL {}", spec.url))?;
-    for (name, value) in &spec.headers {
-        request.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::HeaderName::try_from(name.as_str())?,
-            HeaderValue::from_str(value)?,
-        );
-    }
-    let connecting = tokio_tungstenite::connect_async(request);
-    let (ws, _) = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
-        Err(_) => bail!("the proxy at {} did not answer within 5 s", spec.url),
-        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            bail!(
-                "the proxy refused the stream: HTTP {} {body}",
-                resp.status()
-            )
-        }
-        Ok(Err(e)) => bail!("cannot reach the proxy at {}: {e}", spec.url),
-        Ok(Ok(ok)) => ok,
-    };
+    let ws = connect(&spec.url, &spec.headers).await?;
     let (mut tx, mut rx) = ws.split();
 
     let tracks: Vec<&str> = spec.tracks.iter().map(String::as_str).collect();

@@ -220,6 +220,18 @@ struct Received {
     messages: Vec<(Instant, serde_json::Value)>,
 }
 
+/// Runs a tool to its end and fails the test, with its stderr, if it did not succeed.
+async fn succeeds(cmd: &mut tokio::process::Command) -> std::process::Output {
+    let out = cmd.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 async fn capture_one_call() -> (String, tokio::task::JoinHandle<Received>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/media", listener.local_addr().unwrap());
@@ -245,18 +257,13 @@ async fn capture_one_call() -> (String, tokio::task::JoinHandle<Received>) {
 async fn test_client_paces_frames_in_real_time_with_twilios_counters() {
     let (url, received) = capture_one_call().await;
     let began = Instant::now();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_test-client"))
-        .args(["--once", "--url", &url, "--wav"])
-        .arg(sample("hello-en-us.wav"))
-        .args(["--backend-ids", "rec,asr", "--execution-id", "FN123"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_test-client"))
+            .args(["--once", "--url", &url, "--wav"])
+            .arg(sample("hello-en-us.wav"))
+            .args(["--backend-ids", "rec,asr", "--execution-id", "FN123"]),
+    )
+    .await;
     let took = began.elapsed();
     let got = received.await.unwrap().messages;
 
@@ -567,4 +574,95 @@ fn a_voice_agent_answers_the_caller_through_the_proxy() {
             "{format}: after the clear the agent stopped: {got_seconds} s of {message_seconds} s heard"
         );
     }
+}
+
+/// A captured call played again: the proxy with `media.capture` on writes the call's Twilio
+/// messages (the key pressed masked); `test-client --replay` plays the file four times faster
+/// to another proxy, whose backend gets the same audio, byte for byte, in the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_call_replays_the_same_audio_to_another_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let captures = dir.path().join("captures");
+    let (first_url, first) = capture_one_call().await;
+    let mut cmd = Command::new(call_proxy_bin());
+    cmd.env_remove("RUN_MODE")
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__URL", &first_url)
+        .env("CALL_PROXY__BACKENDS__TABLE__SPEAKER__FORMAT", "twilio")
+        .env("CALL_PROXY__MEDIA__CAPTURE__ENABLED", "true")
+        .env("CALL_PROXY__MEDIA__CAPTURE__DIR", &captures);
+    let (_capturing, url) = start_proxy(cmd);
+    succeeds(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_test-client"))
+            .args(["--once", "--url", &url, "--dtmf", "5@1s", "--wav"])
+            .arg(sample("testing-123.wav")),
+    )
+    .await;
+    let original = first.await.unwrap();
+
+    // The file is written as the call ends: wait for its stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let file = loop {
+        let found: Vec<PathBuf> = std::fs::read_dir(&captures)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if let [file] = &found[..] {
+            if std::fs::read_to_string(file)
+                .unwrap()
+                .contains("\"event\":\"stop\"")
+            {
+                break file.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished capture in {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(r#""digit":"*""#), "the key pressed is masked");
+    assert!(!text.contains(r#""digit":"5""#));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "a capture is the service user's alone");
+    }
+
+    let (second_url, second) = capture_one_call().await;
+    let (_replaying, url) = proxy(&second_url, "twilio");
+    let began = Instant::now();
+    let out = succeeds(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_test-client"))
+            .args(["--url", &url, "--speed", "4", "--replay"])
+            .arg(&file),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("replayed"), "{stdout}");
+    let replayed = second.await.unwrap();
+    let media = |r: &Received| -> Vec<String> {
+        r.messages
+            .iter()
+            .filter(|(_, m)| m["event"] == "media")
+            .map(|(_, m)| m["media"]["payload"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (sent, heard) = (media(&original), media(&replayed));
+    assert_eq!(sent.len(), source_frames("testing-123.wav").len() / 160);
+    assert!(sent == heard, "the same audio, frame for frame");
+    let events = |r: &Received| -> Vec<String> {
+        r.messages
+            .iter()
+            .map(|(_, m)| m["event"].as_str().unwrap().to_string())
+            .filter(|e| e != "media")
+            .collect()
+    };
+    assert_eq!(events(&replayed), ["start", "dtmf", "stop"]);
+    let audio = Duration::from_millis(sent.len() as u64 * 20);
+    assert!(
+        began.elapsed() < audio / 2,
+        "four times faster: {:?} for {audio:?} of audio",
+        began.elapsed()
+    );
 }

@@ -70,6 +70,13 @@ struct Cli {
     /// it) to this WAV file, and say how it went: time to first audio, marks, clears.
     #[arg(long, value_name = "FILE")]
     reply: Option<PathBuf>,
+    /// Replay a call the proxy captured (media.capture): its Twilio messages at their
+    /// recorded pace; --backend-ids, --caller and --param replace its stream parameters.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["flow", "every", "reply"])]
+    replay: Option<PathBuf>,
+    /// With --replay: this many times the recorded pace (2 = twice as fast).
+    #[arg(long, default_value = "1", requires = "replay", value_parser = parse_speed)]
+    speed: f64,
     /// With --reply: how long to stay on the line once the audio is done and the answer so
     /// far has played out (its marks echoed); an answer that starts within it is heard out.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
@@ -89,6 +96,13 @@ fn parse_dtmf(s: &str) -> Result<(char, Duration), String> {
     }
     let at = humantime::parse_duration(at).map_err(|e| format!("`{at}`: {e}"))?;
     Ok((digit, at))
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 1000.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a speed from above 0 to 1000")),
+    }
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -135,8 +149,11 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let audio = play::load_audio(&resolve_wav(cli.wav.clone()))?;
-    let frames = play::frames(&audio);
+    let frames = if cli.replay.is_some() {
+        Vec::new()
+    } else {
+        play::frames(&play::load_audio(&resolve_wav(cli.wav.clone()))?)
+    };
     let mut params = BTreeMap::new();
     if let Some(ids) = &cli.backend_ids {
         params.insert("backendIds".to_string(), json_list(ids));
@@ -154,6 +171,9 @@ async fn run(cli: Cli) -> Result<()> {
 
     if cli.flow {
         return flow(&cli, &frames).await;
+    }
+    if let Some(path) = &cli.replay {
+        return replay(&cli, path, &params).await;
     }
     let mut n = 0u64;
     loop {
@@ -218,6 +238,39 @@ async fn run(cli: Cli) -> Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+async fn replay(
+    cli: &Cli,
+    path: &std::path::Path,
+    params: &BTreeMap<String, String>,
+) -> Result<()> {
+    let capture = test_client::replay::load(path)?;
+    let headers: Vec<(String, String)> = cli
+        .auth_token
+        .iter()
+        .map(|token| studio::upgrade_signature(&cli.url, cli.public_url.as_deref(), token))
+        .collect();
+    let report = test_client::replay::replay(&cli.url, &headers, &capture, cli.speed, params)
+        .await
+        .with_context(|| format!("replaying {}", path.display()))?;
+    let closed = match &report.close {
+        Some((code, reason)) => format!("proxy closed with {code} {reason}"),
+        None => "proxy closed without a close frame".to_string(),
+    };
+    println!(
+        "test-client: replayed {} of {} message(s) from {} in {:.2} s{}; {closed}",
+        report.messages,
+        capture.messages.len(),
+        path.display(),
+        report.took.as_secs_f64(),
+        if capture.truncated {
+            " (the capture was cut short: a stop was sent)"
+        } else {
+            ""
+        },
+    );
+    Ok(())
 }
 
 /// The caller's side of the answer, as a 16-bit WAV.
