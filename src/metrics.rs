@@ -85,6 +85,110 @@ pub struct StreamEventLabel {
     pub error_code: String,
 }
 
+/// Media quality, measured per call and per link and observed here without per-call labels:
+/// what Twilio's frames show, how each backend's delivery runs against real time, and how a
+/// voice agent's answers reach the caller.
+#[derive(Clone, Debug)]
+pub struct Quality {
+    /// Per call: frames Twilio skipped (gaps in `chunk`, or jumps in `timestamp`).
+    pub frames_missing: Histogram,
+    /// Per call: the arrival jitter of Twilio's frames at the call's end (RFC 3550's).
+    pub jitter: Histogram,
+    /// Per call: the longest time between two of Twilio's frames.
+    pub longest_gap: Histogram,
+    /// Per link: the most a frame waited between its arrival and its write.
+    pub backend_lag: Histogram,
+    /// Per link: from the call's start to the backend's first frame.
+    pub first_frame: Histogram,
+    /// Each time a backend's link was down during a call, until it was up again.
+    pub reconnect_gap: Histogram,
+    /// Each answer: from the caller's last speech to the agent's first audio on Twilio's socket.
+    pub response: Histogram,
+    /// Per call: the most audio sent ahead of what the caller has heard.
+    pub lead: Histogram,
+    /// Each mark: from its write to Twilio to Twilio's echo.
+    pub mark_round_trip: Histogram,
+    /// Each clear: from the speaker's message to its write to Twilio.
+    pub clear: Histogram,
+}
+
+impl Quality {
+    fn new() -> Self {
+        let seconds = || Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        Quality {
+            frames_missing: Histogram::new(
+                [0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0],
+            ),
+            jitter: seconds(),
+            longest_gap: seconds(),
+            backend_lag: seconds(),
+            first_frame: seconds(),
+            reconnect_gap: seconds(),
+            response: seconds(),
+            lead: seconds(),
+            mark_round_trip: seconds(),
+            clear: seconds(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, h) in [
+            (
+                "twilio_frames_missing",
+                "Frames Twilio skipped, per call",
+                &self.frames_missing,
+            ),
+            (
+                "twilio_jitter_seconds",
+                "Arrival jitter of Twilio's frames, per call",
+                &self.jitter,
+            ),
+            (
+                "twilio_longest_gap_seconds",
+                "The longest time between two of Twilio's frames, per call",
+                &self.longest_gap,
+            ),
+            (
+                "backend_lag_seconds",
+                "The most a frame waited for its backend, per link",
+                &self.backend_lag,
+            ),
+            (
+                "backend_first_frame_seconds",
+                "From a call's start to a backend's first frame, per link",
+                &self.first_frame,
+            ),
+            (
+                "backend_reconnect_gap_seconds",
+                "Each time a backend link was down during a call",
+                &self.reconnect_gap,
+            ),
+            (
+                "talkback_response_seconds",
+                "From the caller's last speech to the agent's first audio, per answer",
+                &self.response,
+            ),
+            (
+                "talkback_lead_seconds",
+                "The most audio sent ahead of what the caller has heard, per call",
+                &self.lead,
+            ),
+            (
+                "talkback_mark_round_trip_seconds",
+                "From a mark's write to Twilio to its echo",
+                &self.mark_round_trip,
+            ),
+            (
+                "talkback_clear_seconds",
+                "From a speaker's clear to its write to Twilio",
+                &self.clear,
+            ),
+        ] {
+            registry.register(name, help, h.clone());
+        }
+    }
+}
+
 /// An HTTP request: the route's pattern as the router names it (a fixed set, never the path
 /// a client wrote), the method (`other` beyond the usual ones) and the status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,6 +322,7 @@ pub struct Metrics {
     pub forward_latency: LatencyHistogram,
     pub twilio_stream_events: Family<StreamEventLabel, Counter>,
     pub capture_lines_dropped: Counter,
+    pub quality: Quality,
     pub http_requests: Family<HttpLabel, Counter>,
     pub http_duration: Family<HttpRouteLabel, Histogram, fn() -> Histogram>,
     /// Totals over every label, for the operator page's headline figures.
@@ -264,6 +369,7 @@ impl Metrics {
             talkback_cleared: Family::default(),
             twilio_stream_events: Family::default(),
             capture_lines_dropped: Counter::default(),
+            quality: Quality::new(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
             forward_latency: LatencyHistogram::default(),
@@ -368,6 +474,7 @@ impl Metrics {
             "Twilio's stream status callbacks, by event and Media Streams error code",
             m.twilio_stream_events.clone(),
         );
+        m.quality.register(registry);
         registry.register(
             "capture_lines_dropped",
             "Messages left out of call captures because the disk did not keep up",
@@ -499,6 +606,7 @@ impl Metrics {
             talkback_dropped: self.talkback_dropped.get_or_create_owned(&label),
             talkback_cleared: self.talkback_cleared.get_or_create_owned(&label),
             forward_latency: self.forward_latency.clone(),
+            quality: self.quality.clone(),
         }
     }
 
@@ -525,6 +633,7 @@ pub struct LinkMetrics {
     pub talkback_dropped: Counter,
     pub talkback_cleared: Counter,
     pub forward_latency: LatencyHistogram,
+    pub quality: Quality,
 }
 
 /// Upper bounds of the latency buckets, in seconds: 0.1 ms doubling to about 3.3 s.

@@ -165,6 +165,11 @@ async fn an_operator_watches_calls_blocks_and_unblocks_in_a_browser() {
     })
     .await;
     assert_eq!(state_of(&c, "recorder").await, "connected");
+    // The call's quality, as its session publishes it: Twilio's frames, each backend's lag.
+    until_page(&c, "the call's quality", |t| {
+        t.contains("From Twilio: 0 frame(s) missing") && t.contains("lag now / worst")
+    })
+    .await;
 
     // The transcriber dies: its state changes on the page, in words.
     drop(flaky);

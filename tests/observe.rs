@@ -321,3 +321,179 @@ async fn a_capture_is_bounded_and_the_call_goes_on() {
     assert!(text.len() <= 4096 + last.len() + 1, "{} bytes", text.len());
     assert!(text.lines().nth(1).unwrap().contains(r#""event":"start""#));
 }
+
+/// The first live call's figures on `/calls`, once `ready` holds for them (the session
+/// publishes at its tick).
+async fn live_quality(proxy: &Proxy, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let calls = json(proxy, "/calls").await;
+        let call = &calls["data"][0];
+        if ready(call) {
+            return call.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{calls}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Frames Twilio skipped and a silence on the socket show per call, live and after the end,
+/// and in the histograms.
+#[tokio::test]
+async fn skipped_frames_and_a_silence_show_on_the_call() {
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(settings(&[("rec", &rec.url(), WireFormat::Twilio)])).await;
+    let mut call = TwilioCall::connect(&proxy, "gaps").await;
+    call.start(&[("backendIds", "rec")]).await;
+    let paced = |call: &mut TwilioCall, from: usize| {
+        let texts: Vec<String> = (from..from + 10)
+            .map(|i| call.media_text(&payload(i)))
+            .collect();
+        texts
+    };
+    for text in paced(&mut call, 0) {
+        call.send_text(text).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    call.skip(3);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for text in paced(&mut call, 10) {
+        call.send_text(text).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let live = live_quality(&proxy, |c| c["quality"]["twilio"]["frames_missing"] == 3).await;
+    let twilio = &live["quality"]["twilio"];
+    assert!(
+        twilio["longest_gap_ms"].as_f64().unwrap() >= 500.0,
+        "{twilio}"
+    );
+    assert!(twilio["jitter_ms"].as_f64().unwrap() > 5.0, "{twilio}");
+    let link = &live["backends"][0]["quality"];
+    assert!(link["first_frame_ms"].as_f64().is_some(), "{link}");
+    assert_eq!(link["down_ms"], 0);
+    call.stop().await;
+    rec.wait_for_stop().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let recent = json(&proxy, "/calls/recent").await;
+        if recent["data"][0]["quality"]["twilio"]["frames_missing"] == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{recent}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "call_proxy_twilio_frames_missing_sum"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&m, "call_proxy_twilio_frames_missing_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "call_proxy_backend_first_frame_seconds_count"),
+        Some(1.0)
+    );
+}
+
+/// A backend that stops reading for two seconds while large frames come shows how far
+/// behind its delivery ran; the other measures stay at zero.
+#[tokio::test]
+async fn a_backend_made_late_shows_its_lag() {
+    let mut slow = Backend::start(Behaviour::PauseFirst(std::time::Duration::from_millis(
+        2000,
+    )))
+    .await;
+    let proxy = Proxy::start(settings(&[("slow", &slow.url(), WireFormat::Twilio)])).await;
+    let mut call = TwilioCall::connect(&proxy, "late").await;
+    call.start(&[("backendIds", "slow")]).await;
+    for i in 0..400 {
+        call.media(&sized_payload(i, 6000)).await;
+        if i % 10 == 9 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    let live = live_quality(&proxy, |c| {
+        c["backends"][0]["quality"]["lag_worst_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms >= 1000.0)
+    })
+    .await;
+    assert_eq!(live["backends"][0]["quality"]["down_ms"], 0, "{live}");
+    call.stop().await;
+    slow.wait_for_stop().await;
+}
+
+/// A voice agent's answer: from the caller's speech to the agent's first audio, how far
+/// ahead it was sent, a mark's round trip and a clear's way to Twilio's socket.
+#[tokio::test]
+async fn a_talking_backend_shows_its_response_time_and_mark_round_trip() {
+    use base64::Engine as _;
+    use futures_util::StreamExt;
+    let mut agent = TalkingBackend::start().await;
+    let mut s = settings(&[("agent", &agent.url(), WireFormat::Twilio)]);
+    s.backends.table.get_mut("agent").unwrap().speaks = true;
+    let proxy = Proxy::start(s).await;
+    let mut call = TwilioCall::connect(&proxy, "answer").await;
+    call.start(&[("backendIds", "agent")]).await;
+    agent.wait_for_start(1).await;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let speech = b64.encode([call_proxy::audio::mulaw::encode(8000); 160]);
+    for _ in 0..10 {
+        call.media(&speech).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let answer = b64.encode([call_proxy::audio::mulaw::SILENCE; 800]);
+    agent.say_text(format!(
+        r#"{{"event":"media","media":{{"payload":"{answer}"}}}}"#
+    ));
+    agent.say_text(r#"{"event":"mark","mark":{"name":"said-it"}}"#);
+    // Twilio's side: the audio, then the mark, echoed once "played".
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let message = tokio::time::timeout_at(deadline.into(), call.ws.next())
+            .await
+            .expect("the mark reaches the caller")
+            .unwrap()
+            .unwrap();
+        if message.to_text().unwrap_or_default().contains("said-it") {
+            break;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let echo = call_proxy::twilio::messages::outbound::mark(99, "MZanswer", "said-it");
+    call.send_text(echo).await;
+    agent.say_text(r#"{"event":"clear"}"#);
+    let live = live_quality(&proxy, |c| {
+        let t = &c["quality"]["talkback"];
+        t["mark_round_trip_ms"].is_number() && t["clear_ms"].is_number()
+    })
+    .await;
+    let talkback = &live["quality"]["talkback"];
+    let response = talkback["response_ms"].as_f64().unwrap();
+    assert!((150.0..2000.0).contains(&response), "{talkback}");
+    assert!(
+        talkback["lead_worst_ms"].as_f64().unwrap() >= 90.0,
+        "100 ms sent at once: {talkback}"
+    );
+    assert!(
+        talkback["mark_round_trip_ms"].as_f64().unwrap() >= 100.0,
+        "{talkback}"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "call_proxy_talkback_response_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "call_proxy_talkback_mark_round_trip_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "call_proxy_talkback_clear_seconds_count"),
+        Some(1.0)
+    );
+    call.stop().await;
+}

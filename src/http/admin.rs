@@ -215,6 +215,7 @@ struct LiveCall {
     started: String,
     duration: String,
     backends: Vec<BackendSnapshot>,
+    quality: crate::media::quality::CallQuality,
 }
 
 struct RecentCall {
@@ -341,6 +342,7 @@ async fn live_view(state: &AppState) -> Live {
             call_sid: c.call_sid,
             stream_sid: c.stream_sid,
             backends: c.backends,
+            quality: c.quality,
         })
         .collect();
     let store_ok = state.store_answers().await;

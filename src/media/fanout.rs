@@ -94,6 +94,14 @@ struct QueueState {
     accounts: Accounts,
 }
 
+impl Queue {
+    /// When the oldest frame still queued arrived (for how far behind the link runs).
+    pub fn oldest_waiting(&self) -> Option<Instant> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.items.front().map(|f| f.received)
+    }
+}
+
 impl QueueState {
     /// Moves everything queued into `into`, after what is there already.
     fn take_into(&mut self, into: &mut VecDeque<Frame>) {
@@ -569,6 +577,97 @@ pub struct LinkShared {
     pub reconnects: AtomicU32,
     pub name: String,
     pub metrics_label: String,
+    /// How the link's delivery runs against real time.
+    pub quality: LinkQuality,
+}
+
+/// A link's delivery against real time, as `/calls` shows it. The meters publish it at their
+/// period, not per frame, so a frame's path writes nothing here.
+#[derive(Debug)]
+pub struct LinkQuality {
+    opened: Instant,
+    /// Microseconds from a frame's arrival to its write, at the latest write the meters
+    /// published, and the most.
+    lag_us: AtomicU32,
+    lag_worst_us: AtomicU32,
+    /// Microseconds from the call's start to this backend's first frame; 0 until then.
+    first_frame_us: AtomicU32,
+    /// Milliseconds the link was down during the call: in all, and the longest stretch.
+    down_ms: AtomicU32,
+    down_worst_ms: AtomicU32,
+}
+
+/// A `LinkQuality`'s figures at one moment.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, PartialEq)]
+pub struct LinkQualityView {
+    /// How far behind real time delivery runs now: the older of the last write's frame and
+    /// the oldest frame still waiting.
+    pub lag_ms: f64,
+    pub lag_worst_ms: f64,
+    /// From the call's start to the first frame the backend got; none yet: `null`.
+    pub first_frame_ms: Option<f64>,
+    pub down_ms: u32,
+    pub down_worst_ms: u32,
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
+}
+
+impl LinkQuality {
+    fn new() -> Self {
+        LinkQuality {
+            opened: Instant::now(),
+            lag_us: AtomicU32::new(0),
+            lag_worst_us: AtomicU32::new(0),
+            first_frame_us: AtomicU32::new(0),
+            down_ms: AtomicU32::new(0),
+            down_worst_ms: AtomicU32::new(0),
+        }
+    }
+
+    fn publish(&self, lag: Duration, worst: Duration) {
+        self.lag_us.store(micros(lag), Ordering::Relaxed);
+        self.lag_worst_us
+            .fetch_max(micros(worst), Ordering::Relaxed);
+    }
+
+    /// The first frame reached the backend at `at`; answers the time since the call's start
+    /// the first time only.
+    fn first_frame(&self, at: Instant) -> Option<Duration> {
+        let took = at.saturating_duration_since(self.opened);
+        self.first_frame_us
+            .compare_exchange(0, micros(took).max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .ok()
+            .map(|_| took)
+    }
+
+    fn down(&self, gap: Duration) {
+        let ms = gap.as_millis().min(u32::MAX as u128) as u32;
+        self.down_ms.fetch_add(ms, Ordering::Relaxed);
+        self.down_worst_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// The figures now; `waiting_since` is when the oldest frame still queued arrived.
+    pub fn view(&self, waiting_since: Option<Instant>) -> LinkQualityView {
+        let ms = |us: u32| f64::from(us) / 1000.0;
+        let waiting = waiting_since.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0);
+        let lag = ms(self.lag_us.load(Ordering::Relaxed)).max(waiting);
+        LinkQualityView {
+            lag_ms: lag,
+            lag_worst_ms: ms(self.lag_worst_us.load(Ordering::Relaxed)).max(lag),
+            first_frame_ms: match self.first_frame_us.load(Ordering::Relaxed) {
+                0 => None,
+                us => Some(ms(us)),
+            },
+            down_ms: self.down_ms.load(Ordering::Relaxed),
+            down_worst_ms: self.down_worst_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn worst_lag(&self) -> Duration {
+        Duration::from_micros(u64::from(self.lag_worst_us.load(Ordering::Relaxed)))
+    }
 }
 
 impl LinkShared {
@@ -608,7 +707,10 @@ impl Link {
     pub fn push(&mut self, frame: Frame) {
         let received = frame.received;
         match self.shared.queue.push(frame) {
-            Pushed::Written => self.at_once.written(1, Some(received), &self.metrics),
+            Pushed::Written => {
+                self.at_once
+                    .written(1, Some(received), &self.metrics, &self.shared.quality)
+            }
             Pushed::Dropped(dropped) => {
                 self.metrics.frames_dropped.inc_by(dropped as u64);
             }
@@ -621,13 +723,17 @@ impl Link {
 
     /// Adds what was written at once, and not yet counted, to the shared metrics.
     pub fn flush_metrics(&mut self) {
-        self.at_once.flush(&self.metrics);
+        self.at_once.flush(&self.metrics, &self.shared.quality);
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
         self.flush_metrics();
+        self.metrics
+            .quality
+            .backend_lag
+            .observe(self.shared.quality.worst_lag().as_secs_f64());
     }
 }
 
@@ -661,6 +767,7 @@ pub fn spawn(
         queue: Queue::new(target.queue_frames, policy.queue_bytes),
         state: AtomicU8::new(LinkState::Connecting as u8),
         reconnects: AtomicU32::new(0),
+        quality: LinkQuality::new(),
     });
     let Opening {
         endpoint,
@@ -765,6 +872,8 @@ impl Writer {
         // out of tries.
         let mut outage: Option<(Instant, u32)> = None;
         let mut connected_before = false;
+        // Since when the link has been down, for the gap its reconnect closes.
+        let mut down_since: Option<Instant> = None;
         loop {
             // Boxed: connecting (TCP, TLS, the upgrade) is a 10 KiB future, and unboxed it
             // would sit in every link's task for the whole call, connected or not.
@@ -793,7 +902,17 @@ impl Writer {
                     if connected_before {
                         self.metrics.reconnects.inc();
                         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                        info!(fault = "backend", "backend reconnected");
+                        let gap = down_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                        self.shared.quality.down(gap);
+                        self.metrics
+                            .quality
+                            .reconnect_gap
+                            .observe(gap.as_secs_f64());
+                        info!(
+                            fault = "backend",
+                            down_ms = gap.as_millis() as u64,
+                            "backend reconnected"
+                        );
                     }
                     connected_before = true;
                     let since = Instant::now();
@@ -830,6 +949,7 @@ impl Writer {
                 Err(e) => e,
             };
             self.metrics.failures.inc();
+            down_since.get_or_insert_with(Instant::now);
             let (began, failures) = outage.get_or_insert((Instant::now(), 0));
             *failures += 1;
             let elapsed = began.elapsed();
@@ -918,7 +1038,7 @@ impl Writer {
             Ok(sent) => sent?,
         }
         let mut meter = Meter::default();
-        meter.written(1, None, metrics);
+        meter.written(1, None, metrics, &shared.quality);
         let mut liveness = Liveness::new(&self.policy);
         let ended = 'pump: loop {
             let work;
@@ -986,10 +1106,10 @@ impl Writer {
             }
             written.absorb(buffered);
             if n > 0 {
-                meter.written(n, oldest, metrics);
+                meter.written(n, oldest, metrics, &shared.quality);
             }
             if stop {
-                meter.flush(metrics);
+                meter.flush(metrics, &shared.quality);
                 // A polite close; a backend that does not answer it is not waited on long.
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
@@ -999,7 +1119,7 @@ impl Writer {
                 break Ok(());
             }
         };
-        meter.flush(metrics);
+        meter.flush(metrics, &shared.quality);
         ended
     }
 
@@ -1251,6 +1371,11 @@ struct Meter {
     frames: u64,
     latency: LatencyBatch,
     last_flush: Option<Instant>,
+    /// The latest write's lag, and the most, published at the flush.
+    lag: Duration,
+    lag_worst: Duration,
+    /// This meter has seen a media frame written (the link's first is noted once).
+    first_seen: bool,
 }
 
 /// How often a writer adds its counts to the shared metrics.
@@ -1258,30 +1383,46 @@ const METER_PERIOD: Duration = Duration::from_millis(250);
 
 impl Meter {
     /// Counts `n` frames written, the oldest of them received at `oldest`; one clock read
-    /// serves the latency and the flush. (What `/calls` shows is the link's [`Accounts`],
-    /// kept exact under the queue's lock.)
-    fn written(&mut self, n: u64, oldest: Option<Instant>, metrics: &LinkMetrics) {
+    /// serves the latency, the link's lag and the flush. (What `/calls` shows is the link's
+    /// [`Accounts`], kept exact under the queue's lock.)
+    fn written(
+        &mut self,
+        n: u64,
+        oldest: Option<Instant>,
+        metrics: &LinkMetrics,
+        quality: &LinkQuality,
+    ) {
         self.frames += n;
         let now = Instant::now();
         if let Some(t) = oldest {
-            self.latency.record(now.saturating_duration_since(t));
+            let lag = now.saturating_duration_since(t);
+            self.latency.record(lag);
+            self.lag = lag;
+            self.lag_worst = self.lag_worst.max(lag);
+            if !self.first_seen {
+                self.first_seen = true;
+                if let Some(took) = quality.first_frame(now) {
+                    metrics.quality.first_frame.observe(took.as_secs_f64());
+                }
+            }
         }
         if self.last_flush.is_none_or(|t| now - t >= METER_PERIOD) {
-            self.flush_at(now, metrics);
+            self.flush_at(now, metrics, quality);
         }
     }
 
-    fn flush(&mut self, metrics: &LinkMetrics) {
-        self.flush_at(Instant::now(), metrics);
+    fn flush(&mut self, metrics: &LinkMetrics, quality: &LinkQuality) {
+        self.flush_at(Instant::now(), metrics, quality);
     }
 
-    fn flush_at(&mut self, now: Instant, metrics: &LinkMetrics) {
+    fn flush_at(&mut self, now: Instant, metrics: &LinkMetrics, quality: &LinkQuality) {
         self.last_flush = Some(now);
         if self.frames > 0 {
             metrics.frames_out.inc_by(self.frames);
             self.frames = 0;
         }
         metrics.forward_latency.absorb(&mut self.latency);
+        quality.publish(self.lag, self.lag_worst);
     }
 }
 

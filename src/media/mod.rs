@@ -13,6 +13,7 @@ mod door;
 pub mod executions;
 pub mod fanout;
 pub mod link;
+pub mod quality;
 pub mod reports;
 pub mod route;
 pub mod session;
@@ -86,6 +87,8 @@ pub struct EndedCall {
     /// What Twilio reported about the stream, when it sent status callbacks here.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub twilio: Vec<reports::Reported>,
+    /// What the call's frames showed (and its answers, with a voice agent).
+    pub quality: quality::CallQuality,
 }
 
 /// The header that marks a backend link's upgrade with the proxy instance that opened it.
@@ -99,6 +102,8 @@ pub struct CallInfo {
     pub execution_id: Option<String>,
     pub started_at: SystemTime,
     pub links: Vec<Arc<LinkShared>>,
+    /// Published by the session at its tick.
+    pub quality: std::sync::Mutex<quality::CallQuality>,
 }
 
 #[derive(Serialize)]
@@ -113,6 +118,8 @@ pub struct CallSnapshot {
     /// What Twilio reported about the stream, when it sent status callbacks here.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub twilio: Vec<reports::Reported>,
+    /// What the call's frames showed (and its answers, with a voice agent).
+    pub quality: quality::CallQuality,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -128,6 +135,8 @@ pub struct BackendSnapshot {
     pub frames_dropped: u64,
     pub frames_queued: usize,
     pub reconnects: u32,
+    /// How far behind real time its delivery runs, its first frame, the time it was down.
+    pub quality: fanout::LinkQualityView,
 }
 
 pub use door::Refusal;
@@ -261,6 +270,7 @@ impl MediaHub {
             outcome: format!("{outcome:?}"),
             backends: info.links.iter().map(|l| backend_snapshot(l)).collect(),
             twilio: Vec::new(),
+            quality: *info.quality.lock().unwrap_or_else(|e| e.into_inner()),
         };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.push_front(ended);
@@ -417,6 +427,7 @@ impl MediaHub {
                     started_at: crate::clock::unix_secs(c.started_at),
                     backends: c.links.iter().map(|l| backend_snapshot(l)).collect(),
                     twilio: self.reports.events_for(&c.stream_sid),
+                    quality: *c.quality.lock().unwrap_or_else(|e| e.into_inner()),
                 }
             })
             .collect();
@@ -465,5 +476,6 @@ fn backend_snapshot(l: &LinkShared) -> BackendSnapshot {
         frames_dropped: accounts.dropped,
         frames_queued: accounts.held.frames,
         reconnects: l.reconnects.load(Ordering::Relaxed),
+        quality: l.quality.view(l.queue.oldest_waiting()),
     }
 }

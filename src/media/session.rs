@@ -15,6 +15,7 @@ use tracing::{debug, info, warn, Span};
 
 use super::capture::{self, Capture};
 use super::fanout::{self, Frame, Kind, Link, Policy};
+use super::quality::{self, CallQuality, TalkbackQuality, TwilioQuality};
 use super::route::{self, Route};
 use super::talkback::{self, TowardTwilio};
 use super::watch::{Watches, Woke};
@@ -91,6 +92,10 @@ struct Streaming {
     started: Instant,
     /// This call's messages on their way to a capture file, when it is captured.
     capture: Option<Box<Capture>>,
+    /// What the caller's frames show.
+    twilio: TwilioQuality,
+    /// The call as `/calls` lists it, where the quality figures are published.
+    info: Arc<CallInfo>,
 }
 
 /// Writes the speaker's queued words to Twilio whenever its socket can take them, from the
@@ -98,10 +103,20 @@ struct Streaming {
 struct TowardDrive {
     queue: Arc<TowardTwilio>,
     stream_sid: String,
-    /// A message taken from the queue that the socket was not yet ready for.
-    held: Option<Message>,
+    /// A message taken from the queue that the socket was not yet ready for, and what it
+    /// means for the answer's timing once it is written.
+    held: Option<(Message, Note)>,
     unflushed: bool,
     metrics: crate::metrics::LinkMetrics,
+    /// How the agent's answers reach the caller.
+    quality: TalkbackQuality,
+}
+
+/// What a message toward Twilio means for the talk-back figures, noted when it is written.
+enum Note {
+    Audio { ms: u64 },
+    Mark(String),
+    Clear { said: Option<Instant> },
 }
 
 impl TowardDrive {
@@ -122,17 +137,25 @@ impl TowardDrive {
                 }
             }
             if self.held.is_none() {
-                match self.queue.poll_next(cx) {
-                    Poll::Ready(said) => {
+                match self.queue.poll_next_since(cx) {
+                    Poll::Ready((said, since)) => {
+                        let note = match &said {
+                            // Mu-law is 8 bytes a millisecond; base64 is 4 characters for 3.
+                            talkback::Said::Media(p) => Note::Audio {
+                                ms: (p.len() / 4 * 3 / 8) as u64,
+                            },
+                            talkback::Said::Mark(name) => Note::Mark(name.clone()),
+                            talkback::Said::Clear => Note::Clear { said: since },
+                        };
                         let text = talkback::to_twilio(said, &self.stream_sid);
-                        self.held = Some(Message::Text(text.into()));
+                        self.held = Some((Message::Text(text.into()), note));
                     }
                     Poll::Pending => return,
                 }
             }
             match Pin::new(&mut *socket).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
-                    let Some(message) = self.held.take() else {
+                    let Some((message, note)) = self.held.take() else {
                         return;
                     };
                     if Pin::new(&mut *socket).start_send(message).is_err() {
@@ -140,6 +163,13 @@ impl TowardDrive {
                     }
                     self.metrics.talkback_out.inc();
                     self.unflushed = true;
+                    let now = Instant::now();
+                    let histograms = &self.metrics.quality;
+                    match note {
+                        Note::Audio { ms } => self.quality.audio(ms, now, histograms),
+                        Note::Mark(name) => self.quality.mark_sent(name, now),
+                        Note::Clear { said } => self.quality.cleared(said, now, histograms),
+                    }
                 }
                 Poll::Ready(Err(_)) | Poll::Pending => return,
             }
@@ -281,6 +311,7 @@ where
                         );
                     }
                     session.report_frames();
+                    session.publish_quality();
                     watches.add(tokio::time::sleep(tick_every), Watch::Tick);
                 }
                 Watch::StartDeadline => {
@@ -418,14 +449,14 @@ impl Session {
                     return Step::Continue;
                 };
                 // Compact and pcm16 backends carry one track: the caller's voice.
-                let callers =
-                    (call.any_compact || call.any_pcm) && *media.track == *call.caller_track;
+                let is_caller = *media.track == *call.caller_track;
+                let callers = (call.any_compact || call.any_pcm) && is_caller;
                 // Every payload is checked to be base64; it is decoded, once, only when a
-                // backend takes its audio. An ordinary frame decodes on the stack, which is
-                // warm; a buffer of the call's own would be memory gone cold since its last
-                // frame.
+                // backend takes its audio (or a voice agent's answers are timed from the
+                // caller's speech). An ordinary frame decodes on the stack, which is warm; a
+                // buffer of the call's own would be memory gone cold since its last frame.
                 let mut stack;
-                let decoded = if callers {
+                let decoded = if callers || (is_caller && call.toward.is_some()) {
                     stack = [0u8; wire::STACK_PAYLOAD];
                     wire::decode_payload(&media.payload, &mut stack, &mut self.decoded)
                 } else {
@@ -436,6 +467,14 @@ impl Session {
                     return Step::Continue;
                 };
                 let now = Instant::now();
+                if is_caller {
+                    call.twilio.frame(&media.chunk, &media.timestamp, now);
+                    if let Some(toward) = call.toward.as_deref_mut() {
+                        if quality::is_speech(decoded) {
+                            toward.quality.caller_spoke = Some(now);
+                        }
+                    }
+                }
                 let twilio = call.any_twilio.then(|| wire::forward(&text));
                 let compact = (call.any_compact && callers)
                     .then(|| wire::compact_payload(&media.payload, decoded))
@@ -490,6 +529,11 @@ impl Session {
                 // Twilio echoes a mark once it has played the audio before it: that is news
                 // for the backend that sent the mark, the speaker, and for no one else.
                 if let Some(call) = &mut self.streaming {
+                    if let Some(toward) = call.toward.as_deref_mut() {
+                        toward
+                            .quality
+                            .mark_echoed(&mark.name, &self.hub.metrics.quality);
+                    }
                     push_control(&mut call.links, Kind::Control, |link| {
                         link.speaks
                             .then(|| wire::mark(link.format, &text, &mark.name))
@@ -684,17 +728,16 @@ impl Session {
         info!(backends = ?names, source = ?source, tracks = ?start.tracks, captured = capture.is_some(), "stream started");
 
         let execution_id = start.param("executionId").map(str::to_string);
-        self.hub.register(
-            &self.admission,
-            Arc::new(CallInfo {
-                call_sid: start.call_sid.clone(),
-                stream_sid: start.stream_sid.clone(),
-                caller,
-                execution_id,
-                started_at: SystemTime::now(),
-                links: links.iter().map(|l| l.shared.clone()).collect(),
-            }),
-        );
+        let info = Arc::new(CallInfo {
+            call_sid: start.call_sid.clone(),
+            stream_sid: start.stream_sid.clone(),
+            caller,
+            execution_id,
+            started_at: SystemTime::now(),
+            links: links.iter().map(|l| l.shared.clone()).collect(),
+            quality: Default::default(),
+        });
+        self.hub.register(&self.admission, info.clone());
         let caller_track = start
             .tracks
             .first()
@@ -712,6 +755,7 @@ impl Session {
                     held: None,
                     unflushed: false,
                     metrics,
+                    quality: TalkbackQuality::default(),
                 })
             }),
             caller_track,
@@ -719,6 +763,8 @@ impl Session {
             start,
             started: Instant::now(),
             capture,
+            twilio: TwilioQuality::default(),
+            info,
         });
         Step::Continue
     }
@@ -748,6 +794,17 @@ impl Session {
         }
     }
 
+    /// The call's quality figures, for `/calls` and the page.
+    fn publish_quality(&self) {
+        if let Some(call) = &self.streaming {
+            let now = CallQuality {
+                twilio: call.twilio.view(),
+                talkback: call.toward.as_ref().map(|t| t.quality.view()),
+            };
+            *call.info.quality.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        }
+    }
+
     fn report_frames(&mut self) {
         let new = self.frames_in - self.frames_in_reported;
         if new > 0 {
@@ -772,8 +829,14 @@ impl Session {
             + Send,
     {
         self.report_frames();
+        self.publish_quality();
         if let Some(call) = &mut self.streaming {
             call.links.iter_mut().for_each(Link::flush_metrics);
+            let histograms = &self.hub.metrics.quality;
+            call.twilio.observe(histograms);
+            if let Some(toward) = &call.toward {
+                toward.quality.observe(histograms);
+            }
             if let Some(lost) = call.capture.take().map(|c| c.dropped).filter(|n| *n > 0) {
                 warn!(lines = lost, "the disk did not keep up with the call's capture; some messages are missing from it");
                 self.hub.metrics.capture_lines_dropped.inc_by(lost);

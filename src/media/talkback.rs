@@ -221,6 +221,8 @@ pub struct TowardTwilio {
 #[derive(Default)]
 struct State {
     items: VecDeque<Said>,
+    /// When the speaker sent the clear now queued (merged clears keep the first).
+    clear_since: Option<std::time::Instant>,
     /// Mu-law bytes of the queued media (base64 length × 3/4).
     audio: usize,
     /// What the queued items weigh, in bytes (see [`weight`]).
@@ -287,6 +289,7 @@ impl TowardTwilio {
                 if !matches!(q.items.front(), Some(Said::Clear)) {
                     q.bytes += weight(&Said::Clear);
                     q.items.push_front(Said::Clear);
+                    q.clear_since = Some(std::time::Instant::now());
                 }
             } else {
                 let (len, cost) = (audio_len(&said), weight(&said));
@@ -317,11 +320,22 @@ impl TowardTwilio {
     }
 
     /// The next message for Twilio, or `Pending` (and a wake-up) until there is one.
+    #[cfg(test)]
     pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Said> {
+        self.poll_next_since(cx).map(|(said, _)| said)
+    }
+
+    /// The next message for Twilio, with when the speaker sent it for a `clear`, or
+    /// `Pending` (and a wake-up) until there is one.
+    pub fn poll_next_since(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<(Said, Option<std::time::Instant>)> {
         self.waker.register(cx.waker());
         let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match q.remove(0) {
-            Some(said) => Poll::Ready(said),
+            Some(Said::Clear) => Poll::Ready((Said::Clear, q.clear_since.take())),
+            Some(said) => Poll::Ready((said, None)),
             None => Poll::Pending,
         }
     }
