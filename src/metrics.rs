@@ -116,9 +116,7 @@ impl Quality {
     fn new() -> Self {
         let seconds = || Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
         Quality {
-            frames_missing: Histogram::new(
-                [0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0],
-            ),
+            frames_missing: Histogram::new([0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0]),
             jitter: seconds(),
             longest_gap: seconds(),
             backend_lag: seconds(),

@@ -292,10 +292,15 @@ impl MediaHub {
         recent
     }
 
-    /// A stream's first message reached this instance: the store remembers it, so that any
-    /// instance can tell a stream Twilio reported from one that reached nobody. Written
+    /// A stream's first message reached this instance: a shared store remembers it, so that
+    /// any instance can tell a stream Twilio reported from one that reached nobody. Written
     /// beside the call, never awaited by it.
     pub fn stream_arrived(&self, stream_sid: &str) {
+        // One instance alone knows its own streams from its live and recent calls; the note
+        // is for other instances sharing the store.
+        if self.settings.store.kind == crate::config::StoreKind::Memory {
+            return;
+        }
         let store = self.store.clone();
         let key = format!("stream:{stream_sid}");
         self.tracker.spawn(async move {

@@ -32,10 +32,17 @@ impl TwilioQuality {
         let chunk = chunk.parse::<u64>().ok();
         let timestamp = timestamp.parse::<u64>().ok();
         match (chunk, self.last_chunk, timestamp, self.last_timestamp) {
-            (Some(c), Some(last), _, _) => self.missing += c.saturating_sub(last + 1),
+            // Counters come from outside: at their limits they saturate, never overflow.
+            (Some(c), Some(last), _, _) => {
+                self.missing = self
+                    .missing
+                    .saturating_add(c.saturating_sub(last.saturating_add(1)))
+            }
             // No chunk counter (an older client): a jump in the timestamp past one frame.
             (None, _, Some(t), Some(last)) => {
-                self.missing += t.saturating_sub(last).saturating_sub(1) / 20
+                self.missing = self
+                    .missing
+                    .saturating_add(t.saturating_sub(last).saturating_sub(1) / 20)
             }
             _ => {}
         }
@@ -235,6 +242,16 @@ mod tests {
         q.frame("", "0", t0);
         q.frame("", "100", t0 + Duration::from_millis(100));
         assert_eq!(q.view().frames_missing, 4);
+        // Counters at their limits saturate.
+        let mut q = TwilioQuality::default();
+        let max = u64::MAX.to_string();
+        q.frame("0", "0", t0);
+        q.frame(&max, &max, t0);
+        q.frame(&max, &max, t0);
+        q.frame("1", "1", t0);
+        q.frame(&max, &max, t0);
+        assert_eq!(q.view().frames_missing, u64::MAX);
+        assert!(q.view().jitter_ms.is_finite());
     }
 
     #[test]
