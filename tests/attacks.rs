@@ -406,3 +406,63 @@ async fn a_revoked_or_restarted_session_opens_nothing() {
         "a restart opens no old cookie"
     );
 }
+
+/// A speaker's message far larger than any audio frame, through the real binary: read whole,
+/// dropped and counted, and the link and the call go on (the next message reaches the caller).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speakers_oversized_message_is_dropped_and_the_link_goes_on() {
+    use futures_util::StreamExt;
+    let mut agent = TalkingBackend::start().await;
+    let url = agent.url();
+    let proxy = ServiceProcess::start(&[
+        ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url.as_str()),
+        ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
+        ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
+    ])
+    .await;
+    let mut call = TwilioCall::connect_url(&proxy.ws_url(), "huge").await;
+    call.start(&[]).await;
+    agent.wait_for_start(1).await;
+    let huge = "A".repeat(3 << 20);
+    agent.say_text(format!(
+        r#"{{"event":"media","media":{{"payload":"{huge}"}}}}"#
+    ));
+    let fine = payload(7);
+    agent.say_text(format!(
+        r#"{{"event":"media","media":{{"payload":"{fine}"}}}}"#
+    ));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let message = tokio::time::timeout_at(deadline, call.ws.next())
+            .await
+            .expect("the next message reaches the caller")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = &message {
+            assert!(!t.contains(&huge[..64]), "the oversized one never does");
+            if t.contains(&fine) {
+                break;
+            }
+        }
+    }
+    let m = reqwest::get(proxy.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            r#"call_proxy_backend_rejected_messages_total{backend="spk"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"call_proxy_backend_reconnects_total{backend="spk"}"#),
+        Some(0.0),
+        "the link held"
+    );
+    call.stop().await;
+}
