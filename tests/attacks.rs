@@ -147,6 +147,17 @@ async fn flooding_speaker(per_second: u32, seconds: u64) -> String {
     url
 }
 
+/// The binary with one backend, `spk` at `url`, that speaks, as every call's.
+async fn speaking_to(url: &str) -> ServiceProcess {
+    ServiceProcess::start(&[
+        ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url),
+        ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
+        ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
+    ])
+    .await
+}
+
 /// A speaker's flood toward a Twilio socket that does not read: marks with long names and
 /// empty media count toward the queue's bounds (empty media is refused outright), so memory
 /// stays flat; a speaker past its per-second limit is dropped as misbehaving.
@@ -154,13 +165,7 @@ async fn flooding_speaker(per_second: u32, seconds: u64) -> String {
 async fn a_speaker_flooding_a_slow_caller_is_bounded_and_past_its_limit_dropped() {
     for (per_second, misbehaves) in [(800u32, false), (6000, true)] {
         let url = flooding_speaker(per_second, 5).await;
-        let proxy = ServiceProcess::start(&[
-            ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url.as_str()),
-            ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
-            ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
-            ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
-        ])
-        .await;
+        let proxy = speaking_to(&url).await;
         let pid = proxy.child.id();
         let before = rss_kib(pid);
         let mut caller = never_reading_socket(&proxy).await;
@@ -414,13 +419,7 @@ async fn a_speakers_oversized_message_is_dropped_and_the_link_goes_on() {
     use futures_util::StreamExt;
     let mut agent = TalkingBackend::start().await;
     let url = agent.url();
-    let proxy = ServiceProcess::start(&[
-        ("CALL_PROXY__BACKENDS__TABLE__SPK__URL", url.as_str()),
-        ("CALL_PROXY__BACKENDS__TABLE__SPK__FORMAT", "twilio"),
-        ("CALL_PROXY__BACKENDS__TABLE__SPK__SPEAKS", "true"),
-        ("CALL_PROXY__BACKENDS__DEFAULT", "spk"),
-    ])
-    .await;
+    let proxy = speaking_to(&url).await;
     let mut call = TwilioCall::connect_url(&proxy.ws_url(), "huge").await;
     call.start(&[]).await;
     agent.wait_for_start(1).await;
