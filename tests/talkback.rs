@@ -575,3 +575,52 @@ async fn the_originals_test_client_works_through_the_proxy() {
     );
     assert!(twilio.texts().contains(&media), "the message as sent");
 }
+
+/// Backends at the same pcm16 rate share one resampler: they get the same bytes, frame for
+/// frame; a backend at another rate gets its own.
+#[tokio::test]
+async fn pcm16_backends_at_one_rate_get_the_same_frames() {
+    let mut a = TalkingBackend::start().await;
+    let mut b = TalkingBackend::start().await;
+    let mut c = TalkingBackend::start().await;
+    let mut s = settings(&[
+        ("a", &a.url(), WireFormat::Pcm16),
+        ("b", &b.url(), WireFormat::Pcm16),
+        ("c", &c.url(), WireFormat::Pcm16),
+    ]);
+    s.backends.table.get_mut("c").unwrap().sample_rate = Some(24000);
+    s.validate().unwrap();
+    let proxy = Proxy::start(s).await;
+    let mut call = TwilioCall::connect(&proxy, "shared").await;
+    call.start(&[("backendIds", "a,b,c")]).await;
+    let codes: Vec<u8> = tone(8000, 440.0, 0.5, 8000)
+        .iter()
+        .map(|&s| mulaw::encode(s))
+        .collect();
+    for frame in codes.chunks(160) {
+        call.media(&B64.encode(frame)).await;
+    }
+    call.stop().await;
+    for backend in [&mut a, &mut b, &mut c] {
+        backend
+            .wait_for("stop", |log| {
+                log.iter()
+                    .any(|(_, m)| m.to_text().is_ok_and(|t| t.contains(r#""event":"stop""#)))
+            })
+            .await;
+    }
+    let (fa, fb, fc) = (a.binary_frames(), b.binary_frames(), c.binary_frames());
+    assert!(fa.len() >= 45, "{} frames", fa.len());
+    assert!(fa == fb, "one rate, the same frames");
+    assert!(
+        fa.len().abs_diff(fc.len()) <= 2,
+        "a frame per 20 ms at each rate: {} and {}",
+        fa.len(),
+        fc.len()
+    );
+    let (bytes_a, bytes_c) = (a.binary().len() as f64, c.binary().len() as f64);
+    assert!(
+        (bytes_c / bytes_a - 1.5).abs() < 0.05,
+        "24 kHz is half as much again as 16 kHz: {bytes_c} vs {bytes_a}"
+    );
+}

@@ -693,8 +693,11 @@ pub struct Link {
     /// This link's backend talks back to the caller.
     pub speaks: bool,
     pub shared: Arc<LinkShared>,
-    /// For a `pcm16` link: the caller's audio on its way to the backend's rate.
+    /// For a `pcm16` link: the caller's audio on its way to the backend's rate (the first
+    /// link of a call at each rate holds it; the others share its frames).
     pub pcm: Option<Box<super::wire::PcmDown>>,
+    /// For a `pcm16` link: its rate.
+    pub pcm_rate: u32,
     /// Frames the session wrote at once (see [`Queue`]), counted as the writer counts its own.
     at_once: Meter,
     metrics: Box<LinkMetrics>,
@@ -806,6 +809,7 @@ pub fn spawn(
         speaks: target.speaks,
         shared,
         pcm: pcm.map(Box::new),
+        pcm_rate: target.sample_rate,
         at_once: Meter::default(),
         metrics: Box::new(metrics),
         task,

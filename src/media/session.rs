@@ -94,6 +94,9 @@ struct Streaming {
     capture: Option<Box<Capture>>,
     /// What the caller's frames show.
     twilio: TwilioQuality,
+    /// This frame's pcm16 frames per rate, for the links that share a resampler (kept for
+    /// its capacity).
+    pcm_made: Vec<(u32, Vec<Message>)>,
     /// The call as `/calls` lists it, where the quality figures are published.
     info: Arc<CallInfo>,
 }
@@ -488,14 +491,30 @@ impl Session {
                     message,
                     received: now,
                 };
+                // pcm16 frames are made once per rate: the first link at a rate holds the
+                // resampler, the others at that rate get the same frames.
+                let mut made = std::mem::take(&mut call.pcm_made);
+                made.clear();
                 for link in &mut call.links {
                     let message = match link.format {
                         WireFormat::Twilio => twilio.clone(),
                         WireFormat::Compact => compact.clone(),
                         WireFormat::Pcm16 => {
-                            if let (Some(audio), Some(mut pcm)) = (&audio, link.pcm.take()) {
-                                pcm.frames(audio, |message| link.push(media(message)));
+                            let Some(audio) = &audio else { continue };
+                            if let Some(mut pcm) = link.pcm.take() {
+                                let mut frames = Vec::new();
+                                pcm.frames(audio, |message| {
+                                    frames.push(message.clone());
+                                    link.push(media(message))
+                                });
+                                made.push((pcm.rate(), frames));
                                 link.pcm = Some(pcm);
+                            } else if let Some((_, frames)) =
+                                made.iter().find(|(rate, _)| *rate == link.pcm_rate)
+                            {
+                                for message in frames {
+                                    link.push(media(message.clone()));
+                                }
                             }
                             None
                         }
@@ -504,6 +523,7 @@ impl Session {
                         link.push(media(message));
                     }
                 }
+                call.pcm_made = made;
                 Step::Continue
             }
             Event::Start(start) => {
@@ -715,6 +735,17 @@ impl Session {
                 )
             })
             .collect();
+        // One resampler per rate: each holds some 20 KiB of state and costs an FFT a frame,
+        // and links at the same rate would compute the same frames.
+        let mut links = links;
+        let mut rates = Vec::new();
+        for link in &mut links {
+            match link.pcm.as_ref().map(|p| p.rate()) {
+                Some(rate) if rates.contains(&rate) => link.pcm = None,
+                Some(rate) => rates.push(rate),
+                None => {}
+            }
+        }
         let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         let captures = &self.hub.settings.media.capture;
         let capture = capture::chosen(captures, names.iter().copied()).then(|| {
@@ -747,7 +778,7 @@ impl Session {
         self.streaming = Some(Streaming {
             any_compact: links.iter().any(|l| l.format == WireFormat::Compact),
             any_twilio: links.iter().any(|l| l.format == WireFormat::Twilio),
-            any_pcm: links.iter().any(|l| l.pcm.is_some()),
+            any_pcm: links.iter().any(|l| l.format == WireFormat::Pcm16),
             toward: toward.map(|(queue, metrics)| {
                 Box::new(TowardDrive {
                     queue,
@@ -764,6 +795,7 @@ impl Session {
             started: Instant::now(),
             capture,
             twilio: TwilioQuality::default(),
+            pcm_made: Vec::new(),
             info,
         });
         Step::Continue

@@ -169,6 +169,11 @@ impl PcmDown {
         })
     }
 
+    /// The backend's rate.
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
     /// The binary frames for `mulaw`, each handed to `each`: none while the resampler is
     /// still filling, one for an ordinary 20 ms frame, and for a payload longer than two
     /// frames' worth (a whole file in one `media`) one per 20 ms, so no single message grows

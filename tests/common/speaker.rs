@@ -141,15 +141,19 @@ impl TalkingBackend {
             .collect()
     }
 
-    /// The binary frames heard, concatenated.
-    pub fn binary(&self) -> Vec<u8> {
+    /// The binary frames heard, one by one.
+    pub fn binary_frames(&self) -> Vec<Vec<u8>> {
         self.log
             .iter()
             .filter_map(|(_, m)| match m {
                 Message::Binary(b) => Some(b.to_vec()),
                 _ => None,
             })
-            .flatten()
             .collect()
+    }
+
+    /// The binary frames heard, concatenated.
+    pub fn binary(&self) -> Vec<u8> {
+        self.binary_frames().concat()
     }
 }
