@@ -63,6 +63,22 @@ async fn submit(proxy: &Proxy, path: &str, cookie: &str, fields: &[(&str, &str)]
         .as_u16()
 }
 
+/// Posts a form that ends the session it comes with: a redirect that clears the cookie.
+async fn logged_out_by(proxy: &Proxy, path: &str, cookie: &str, fields: &[(&str, &str)]) {
+    let r = client()
+        .post(proxy.url(path))
+        .header("cookie", cookie)
+        .form(fields)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+}
+
 fn csrf_of(html: &str) -> String {
     let at = html.find(r#"name="csrf" value=""#).expect("a CSRF field") + 19;
     html[at..].split('"').next().unwrap().to_string()
@@ -241,18 +257,13 @@ async fn the_page_shows_live_calls_blocks_unblocks_and_logs_out() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    let r = client()
-        .post(proxy.url("/admin/logout"))
-        .header("cookie", &cookie)
-        .form(&[("csrf", token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
-    assert!(r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .contains("Max-Age=0"));
+    logged_out_by(
+        &proxy,
+        "/admin/logout",
+        &cookie,
+        &[("csrf", token.as_str())],
+    )
+    .await;
     drop(spk);
 }
 
@@ -459,18 +470,13 @@ async fn sessions_are_listed_and_revoked(proxy: &Proxy, other_instance: &Proxy) 
         .contains(r#"name="key""#));
     assert_eq!(sessions_of(&page(proxy, &mine).await).0, [own.as_str()]);
     // One's own: a logout.
-    let r = client()
-        .post(proxy.url("/admin/revoke"))
-        .header("cookie", &mine)
-        .form(&[("csrf", token.as_str()), ("session", own.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
-    assert!(r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .contains("Max-Age=0"));
+    logged_out_by(
+        proxy,
+        "/admin/revoke",
+        &mine,
+        &[("csrf", token.as_str()), ("session", own.as_str())],
+    )
+    .await;
     assert!(page(proxy, &mine).await.contains(r#"name="key""#));
 }
 

@@ -55,12 +55,7 @@ async fn flood_pings(ws: &mut common::Socket, limit: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_that_never_reads_its_pongs_is_closed_and_costs_no_memory() {
     let backend = Backend::start(Behaviour::Normal).await;
-    let url = backend.url();
-    let proxy = ServiceProcess::start(&[
-        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
-        ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
-    ])
-    .await;
+    let proxy = recording_to(&backend, &[]).await;
     let pid = proxy.child.id();
     let before = rss_kib(pid);
 
@@ -147,6 +142,17 @@ async fn flooding_speaker(per_second: u32, seconds: u64) -> String {
     url
 }
 
+/// The binary with one backend, `rec`, as every call's, and these settings besides.
+async fn recording_to(backend: &Backend, extra: &[(&str, &str)]) -> ServiceProcess {
+    let url = backend.url();
+    let mut env = vec![
+        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+    ];
+    env.extend_from_slice(extra);
+    ServiceProcess::start(&env).await
+}
+
 /// The binary with one backend, `spk` at `url`, that speaks, as every call's.
 async fn speaking_to(url: &str) -> ServiceProcess {
     ServiceProcess::start(&[
@@ -227,13 +233,13 @@ async fn a_speaker_flooding_a_slow_caller_is_bounded_and_past_its_limit_dropped(
 async fn one_address_gets_its_share_of_the_connections_and_headers_are_bounded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start(Behaviour::Normal).await;
-    let url = backend.url();
-    let proxy = ServiceProcess::start(&[
-        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
-        ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
-        ("CALL_PROXY__SERVER__MAX_CONNECTIONS", "300"),
-        ("CALL_PROXY__SERVER__MAX_CONNECTIONS_PER_ADDRESS", "20"),
-    ])
+    let proxy = recording_to(
+        &backend,
+        &[
+            ("CALL_PROXY__SERVER__MAX_CONNECTIONS", "300"),
+            ("CALL_PROXY__SERVER__MAX_CONNECTIONS_PER_ADDRESS", "20"),
+        ],
+    )
     .await;
     // 40 idle sockets from 127.0.0.1, each with a request begun and never finished.
     let mut held = Vec::new();
