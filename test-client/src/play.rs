@@ -232,6 +232,22 @@ impl Playback {
     }
 }
 
+/// Why a send failed: the proxy closed the stream while it went; its close frame says why
+/// when the reader gets it in time, else the send's own error.
+async fn why_closed(
+    closed: &tokio::sync::watch::Receiver<Option<Option<(u16, String)>>>,
+    error: impl std::fmt::Display,
+) -> String {
+    let mut closed = closed.clone();
+    let _ =
+        tokio::time::timeout(Duration::from_millis(500), closed.wait_for(|c| c.is_some())).await;
+    let frame = closed.borrow().clone().flatten();
+    frame.map_or_else(
+        || error.to_string(),
+        |(code, reason)| format!("{code} {reason}"),
+    )
+}
+
 /// Connects, streams `frames` in real time (pressing the keys `spec.dtmf` names), listens to
 /// what comes back as Twilio would play it, stops and closes. Fails when the proxy cannot be
 /// reached, refuses the upgrade, or closes the stream before the audio is done.
@@ -337,10 +353,11 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
         }
         if is_key {
             let (digit, _) = keys.next().expect("peeked");
-            tx.send(Message::Text(
-                outbound::dtmf(seq, &spec.stream_sid, &digit.to_string()).into(),
-            ))
-            .await?;
+            let dtmf = outbound::dtmf(seq, &spec.stream_sid, &digit.to_string());
+            if let Err(e) = tx.send(Message::Text(dtmf.into())).await {
+                let why = why_closed(&closed_rx, e).await;
+                bail!("the proxy closed the stream after {next} frames: {why}");
+            }
             seq += 1;
             continue;
         }
@@ -355,9 +372,10 @@ pub async fn play(spec: &CallSpec, frames: &[Vec<u8>]) -> Result<CallReport> {
             next as u64 * FRAME_MS,
             &b64.encode(frame),
         );
-        tx.send(Message::Text(text.into()))
-            .await
-            .context("the proxy dropped the stream")?;
+        if let Err(e) = tx.send(Message::Text(text.into())).await {
+            let why = why_closed(&closed_rx, e).await;
+            bail!("the proxy closed the stream after {next} frames: {why}");
+        }
         seq += 1;
         next += 1;
     }
