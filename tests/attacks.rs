@@ -331,12 +331,7 @@ async fn one_client_cannot_flood_the_log_with_refusals() {
     );
     // The limit lets one request a second through again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let m = reqwest::get(proxy.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = proxy.metrics().await;
     assert_eq!(
         metric(&m, r#"call_proxy_rate_limited_total{scope="http_per_ip"}"#),
         Some(200.0),
@@ -451,12 +446,7 @@ async fn a_speakers_oversized_message_is_dropped_and_the_link_goes_on() {
             }
         }
     }
-    let m = reqwest::get(proxy.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = proxy.metrics().await;
     assert_eq!(
         metric(
             &m,

@@ -139,6 +139,16 @@ impl ServiceProcess {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The metrics page, as a scraper reads it.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}/media", self.addr)
     }
