@@ -15,6 +15,8 @@ pub(crate) mod http;
 pub mod logging;
 pub(crate) mod media;
 pub(crate) mod metrics;
+#[cfg(feature = "otlp")]
+mod otlp;
 pub mod store;
 pub mod twilio;
 

@@ -7,19 +7,83 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.filter`.
-pub fn init(settings: &LogSettings) {
+/// What must outlive serving: the OTLP exporter, whose last batch is sent at exit.
+#[must_use = "dropping the guard loses the spans still batched; call `finish` at exit"]
+pub struct Guard {
+    #[cfg(feature = "otlp")]
+    exporter: Option<crate::otlp::Exporter>,
+}
+
+impl Guard {
+    /// Sends the spans still batched (the last calls of a drain), within the export timeout.
+    pub fn finish(self) {
+        #[cfg(feature = "otlp")]
+        if let Some(exporter) = self.exporter {
+            exporter.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber: logs to stderr, human or JSON, `RUST_LOG` winning over
+/// `log.filter`; and, with `log.otlp.endpoint` set, the call spans to the collector, sent
+/// through `runtime`.
+pub fn init(settings: &LogSettings, runtime: &tokio::runtime::Handle) -> Result<Guard, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    if settings.otlp.endpoint.is_empty() {
+        let _ = runtime;
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        let _ = match settings.format {
+            LogFormat::Human => builder.try_init(),
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        };
+        return Ok(Guard {
+            #[cfg(feature = "otlp")]
+            exporter: None,
+        });
+    }
+    with_export(settings, filter, runtime)
+}
+
+/// Logs filtered as configured beside the exporter, which has its own filter: the log filter
+/// never decides which spans an operator's tracing tool gets.
+#[cfg(feature = "otlp")]
+fn with_export(
+    settings: &LogSettings,
+    filter: EnvFilter,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Guard, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
+    let exporter = crate::otlp::Exporter::new(&settings.otlp, runtime.clone())?;
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match settings.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let logs = match settings.format {
+        LogFormat::Human => logs.boxed(),
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(exporter.layer())
+        .try_init();
+    Ok(Guard {
+        exporter: Some(exporter),
+    })
+}
+
+#[cfg(not(feature = "otlp"))]
+fn with_export(_: &LogSettings, _: EnvFilter, _: &tokio::runtime::Handle) -> Result<Guard, String> {
+    Err(
+        "log.otlp.endpoint: this build has no OTLP export (built without the `otlp` feature)"
+            .into(),
+    )
 }
 
 /// Longest attacker-chosen text a log line carries.

@@ -177,7 +177,6 @@ fn healthcheck(settings: &Settings, path: &str) -> ExitCode {
 }
 
 fn serve(settings: Settings) -> ExitCode {
-    call_proxy::logging::init(&settings.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -185,7 +184,14 @@ fn serve(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let logs = match call_proxy::logging::init(&settings.log, runtime.handle()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("call-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
         // Installed before the socket is bound: from the first moment a client can reach the
         // service, SIGTERM means a drain, never the default abrupt exit.
         let signals = match shutdown_signals() {
@@ -216,7 +222,10 @@ fn serve(settings: Settings) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // The spans of the last calls go out while the runtime that sends them still runs.
+    logs.finish();
+    code
 }
 
 /// Each SIGTERM or SIGINT, with both handlers installed now (not when first polled): the

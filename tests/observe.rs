@@ -8,6 +8,7 @@ use call_proxy::config::{Settings, WireFormat};
 use call_proxy::twilio::signature::{self, Algorithm};
 use common::*;
 use serde_json::Value;
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const TOKEN: &str = "observe-auth-token";
@@ -496,4 +497,187 @@ async fn a_talking_backend_shows_its_response_time_and_mark_round_trip() {
         Some(1.0)
     );
     call.stop().await;
+}
+
+/// What an OTLP/HTTP collector was sent: each export decoded, with its headers.
+#[derive(Default)]
+struct Collector {
+    exports: std::sync::Mutex<Vec<(axum::http::HeaderMap, ExportTraceServiceRequest)>>,
+}
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, Span};
+
+/// A collector on port 0 answering `POST /v1/traces` as the OTLP/HTTP spec says (protobuf in,
+/// an empty protobuf answer out); a body that does not decode gets 400.
+async fn collector() -> (String, std::sync::Arc<Collector>) {
+    use axum::http::{HeaderMap, StatusCode as Http};
+    use prost::Message as _;
+    let seen = std::sync::Arc::new(Collector::default());
+    let kept = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                match ExportTraceServiceRequest::decode(body) {
+                    Ok(export) => {
+                        kept.exports.lock().unwrap().push((headers, export));
+                        (
+                            Http::OK,
+                            [("content-type", "application/x-protobuf")],
+                            Vec::new(),
+                        )
+                    }
+                    Err(_) => (
+                        Http::BAD_REQUEST,
+                        [("content-type", "text/plain")],
+                        Vec::new(),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+impl Collector {
+    /// Every span sent, with its resource's `service.name`.
+    fn spans(&self) -> Vec<(String, Span)> {
+        let mut out = Vec::new();
+        for (_, export) in self.exports.lock().unwrap().iter() {
+            for rs in &export.resource_spans {
+                let service = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| attribute(&r.attributes, "service.name"))
+                    .unwrap_or_default();
+                for ss in &rs.scope_spans {
+                    out.extend(ss.spans.iter().map(|s| (service.clone(), s.clone())));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            any_value::Value::StringValue(s) => s.clone(),
+            other => format!("{other:?}"),
+        })
+}
+
+/// Each call's span reaches the operators' collector over OTLP/HTTP with the call's ids and
+/// outcome, its backends' spans under it, the configured headers on the export; a refused
+/// call is marked an error. The spans of the call a drain waited for are sent at exit, not
+/// lost with the process (the batch would otherwise wait 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_span_reaches_an_otlp_collector_with_its_ids_and_outcome() {
+    let (endpoint, collector) = collector().await;
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let url = rec.url();
+    let proxy = ServiceProcess::start(&[
+        ("CALL_PROXY__BACKENDS__TABLE__REC__URL", url.as_str()),
+        ("CALL_PROXY__BACKENDS__TABLE__REC__FORMAT", "twilio"),
+        ("CALL_PROXY__BACKENDS__DEFAULT", "rec"),
+        ("CALL_PROXY__LOG__OTLP__ENDPOINT", endpoint.as_str()),
+        ("CALL_PROXY__LOG__OTLP__SERVICE_NAME", "proxy-under-test"),
+        (
+            "CALL_PROXY__LOG__OTLP__HEADERS__AUTHORIZATION",
+            "Bearer ${OTLP_TEST_KEY}",
+        ),
+        ("OTLP_TEST_KEY", "collector-key"),
+        // Only the spans matter here; the log filter must not decide what is exported.
+        ("CALL_PROXY__LOG__FILTER", "warn,call_proxy=info"),
+    ])
+    .await;
+
+    let mut forged = TwilioCall::connect_url(&proxy.ws_url(), "otlpforged").await;
+    forged.start(&[("routeToken", "v1.forged.token")]).await;
+    assert!(forged.closed().await.is_some(), "a forged token is refused");
+
+    let mut call = TwilioCall::connect_url(&proxy.ws_url(), "otlp1").await;
+    call.start(&[("callerId", "+15550001111")]).await;
+    for i in 0..10 {
+        call.media(&payload(i)).await;
+    }
+    rec.wait_for("ten frames", |log| payloads(&texts(log)).len() >= 10)
+        .await;
+    // SIGTERM with the call live: the drain waits for it, and its span is sent at exit.
+    proxy.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.stop().await;
+    let (status, _) = proxy.exited(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
+
+    let spans = collector.spans();
+    let calls: Vec<&(String, Span)> = spans.iter().filter(|(_, s)| s.name == "call").collect();
+    let of = |sid: &str| {
+        calls
+            .iter()
+            .find(|(_, s)| attribute(&s.attributes, "call_sid").as_deref() == Some(sid))
+            .unwrap_or_else(|| panic!("no call span for {sid} in {calls:#?}"))
+    };
+    let (service, done) = of("CAotlp1");
+    assert_eq!(service, "proxy-under-test");
+    assert_eq!(
+        attribute(&done.attributes, "stream_sid").as_deref(),
+        Some("MZotlp1")
+    );
+    assert_eq!(
+        attribute(&done.attributes, "caller").as_deref(),
+        Some("+15550001111")
+    );
+    assert_eq!(
+        attribute(&done.attributes, "outcome").as_deref(),
+        Some("completed")
+    );
+    assert_ne!(
+        done.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32),
+        "a completed call is no error"
+    );
+    let backend = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "backend" && s.trace_id == done.trace_id)
+        .expect("the backend's span is in the call's trace");
+    assert_eq!(backend.parent_span_id, done.span_id);
+    assert_eq!(
+        attribute(&backend.attributes, "backend").as_deref(),
+        Some("rec")
+    );
+
+    let (_, refused) = of("CAotlpforged");
+    assert_eq!(
+        attribute(&refused.attributes, "outcome").as_deref(),
+        Some("refused_route_token")
+    );
+    assert_eq!(
+        refused.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32)
+    );
+    assert!(
+        refused.events.iter().any(|e| e.name == "stream refused"
+            && attribute(&e.attributes, "error").is_some_and(|m| m.contains("route token"))),
+        "the refusal's warning is on the span: {:?}",
+        refused.events
+    );
+    // Nothing else: the HTTP requests and the audio path's events are not exported.
+    assert!(spans
+        .iter()
+        .all(|(_, s)| s.name == "call" || s.name == "backend"));
+    let exports = collector.exports.lock().unwrap();
+    assert!(exports.iter().all(
+        |(h, _)| h.get("authorization").map(|v| v.as_bytes()) == Some(b"Bearer collector-key")
+    ));
 }

@@ -415,7 +415,7 @@ impl Settings {
 }
 
 impl Settings {
-    /// Fills `${NAME}` in backend header values from the environment, so secrets stay out of
+    /// Fills `${NAME}` in backend and OTLP header values from the environment, so secrets stay out of
     /// config files. A variable that is not set stops the service, naming it and the key.
     fn fill_from_environment(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
         for (id, spec) in self.backends.table.iter_mut() {
@@ -424,6 +424,11 @@ impl Settings {
                 let filled = substitute(value.expose(), env).map_err(|why| invalid(&key, why))?;
                 value.set(filled);
             }
+        }
+        for (name, value) in self.log.otlp.headers.iter_mut() {
+            let key = format!("log.otlp.headers.{name}");
+            let filled = substitute(value.expose(), env).map_err(|why| invalid(&key, why))?;
+            value.set(filled);
         }
         Ok(())
     }

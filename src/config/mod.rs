@@ -237,6 +237,20 @@ pub struct LogSettings {
     pub filter: String,
     pub format: LogFormat,
     pub mask_callers: bool,
+    pub otlp: OtlpSettings,
+}
+
+/// The call spans sent to an OpenTelemetry collector over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OtlpSettings {
+    /// The collector's traces URL (`http://collector:4318/v1/traces`); empty: not sent.
+    pub endpoint: String,
+    pub service_name: String,
+    /// One export (a batch of spans) gives up after this.
+    pub timeout_ms: u64,
+    /// Sent with every export (a vendor's API key); `${NAME}` is read from the environment.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -383,3 +383,59 @@ fn capture_settings_are_checked_together() {
     assert_eq!(s.media.capture.backends, ["speaker"]);
     assert_eq!(s.media.capture.dir, "/var/lib/call-proxy/captures");
 }
+
+#[test]
+fn the_otlp_export_is_off_by_default_and_checked_when_on() {
+    let s = Settings::defaults();
+    assert!(
+        s.log.otlp.endpoint.is_empty(),
+        "nothing leaves the machine by default"
+    );
+
+    let err = Settings::load(&with_env(&[
+        (
+            "CALL_PROXY__LOG__OTLP__ENDPOINT",
+            "collector:4318/v1/traces",
+        ),
+        ("CALL_PROXY__LOG__OTLP__TIMEOUT_MS", "0"),
+        ("CALL_PROXY__LOG__OTLP__HEADERS__X-KEY", "${OTLP_KEY}"),
+        ("OTLP_KEY", "k\u{1}SECRETKEY"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "log.otlp.endpoint",
+        "http:// or https://",
+        "log.otlp.timeout_ms",
+        "log.otlp.headers.x-key",
+        "control characters",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    assert!(!err.contains("SECRETKEY"), "the value is not shown: {err}");
+
+    let err = Settings::load(&with_env(&[(
+        "CALL_PROXY__LOG__OTLP__HEADERS__AUTHORIZATION",
+        "Bearer ${NOT_SET_ANYWHERE}",
+    )]))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("log.otlp.headers.authorization") && err.contains("NOT_SET_ANYWHERE"),
+        "{err}"
+    );
+
+    let s = Settings::load(&with_env(&[
+        (
+            "CALL_PROXY__LOG__OTLP__ENDPOINT",
+            "https://collector.example.com/v1/traces",
+        ),
+        (
+            "CALL_PROXY__LOG__OTLP__HEADERS__AUTHORIZATION",
+            "Bearer ${OTLP_KEY}",
+        ),
+        ("OTLP_KEY", "abc"),
+    ]))
+    .unwrap();
+    assert_eq!(s.log.otlp.headers["authorization"], "Bearer abc");
+}

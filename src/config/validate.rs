@@ -2,11 +2,13 @@
 //! every reference (backend ids, PIN hashes, URLs) resolved, every secret production needs
 //! present. A failure names the key.
 
+use std::collections::BTreeMap;
+
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
 use super::{
     invalid, is_valid_backend_id, load_ca_file, parse_backend_url, ConfigError, PinProviderKind,
-    Settings, StoreKind, WireFormat, MAX_TTL_SECS, PCM16_RATES,
+    Secret, Settings, StoreKind, WireFormat, MAX_TTL_SECS, PCM16_RATES,
 };
 
 /// The longest any `_ms` duration may be: a day.
@@ -116,20 +118,7 @@ impl Settings {
                     p.push(invalid(format!("{key}.ca_file"), m));
                 }
             }
-            for (name, value) in &spec.headers {
-                let at = format!("{key}.headers.{name}");
-                if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    p.push(invalid(&at, "not a valid HTTP header name"));
-                }
-                // The value is a secret: say what is wrong with it, never what it is.
-                // `HeaderValue` takes bytes past ASCII (obs-text); a backend's header must not.
-                if !value.expose().is_ascii() || HeaderValue::from_str(value.expose()).is_err() {
-                    p.push(invalid(
-                        at,
-                        "the value is not a valid HTTP header value (control characters or non-ASCII)",
-                    ));
-                }
-            }
+            check_headers(&format!("{key}.headers"), &spec.headers, p);
         }
         for (i, id) in self.backends.default.iter().enumerate() {
             match self.backends.table.get(id) {
@@ -145,6 +134,7 @@ impl Settings {
             }
         }
         self.validate_gate(p);
+        self.validate_otlp(p);
         let capture = &self.media.capture;
         if !(0.0..=1.0).contains(&capture.share) {
             p.push(invalid(
@@ -176,6 +166,34 @@ impl Settings {
         }
     }
 
+    /// The OTLP export: a URL the exporter can send to, in a build that has it.
+    fn validate_otlp(&self, p: &mut Problems) {
+        let otlp = &self.log.otlp;
+        check_headers("log.otlp.headers", &otlp.headers, p);
+        if otlp.endpoint.is_empty() {
+            return;
+        }
+        if !cfg!(feature = "otlp") {
+            p.push(invalid(
+                "log.otlp.endpoint",
+                "this build has no OTLP export (it was built without the `otlp` feature)",
+            ));
+        } else if !(otlp.endpoint.starts_with("http://") || otlp.endpoint.starts_with("https://"))
+            || otlp
+                .endpoint
+                .parse::<tokio_tungstenite::tungstenite::http::Uri>()
+                .is_err()
+        {
+            p.push(invalid(
+                "log.otlp.endpoint",
+                "must be an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces",
+            ));
+        }
+        if otlp.service_name.trim().is_empty() {
+            p.push(invalid("log.otlp.service_name", "must not be empty"));
+        }
+    }
+
     /// Every number within a range that means something, so no arithmetic on it overflows and
     /// no "forever" hides behind a wrapped value.
     fn validate_ranges(&self, p: &mut Problems) {
@@ -204,6 +222,7 @@ impl Settings {
             ("store.timeout_ms", self.store.timeout_ms),
             ("store.execution_ttl_ms", self.store.execution_ttl_ms),
             ("gate.pin_service_timeout_ms", g.pin_service_timeout_ms),
+            ("log.otlp.timeout_ms", self.log.otlp.timeout_ms),
         ];
         for (key, value) in durations_ms {
             if !(1..=MAX_DURATION_MS).contains(&value) {
@@ -432,6 +451,25 @@ impl Settings {
             p.push(invalid(
                 "security.route_token_secret",
                 "required, 16 characters or more, the same on every instance",
+            ));
+        }
+    }
+}
+
+/// HTTP headers from config (a backend's upgrade, the OTLP export): valid names, and values
+/// that are ASCII without control characters. The value may be a secret: what is wrong with it
+/// is said, never what it is.
+fn check_headers(at: &str, headers: &BTreeMap<String, Secret>, p: &mut Problems) {
+    for (name, value) in headers {
+        let key = format!("{at}.{name}");
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            p.push(invalid(&key, "not a valid HTTP header name"));
+        }
+        // `HeaderValue` takes bytes past ASCII (obs-text); a header of ours must not.
+        if !value.expose().is_ascii() || HeaderValue::from_str(value.expose()).is_err() {
+            p.push(invalid(
+                key,
+                "the value is not a valid HTTP header value (control characters or non-ASCII)",
             ));
         }
     }

@@ -105,6 +105,8 @@ pub async fn media(
         call_sid = tracing::field::Empty,
         stream_sid = tracing::field::Empty,
         caller = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        "otel.status_code" = tracing::field::Empty,
     );
     // What the kernel does not take is bounded: a peer that does not read is closed, never
     // buffered for without end.

@@ -875,6 +875,13 @@ impl Session {
             }
         }
         self.hub.metrics.call_ended(end.outcome);
+        // The call's outcome on its span, for the operators' tracing tool (OTLP): an error
+        // there is a call that did not end as the caller or Twilio ended it.
+        let span = Span::current();
+        span.record("outcome", tracing::field::debug(end.outcome));
+        if !matches!(end.outcome, Outcome::completed | Outcome::twilio_closed) {
+            span.record("otel.status_code", "error");
+        }
         if let Some((code, reason)) = &end.close {
             let frame = CloseFrame {
                 code: (*code).into(),
