@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::load::{self, Latency, ProcSample, Sink};
+use crate::shape::{self, Cursor, Shape, Step};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -41,6 +42,9 @@ pub struct Options {
     /// (`latency_before_split`), and after it (`latency`). For a measurement around an event
     /// at that instant, such as a drain.
     pub split_at: Option<Duration>,
+    /// Every call takes this captured call's shape (`--replay`): its messages at their
+    /// recorded times, looped; otherwise a frame every 20 ms.
+    pub shape: Option<Arc<Shape>>,
 }
 
 /// How calls name their sinks to the proxy.
@@ -88,6 +92,14 @@ pub struct ProcReport {
 /// How often the proxy's RSS is recorded for the report.
 const RSS_EVERY: Duration = Duration::from_secs(10);
 
+/// The captured call every call took the shape of.
+#[derive(Debug, Serialize)]
+pub struct ShapeReport {
+    /// Media frames in one pass of the capture, and how long a pass lasts.
+    pub frames_per_pass: usize,
+    pub pass_s: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub calls: u32,
@@ -116,6 +128,9 @@ pub struct Report {
     /// (RSS at full load - RSS idle) / calls, KiB.
     pub proxy_rss_kib_per_call: Option<f64>,
     pub loadgen_cpu_percent: f64,
+    /// With `--replay`: the shape the calls took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<ShapeReport>,
 }
 
 type CallSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -134,6 +149,10 @@ struct Call {
     seq: u64,
     chunk: u64,
     closed: bool,
+    /// Media frames sent: the stamp's sequence number, and when to look for a close.
+    frames: u64,
+    /// With a shape: where this call is in it.
+    cursor: Cursor,
 }
 
 enum Conn {
@@ -212,6 +231,8 @@ async fn open_call(
         seq: 2,
         chunk: 0,
         closed: false,
+        frames: 0,
+        cursor: Cursor::new(Instant::now()),
     })
 }
 
@@ -235,15 +256,13 @@ impl Call {
     }
 
     async fn send_frame(&mut self, origin: Instant, b64: &base64::engine::GeneralPurpose) -> bool {
-        if self.chunk.is_multiple_of(CLOSE_CHECK_EVERY) {
-            self.check_closed();
-        }
-        if self.closed {
+        if !self.open() {
             return false;
         }
         self.chunk += 1;
+        self.frames += 1;
         let sent_us = origin.elapsed().as_micros() as u64;
-        let payload = load::stamped_payload(self.index, self.chunk as u32, sent_us);
+        let payload = load::stamped_payload(self.index, self.frames as u32, sent_us);
         let text = outbound::media(
             self.seq,
             &self.stream_sid,
@@ -252,11 +271,73 @@ impl Call {
             (self.chunk - 1) * 20,
             &b64.encode(payload),
         );
+        self.send_text(text).await
+    }
+
+    /// Still streaming? Looks for a close once a second's worth of frames.
+    fn open(&mut self) -> bool {
+        if self.frames.is_multiple_of(CLOSE_CHECK_EVERY) {
+            self.check_closed();
+        }
+        !self.closed
+    }
+
+    async fn send_text(&mut self, text: String) -> bool {
         self.seq += 1;
         if !self.socket.send(Message::Text(text.into())).await {
             self.closed = true;
         }
         !self.closed
+    }
+
+    /// Sends every step of the shape due by `now`; answers how many media frames went.
+    async fn send_shaped(
+        &mut self,
+        shape: &Shape,
+        now: Instant,
+        origin: Instant,
+        b64: &base64::engine::GeneralPurpose,
+    ) -> u64 {
+        let mut frames = 0;
+        while let Some((step, pass)) = self.cursor.due(shape, now) {
+            if !self.open() {
+                break;
+            }
+            let text = match step {
+                Step::Media {
+                    track,
+                    chunk,
+                    timestamp,
+                    audio,
+                    ..
+                } => {
+                    self.frames += 1;
+                    let sent_us = origin.elapsed().as_micros() as u64;
+                    let stamp = load::stamped_payload(self.index, self.frames as u32, sent_us);
+                    let period_ms = shape.period.as_millis() as u64;
+                    outbound::media(
+                        self.seq,
+                        &self.stream_sid,
+                        track,
+                        pass * shape.chunks + chunk,
+                        pass * period_ms + timestamp,
+                        &b64.encode(shape::stamped(audio, &stamp)),
+                    )
+                }
+                Step::Other { message, .. } => {
+                    let mut message = message.clone();
+                    message["streamSid"] = self.stream_sid.clone().into();
+                    message["sequenceNumber"] = self.seq.to_string().into();
+                    message.to_string()
+                }
+            };
+            let media = matches!(step, Step::Media { .. });
+            if !self.send_text(text).await {
+                break;
+            }
+            frames += u64::from(media);
+        }
+        frames
     }
 
     async fn stop(mut self) {
@@ -577,6 +658,10 @@ pub async fn run(
             (Some(a), Some(b)) => load::cpu_percent(a, b),
             _ => 0.0,
         },
+        shape: opts.shape.as_ref().map(|s| ShapeReport {
+            frames_per_pass: s.frames,
+            pass_s: s.period.as_secs_f64(),
+        }),
     })
 }
 
@@ -637,9 +722,20 @@ async fn drive(
             }
             pending.next();
         }
-        for call in slots[(n % 20) as usize].iter_mut() {
-            if call.send_frame(origin, &b64).await {
-                sent.fetch_add(1, Ordering::Relaxed);
+        match &opts.shape {
+            // A captured shape has its own times: every call looks at every tick.
+            Some(shape) => {
+                for call in slots.iter_mut().flatten() {
+                    let frames = call.send_shaped(shape, now, origin, &b64).await;
+                    sent.fetch_add(frames, Ordering::Relaxed);
+                }
+            }
+            None => {
+                for call in slots[(n % 20) as usize].iter_mut() {
+                    if call.send_frame(origin, &b64).await {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
         n += 1;
@@ -660,6 +756,12 @@ impl Report {
             "loadgen: {} calls x fan-out {}, {:.0} s at full load (ramp {:.0} s), 50 frames/s per call\n",
             self.calls, self.fanout, self.duration_s, self.ramp_s
         );
+        if let Some(shape) = &self.shape {
+            out += &format!(
+                "each call shaped as the capture: {} frames over {:.1} s, looped\n",
+                shape.frames_per_pass, shape.pass_s
+            );
+        }
         out += &format!(
             "calls: {} connected, {} held to the end\n",
             self.calls_connected, self.calls_held

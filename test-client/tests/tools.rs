@@ -665,4 +665,27 @@ async fn a_captured_call_replays_the_same_audio_to_another_proxy() {
         "four times faster: {:?} for {audio:?} of audio",
         began.elapsed()
     );
+
+    // The same file as the shape of a load: every frame of every call accounted for.
+    let out = succeeds(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(["--url", &url, "--calls", "2", "--fanout", "1"])
+            .args(["--duration", "2s", "--ramp", "100ms", "--quiet", "--json"])
+            .arg("--replay")
+            .arg(&file),
+    )
+    .await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["shape"]["frames_per_pass"].as_u64(),
+        Some(sent.len() as u64),
+        "{report}"
+    );
+    let frames = report["frames_sent"].as_u64().unwrap();
+    assert!(frames > 0);
+    assert_eq!(
+        report["sinks"][0]["received"].as_u64(),
+        Some(frames),
+        "{report}"
+    );
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use test_client::loadgen::{self, Options, SinkMode};
 
@@ -54,6 +54,11 @@ struct Cli {
     /// a measurement around an event then, such as signalling the proxy to drain).
     #[arg(long, value_parser = humantime::parse_duration)]
     split_at: Option<Duration>,
+    /// Every call takes the shape of this captured call (`media.capture`): its messages at
+    /// their recorded times — silences, bursts, skipped chunks, key presses — looped for the
+    /// whole run, each frame's audio stamped for the measurement.
+    #[arg(long, value_name = "FILE")]
+    replay: Option<std::path::PathBuf>,
     /// Write a test CA (ca.pem, for the proxy's ca_file) and a localhost certificate for the
     /// sinks into DIR, then exit.
     #[arg(long, value_name = "DIR", exclusive = true)]
@@ -101,6 +106,15 @@ async fn run(cli: Cli) -> Result<()> {
         speak: cli.speak,
         flood: cli.flood,
         split_at: cli.split_at,
+        shape: match &cli.replay {
+            Some(path) => {
+                let capture = test_client::replay::load(path)?;
+                let shape = test_client::shape::Shape::of(&capture)
+                    .with_context(|| format!("{}", path.display()))?;
+                Some(std::sync::Arc::new(shape))
+            }
+            None => None,
+        },
         sinks: match cli.sink_base_port {
             None => SinkMode::Hosts,
             Some(base_port) => SinkMode::Table {
