@@ -706,6 +706,7 @@ async fn streams_need_a_valid_route_token_for_exactly_their_backends() {
         expires_at,
         call_sid: None,
         nonce: 1,
+        handoff_of: None,
     };
     let now = call_proxy::clock::unix_now();
     let expired = route_token::issue(secret.expose(), &claims(&["rec"], now - 1));

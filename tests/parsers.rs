@@ -86,6 +86,7 @@ proptest! {
             expires_at,
             call_sid: None,
             nonce: 3,
+            handoff_of: None,
         };
         let token = route_token::issue(secret, &claims);
         let verified = route_token::verify(secret, &token, 0);

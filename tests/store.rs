@@ -273,6 +273,18 @@ async fn claims_are_taken_once_until_they_expire(e: Engine) {
     assert_eq!(winners, 1, "exactly one of 50 concurrent takers");
     e.pass(Duration::from_millis(600)).await;
     assert!(s.claim_once("token:x", ttl).await.unwrap(), "expired");
+
+    // A note keeps its first writer's value: a later writer changes nothing.
+    assert_eq!(s.noted("handoff:MZ1").await.unwrap(), None);
+    assert!(s.note_once("handoff:MZ1", "MZ2 1700", ttl).await.unwrap());
+    assert!(!s.note_once("handoff:MZ1", "MZ3 1800", ttl).await.unwrap());
+    assert_eq!(
+        s.noted("handoff:MZ1").await.unwrap().as_deref(),
+        Some("MZ2 1700")
+    );
+    assert!(s.is_claimed("handoff:MZ1").await.unwrap());
+    e.pass(Duration::from_millis(600)).await;
+    assert_eq!(s.noted("handoff:MZ1").await.unwrap(), None, "expired");
 }
 
 async fn executions_refresh_in_one_batch(e: Engine) {

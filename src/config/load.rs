@@ -262,6 +262,8 @@ const LEGACY_ENV: &[(&str, &str)] = &[
     ("AUDIO_PROXY_PORT", "server.port"),
     ("SERVER_API_KEY", "security.api_key"),
     ("TWILIO_AUTH_TOKEN", "twilio.auth_token"),
+    // Not the original's, but the name Twilio's own tools read.
+    ("TWILIO_ACCOUNT_SID", "twilio.account_sid"),
     ("VALIDATE_EXTERNAL_CALLS", "twilio.validate_signatures"),
     ("INVALID_AUTH_ATTEMPTS_ALLOWED", "gate.max_invalid_attempts"),
     (

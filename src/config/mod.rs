@@ -160,6 +160,13 @@ pub struct TwilioSettings {
     pub public_url: String,
     pub trust_forwarded_headers: bool,
     pub max_body_bytes: usize,
+    /// The account whose calls stream here: what the REST API (a live hand-off) acts for.
+    pub account_sid: String,
+    /// An API key for the REST API (`SK…`) and its secret; without one, the auth token.
+    pub api_key_sid: String,
+    pub api_key_secret: Secret,
+    /// Twilio's REST API, or a regional or test one.
+    pub api_base_url: String,
     /// HMAC-SHA256 signing keys by id.
     #[serde(default)]
     pub signing_keys: BTreeMap<String, Secret>,
@@ -217,6 +224,10 @@ pub struct ServerSettings {
     pub drain_accept_ms: u64,
     /// A drain ends what is still live after this.
     pub drain_timeout_ms: u64,
+    /// A drain moves each one-way stream to a ready instance through Twilio's REST API.
+    pub handoff: bool,
+    /// A hand-off whose new stream has not arrived within this is given up.
+    pub handoff_timeout_ms: u64,
     /// Ending the calls that are left (a second signal, or the drain deadline) takes at most
     /// this: `stop` to every backend, 1001 to Twilio.
     pub shutdown_timeout_ms: u64,

@@ -135,6 +135,7 @@ impl Settings {
         }
         self.validate_gate(p);
         self.validate_otlp(p);
+        self.validate_handoff(p);
         let capture = &self.media.capture;
         if !(0.0..=1.0).contains(&capture.share) {
             p.push(invalid(
@@ -163,6 +164,50 @@ impl Settings {
                     "must be a bare host name or IP address",
                 ));
             }
+        }
+    }
+
+    /// A live hand-off needs the REST API's account and credentials, and the public URL the
+    /// new stream is started on.
+    fn validate_handoff(&self, p: &mut Problems) {
+        let t = &self.twilio;
+        let base = &t.api_base_url;
+        if !(base.starts_with("https://") || base.starts_with("http://"))
+            || base
+                .parse::<tokio_tungstenite::tungstenite::http::Uri>()
+                .is_err()
+        {
+            p.push(invalid(
+                "twilio.api_base_url",
+                "must be an https:// URL (Twilio's is https://api.twilio.com)",
+            ));
+        }
+        if t.api_key_sid.is_empty() != t.api_key_secret.is_empty() {
+            p.push(invalid(
+                "twilio.api_key_secret",
+                "an API key needs both twilio.api_key_sid and twilio.api_key_secret",
+            ));
+        }
+        if !self.server.handoff {
+            return;
+        }
+        if !(t.account_sid.starts_with("AC") && t.account_sid.len() == 34) {
+            p.push(invalid(
+                "twilio.account_sid",
+                "server.handoff needs the account sid (AC followed by 32 characters)",
+            ));
+        }
+        if t.api_key_sid.is_empty() && t.auth_token.is_empty() {
+            p.push(invalid(
+                "twilio.auth_token",
+                "server.handoff needs REST credentials: twilio.api_key_sid and api_key_secret, or twilio.auth_token",
+            ));
+        }
+        if t.public_url.is_empty() {
+            p.push(invalid(
+                "twilio.public_url",
+                "server.handoff starts each new stream on the public URL: set it (https://...)",
+            ));
         }
     }
 
@@ -223,6 +268,7 @@ impl Settings {
             ("store.execution_ttl_ms", self.store.execution_ttl_ms),
             ("gate.pin_service_timeout_ms", g.pin_service_timeout_ms),
             ("log.otlp.timeout_ms", self.log.otlp.timeout_ms),
+            ("server.handoff_timeout_ms", self.server.handoff_timeout_ms),
         ];
         for (key, value) in durations_ms {
             if !(1..=MAX_DURATION_MS).contains(&value) {

@@ -195,6 +195,7 @@ impl Gate {
                         expires_at: unix_now().saturating_add(ttl),
                         call_sid: call_sid.filter(|s| !s.is_empty()).map(str::to_string),
                         nonce: route_token::nonce(),
+                        handoff_of: None,
                     },
                 );
                 info!(caller = %self.masked(caller), backends = ?grant.backend_ids, "PIN accepted");

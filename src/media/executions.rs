@@ -323,11 +323,11 @@ mod tests {
         fn window<'a>(&'a self, k: &'a str) -> StoreFuture<'a, Option<(u64, Duration)>> {
             self.inner.window(k)
         }
-        fn claim_once<'a>(&'a self, k: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
-            self.inner.claim_once(k, ttl)
+        fn note_once<'a>(&'a self, k: &'a str, v: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+            self.inner.note_once(k, v, ttl)
         }
-        fn is_claimed<'a>(&'a self, k: &'a str) -> StoreFuture<'a, bool> {
-            self.inner.is_claimed(k)
+        fn noted<'a>(&'a self, k: &'a str) -> StoreFuture<'a, Option<String>> {
+            self.inner.noted(k)
         }
         fn ping(&self) -> StoreFuture<'_, ()> {
             self.inner.ping()

@@ -191,6 +191,12 @@ fn choose_by_token(
             }
         }
     };
+    // A hand-off token names the backends the call has: the stream's own lists, carried
+    // over from the first stream, may name entries that were skipped there.
+    if claims.handoff_of.is_some() {
+        let (ids, hosts) = (claims.backend_ids.clone(), claims.backend_hosts.clone());
+        return both(Source::RouteToken, ids, hosts, backends, limits);
+    }
     let ids = narrowed("backendIds", &claims.backend_ids)?;
     let hosts = narrowed("backendHosts", &claims.backend_hosts)?;
     both(Source::RouteToken, ids, hosts, backends, limits)
@@ -472,6 +478,7 @@ mod tests {
             expires_at: u64::MAX,
             call_sid: None,
             nonce: 0,
+            handoff_of: None,
         }
     }
 

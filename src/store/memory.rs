@@ -25,8 +25,8 @@ struct Maps {
     blocks: DashMap<String, Block>,
     /// Fixed-window counters: key -> count and when the window closes.
     windows: DashMap<String, (u64, Instant)>,
-    /// Keys taken once, until they expire.
-    claims: DashMap<String, Instant>,
+    /// Keys written once, their values, and when they expire.
+    claims: DashMap<String, (String, Instant)>,
     /// Operator sessions and when each expires (in memory: a restart logs everyone out).
     sessions: DashMap<String, (OperatorSession, Instant)>,
 }
@@ -351,25 +351,36 @@ impl StateStore for MemoryStore {
         ready(open)
     }
 
-    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn note_once<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         let now = Instant::now();
-        let claimed = match self.maps.claims.entry(key.to_string()) {
-            Entry::Occupied(e) if *e.get() > now => false,
+        let written = match self.maps.claims.entry(key.to_string()) {
+            Entry::Occupied(e) if e.get().1 > now => false,
             Entry::Occupied(mut e) => {
-                e.insert(now + ttl);
+                e.insert((value.to_string(), now + ttl));
                 true
             }
             Entry::Vacant(e) => {
-                e.insert(now + ttl);
+                e.insert((value.to_string(), now + ttl));
                 true
             }
         };
-        ready(claimed)
+        ready(written)
     }
 
-    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+    fn noted<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>> {
         let now = Instant::now();
-        ready(self.maps.claims.get(key).is_some_and(|at| *at > now))
+        ready(
+            self.maps
+                .claims
+                .get(key)
+                .filter(|e| e.1 > now)
+                .map(|e| e.0.clone()),
+        )
     }
 
     fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()> {
@@ -442,7 +453,7 @@ impl Maps {
         self.attempts.retain(|_, (_, at)| *at > now);
         self.blocks.retain(|_, b| live(b, now_unix));
         self.windows.retain(|_, (_, at)| *at > now);
-        self.claims.retain(|_, at| *at > now);
+        self.claims.retain(|_, (_, at)| *at > now);
         self.sessions.retain(|_, (_, at)| *at > now);
         self.executions.retain(|_, streams| {
             streams.retain(|(_, at)| *at > now);

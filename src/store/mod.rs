@@ -143,12 +143,29 @@ pub trait StateStore: Send + Sync + 'static {
     /// The count in `key`'s open window and the time it has left; `None` when none is open.
     fn window<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(u64, Duration)>>;
 
+    /// Writes `value` under `key` for `ttl` unless the key is taken: `true` for the first
+    /// writer, `false` for everyone after while it lasts (on every instance). A note is never
+    /// changed once written, so whoever reads it reads the first writer's value.
+    fn note_once<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool>;
+
+    /// The value written under `key` by [`note_once`](Self::note_once), while it lasts.
+    fn noted<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>>;
+
     /// Takes `key` for `ttl`: `true` for the first taker, `false` for everyone after while it
     /// lasts (on every instance).
-    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool>;
+    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        self.note_once(key, "1", ttl)
+    }
 
     /// Whether `key` is taken by [`claim_once`](Self::claim_once) now (on any instance).
-    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool>;
+    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move { Ok(self.noted(key).await?.is_some()) })
+    }
 
     /// Opens an operator session until its `expires_at`.
     fn session_open<'a>(&'a self, session: &'a OperatorSession) -> StoreFuture<'a, ()>;

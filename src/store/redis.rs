@@ -353,7 +353,12 @@ impl StateStore for RedisStore {
         })
     }
 
-    fn claim_once<'a>(&'a self, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn note_once<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let key = self.key("claim", key);
             let mut conn = self.conn.clone();
@@ -361,7 +366,7 @@ impl StateStore for RedisStore {
                 .call(
                     redis::cmd("SET")
                         .arg(&key)
-                        .arg(1)
+                        .arg(value)
                         .arg("NX")
                         .arg("PX")
                         .arg(ttl.as_millis().max(1) as u64)
@@ -372,11 +377,10 @@ impl StateStore for RedisStore {
         })
     }
 
-    fn is_claimed<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+    fn noted<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let n: u64 = self.call(conn.exists(self.key("claim", key))).await?;
-            Ok(n > 0)
+            self.call(conn.get(self.key("claim", key))).await
         })
     }
 
