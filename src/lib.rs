@@ -168,6 +168,8 @@ async fn drain<S: Stream<Item = ()>>(
     let hub = &state.hub;
     let began = Instant::now();
     hub.begin_drain();
+    // With server.handoff on, the calls that can move ask Twilio for a new stream each.
+    hub.hand_off_calls();
     let accept = state.settings.drain_accept();
     let limit = state.settings.drain_timeout();
     info!(

@@ -62,6 +62,27 @@ pub enum Outcome {
     refused_draining,
     /// No valid route token where one is needed.
     refused_route_token,
+    /// Moved to another stream on a ready instance (a live hand-off).
+    handed_off,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabel {
+    pub outcome: HandoffOutcome,
+}
+
+/// How a live hand-off went, counted by the instance the call leaves.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HandoffOutcome {
+    /// The backends switched to the new stream.
+    moved,
+    /// Twilio's REST API refused or could not be reached; the call stayed.
+    rest_failed,
+    /// No new stream reached an instance in time; the call stayed.
+    timed_out,
+    /// The call ended while it was being moved.
+    call_ended,
 }
 
 /// Why a single message from Twilio was skipped.
@@ -74,6 +95,8 @@ pub enum Rejection {
     invalid_payload,
     unknown_event,
     backend_entry,
+    /// Held past its bound while a hand-off's new stream waited for the old one's word.
+    held_too_long,
 }
 
 /// A Twilio stream status callback: its event, and the Media Streams error code it named
@@ -302,6 +325,7 @@ pub struct Metrics {
     /// 1 from the first shutdown signal until the process exits.
     pub draining: Gauge,
     pub calls: Family<OutcomeLabel, Counter>,
+    pub handoffs: Family<HandoffLabel, Counter>,
     pub frames_in: Counter,
     pub rejected: Family<ReasonLabel, Counter>,
     pub frames_out: Family<BackendLabel, Counter>,
@@ -351,6 +375,7 @@ impl Metrics {
             live_calls: Gauge::default(),
             draining: Gauge::default(),
             calls: Family::default(),
+            handoffs: Family::default(),
             frames_in: Counter::default(),
             rejected: Family::default(),
             frames_out: Family::default(),
@@ -387,6 +412,11 @@ impl Metrics {
             m.draining.clone(),
         );
         registry.register("calls", "Calls ended, by outcome", m.calls.clone());
+        registry.register(
+            "handoffs",
+            "Live hand-offs of a draining instance's calls, by outcome",
+            m.handoffs.clone(),
+        );
         registry.register(
             "frames_in",
             "Media frames received from Twilio",
@@ -542,6 +572,10 @@ impl Metrics {
                 method,
             })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn handoff(&self, outcome: HandoffOutcome) {
+        self.handoffs.get_or_create(&HandoffLabel { outcome }).inc();
     }
 
     pub fn call_ended(&self, outcome: Outcome) {

@@ -12,6 +12,7 @@ pub mod capture;
 mod door;
 pub mod executions;
 pub mod fanout;
+pub mod handoff;
 pub mod link;
 pub mod quality;
 pub mod reports;
@@ -68,6 +69,17 @@ pub struct MediaHub {
     /// What Twilio reported about streams through its status callbacks.
     pub reports: reports::Reports,
     started: SystemTime,
+    /// Live hand-off through Twilio's REST API, with `server.handoff` on.
+    mover: Option<handoff::Mover>,
+}
+
+/// Why the media path could not be set up at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Backend(#[from] link::SetupError),
+    #[error("server.handoff: {0}")]
+    Handoff(#[from] crate::twilio::rest::RestError),
 }
 
 /// How many ended calls the hub remembers.
@@ -89,6 +101,9 @@ pub struct EndedCall {
     pub twilio: Vec<reports::Reported>,
     /// What the call's frames showed (and its answers, with a voice agent).
     pub quality: quality::CallQuality,
+    /// Where a live hand-off took the call: `moved to MZ…`, `moved in from MZ…`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 /// The header that marks a backend link's upgrade with the proxy instance that opened it.
@@ -104,6 +119,23 @@ pub struct CallInfo {
     pub links: Vec<Arc<LinkShared>>,
     /// Published by the session at its tick.
     pub quality: std::sync::Mutex<quality::CallQuality>,
+    /// Rung by a drain with `server.handoff` on: the call moves to another instance.
+    pub move_now: Arc<tokio::sync::Notify>,
+    /// Where a live hand-off has the call, for `/calls` and the page.
+    pub handoff: std::sync::Mutex<Option<String>>,
+}
+
+impl CallInfo {
+    pub fn set_handoff(&self, state: Option<String>) {
+        *self.handoff.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn handoff(&self) -> Option<String> {
+        self.handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 #[derive(Serialize)]
@@ -120,6 +152,9 @@ pub struct CallSnapshot {
     pub twilio: Vec<reports::Reported>,
     /// What the call's frames showed (and its answers, with a voice agent).
     pub quality: quality::CallQuality,
+    /// A live hand-off under way or done: `moving to another instance`, `moved in from MZ…`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -186,8 +221,9 @@ impl MediaHub {
         settings: Arc<Settings>,
         metrics: Arc<Metrics>,
         store: Arc<dyn StateStore>,
-    ) -> Result<Arc<Self>, link::SetupError> {
+    ) -> Result<Arc<Self>, SetupError> {
         let endpoints = link::endpoints(&settings.backends)?;
+        let mover = handoff::Mover::new(&settings)?;
         let instance_id = instance_id();
         let headroom = crate::descriptors::Headroom::new(settings.media.max_backends_per_call);
         // The writer task ends by itself once the hub is gone.
@@ -214,6 +250,7 @@ impl MediaHub {
             recent: Default::default(),
             reports: Default::default(),
             started: SystemTime::now(),
+            mover,
         }))
     }
 
@@ -247,6 +284,11 @@ impl MediaHub {
         self.local_addr.get().copied()
     }
 
+    /// Hand-offs through Twilio's REST API, when `server.handoff` is on.
+    pub fn mover(&self) -> Option<&handoff::Mover> {
+        self.mover.as_ref()
+    }
+
     pub fn instance_id(&self) -> &str {
         &self.instance_id
     }
@@ -271,6 +313,7 @@ impl MediaHub {
             backends: info.links.iter().map(|l| backend_snapshot(l)).collect(),
             twilio: Vec::new(),
             quality: *info.quality.lock().unwrap_or_else(|e| e.into_inner()),
+            handoff: info.handoff(),
         };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.push_front(ended);
@@ -375,6 +418,17 @@ impl MediaHub {
         self.metrics.draining.set(1);
     }
 
+    /// With `server.handoff` on: asks every live call to move to a ready instance (each one
+    /// that can: no speaking backend). A call that starts later in the drain moves at once.
+    pub fn hand_off_calls(&self) {
+        if self.mover.is_none() {
+            return;
+        }
+        for call in self.calls.iter() {
+            call.move_now.notify_one();
+        }
+    }
+
     /// From now on, new streams are refused (503 with `Retry-After`).
     pub fn close_door(&self) {
         self.door.close();
@@ -433,6 +487,7 @@ impl MediaHub {
                     backends: c.links.iter().map(|l| backend_snapshot(l)).collect(),
                     twilio: self.reports.events_for(&c.stream_sid),
                     quality: *c.quality.lock().unwrap_or_else(|e| e.into_inner()),
+                    handoff: c.handoff(),
                 }
             })
             .collect();

@@ -11,10 +11,11 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tracing::{debug, info, warn, Span};
+use tracing::{debug, info, warn, Instrument as _, Span};
 
 use super::capture::{self, Capture};
 use super::fanout::{self, Frame, Kind, Link, Policy};
+use super::handoff::{self, Mailbox, Movable, News};
 use super::quality::{self, CallQuality, TalkbackQuality, TwilioQuality};
 use super::route::{self, Route};
 use super::talkback::{self, TowardTwilio};
@@ -99,6 +100,65 @@ struct Streaming {
     pcm_made: Vec<(u32, Vec<Message>)>,
     /// The call as `/calls` lists it, where the quality figures are published.
     info: Arc<CallInfo>,
+    phase: Phase,
+    /// What a hand-off needs, when `server.handoff` is on and the call has no speaker.
+    movable: Option<Box<Movable>>,
+    /// The arrival of the last media frame the backends were given.
+    last_forwarded: Instant,
+    /// The wall clock at `started`, so an arrival can be told to another instance.
+    started_unix_ms: u64,
+}
+
+impl Streaming {
+    /// An arrival on the wall clock, in Unix milliseconds.
+    fn unix_ms(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.started).as_millis() as u64;
+        self.started_unix_ms + since
+    }
+}
+
+/// Where a started call is in its life on this instance. The transitions are the methods of
+/// [`Session`] that take a [`News`] or a watch; nothing else moves a call between phases.
+enum Phase {
+    /// Frames go to the backends.
+    Live,
+    /// (the new stream of a hand-off) Taking the call over from another stream: Twilio's
+    /// messages are held until that stream's instance says where it stopped forwarding.
+    Joining(Box<Joining>),
+    /// (the old stream) Twilio is asked for a new stream; frames still go to the backends.
+    Leaving(Box<Leaving>),
+    /// (the old stream) The backends moved to the stream `to` and have had `stop`; Twilio's
+    /// messages are dropped until it stops this stream.
+    Left { to: String },
+    /// (the new stream) The old instance gave the hand-off up and forwarded everything itself;
+    /// this stream's messages are dropped until Twilio stops it.
+    Abandoned,
+}
+
+impl Phase {
+    /// Whether Twilio's messages go to the backends now.
+    fn forwards(&self) -> bool {
+        matches!(self, Phase::Live | Phase::Leaving(_))
+    }
+}
+
+struct Joining {
+    from: String,
+    /// Twilio's messages since the first frame, with their arrival.
+    held: std::collections::VecDeque<(Utf8Bytes, Instant)>,
+    /// Takes the first frame's arrival (unix ms) to the task that notes the switch.
+    first: Option<tokio::sync::oneshot::Sender<u64>>,
+    mailbox: Arc<Mailbox>,
+}
+
+/// Held messages at most while joining: 2 x the hand-off timeout of both tracks is far less
+/// (the oldest beyond it are dropped, and counted).
+const MAX_HELD: usize = 2000;
+
+struct Leaving {
+    mailbox: Arc<Mailbox>,
+    /// Takes the arrival (unix ms) of the last frame forwarded to the hand-off's task.
+    cut: Option<tokio::sync::oneshot::Sender<u64>>,
 }
 
 /// Writes the speaker's queued words to Twilio whenever its socket can take them, from the
@@ -209,6 +269,12 @@ enum Watch {
     LinksChanged,
     /// The grace period after every backend gave up has run out.
     BackendsGone,
+    /// A drain asks this call to move to another instance.
+    MoveNow,
+    /// A hand-off's task has news.
+    Handoff,
+    /// The backends moved long enough ago: the old stream is closed from this side.
+    LeftDeadline,
 }
 
 /// `repr(C)`, aligned to a cache line: the fields every media frame touches come first (see
@@ -226,7 +292,11 @@ struct Session {
     /// Reasons already logged for this call: each is logged once and counted always, so a
     /// misbehaving peer cannot flood the log at 50 messages a second.
     logged: u32,
+    /// Watches a step asked for, added by the loop after the step.
+    asks: Vec<(WatchFuture, Watch)>,
 }
+
+type WatchFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Runs the session for an accepted upgrade. Generic over the socket: the service hands it
 /// the upgraded TCP socket, the unit tests below a pair of channels under paused time.
@@ -247,6 +317,7 @@ where
         frames_in_reported: 0,
         decoded: Vec::new(),
         logged: 0,
+        asks: Vec::new(),
     };
 
     let idle_timeout = settings.idle_timeout();
@@ -353,6 +424,24 @@ where
                         "every backend of this call is gone",
                     );
                 }
+                Watch::MoveNow => {
+                    session.begin_leaving();
+                    session.add_asked(&mut watches);
+                }
+                Watch::Handoff => {
+                    let ended = session.on_handoff_news();
+                    session.add_asked(&mut watches);
+                    if let Some(end) = ended {
+                        break end;
+                    }
+                }
+                Watch::LeftDeadline => {
+                    break End::new(
+                        Outcome::handed_off,
+                        close::NORMAL,
+                        "the call moved to another stream",
+                    );
+                }
             },
             Woke::Busy(incoming) => {
                 let step = match incoming {
@@ -366,7 +455,11 @@ where
                     Some(Ok(Message::Text(text))) => {
                         messages += 1;
                         match session.on_text(text) {
-                            Step::Start(start, raw) => session.on_start(start, raw).await,
+                            Step::Start(start, raw) => {
+                                let step = session.on_start(start, raw).await;
+                                session.add_asked(&mut watches);
+                                step
+                            }
                             step => step,
                         }
                     }
@@ -444,9 +537,49 @@ impl Session {
         {
             capture.message(text.as_str());
         }
+        if matches!(event, Event::Media(_)) {
+            self.frames_in += 1;
+        }
+        if self.streaming.as_ref().is_some_and(|c| !c.phase.forwards()) {
+            if let Some(step) = self.not_forwarding(&event, &text) {
+                return step;
+            }
+        }
+        self.dispatch(&text, event, None)
+    }
+
+    /// A message while the call is not forwarding: held while joining, dropped once moved.
+    fn not_forwarding(&mut self, event: &Event<'_>, text: &Utf8Bytes) -> Option<Step> {
+        let call = self.streaming.as_mut()?;
+        let held = matches!(event, Event::Media(_) | Event::Dtmf(_) | Event::Mark(_));
+        let now = Instant::now();
+        let now_ms = call.unix_ms(now);
+        match &mut call.phase {
+            Phase::Joining(join) if held => {
+                if let (Event::Media(_), Some(first)) = (event, join.first.take()) {
+                    let _ = first.send(now_ms);
+                }
+                if join.held.len() == MAX_HELD {
+                    join.held.pop_front();
+                    self.hub.metrics.rejected(Rejection::held_too_long);
+                }
+                join.held.push_back((text.clone(), now));
+                Some(Step::Continue)
+            }
+            Phase::Left { .. } | Phase::Abandoned if held => Some(Step::Continue),
+            Phase::Left { .. } if matches!(event, Event::Stop(_)) => Some(Step::End(End::new(
+                Outcome::handed_off,
+                close::NORMAL,
+                "stream stopped",
+            ))),
+            _ => None,
+        }
+    }
+
+    /// Handles one of Twilio's messages; `arrived` is when a held one came (else now).
+    fn dispatch(&mut self, text: &Utf8Bytes, event: Event<'_>, arrived: Option<Instant>) -> Step {
         match event {
             Event::Media(media) => {
-                self.frames_in += 1;
                 let Some(call) = &mut self.streaming else {
                     self.reject(Rejection::media_before_start, "media before start");
                     return Step::Continue;
@@ -469,7 +602,8 @@ impl Session {
                     self.reject(Rejection::invalid_payload, "media payload is not base64");
                     return Step::Continue;
                 };
-                let now = Instant::now();
+                let now = arrived.unwrap_or_else(Instant::now);
+                call.last_forwarded = now;
                 if is_caller {
                     call.twilio.frame(&media.chunk, &media.timestamp, now);
                     if let Some(toward) = call.toward.as_deref_mut() {
@@ -478,7 +612,7 @@ impl Session {
                         }
                     }
                 }
-                let twilio = call.any_twilio.then(|| wire::forward(&text));
+                let twilio = call.any_twilio.then(|| wire::forward(text));
                 let compact = (call.any_compact && callers)
                     .then(|| wire::compact_payload(&media.payload, decoded))
                     .flatten()
@@ -534,13 +668,13 @@ impl Session {
                     );
                     return Step::Continue;
                 }
-                Step::Start(start, text)
+                Step::Start(start, text.clone())
             }
             Event::Dtmf(dtmf) => {
                 // Every backend hears the keypad, in its own format.
                 if let Some(call) = &mut self.streaming {
                     push_control(&mut call.links, Kind::Control, |link| {
-                        Some(wire::dtmf(link.format, &text, &dtmf.digit))
+                        Some(wire::dtmf(link.format, text, &dtmf.digit))
                     });
                 }
                 Step::Continue
@@ -556,7 +690,7 @@ impl Session {
                     }
                     push_control(&mut call.links, Kind::Control, |link| {
                         link.speaks
-                            .then(|| wire::mark(link.format, &text, &mark.name))
+                            .then(|| wire::mark(link.format, text, &mark.name))
                     });
                 }
                 Step::Continue
@@ -564,7 +698,7 @@ impl Session {
             Event::Stop(_) => {
                 if let Some(call) = &mut self.streaming {
                     push_control(&mut call.links, Kind::Stop, |link| {
-                        Some(wire::stop(link.format, &text))
+                        Some(wire::stop(link.format, text))
                     });
                 }
                 Step::End(End::new(
@@ -713,6 +847,8 @@ impl Session {
                 self.hub.metrics.link(&t.metrics_label),
             )
         });
+        // A hand-off token: this stream takes the call over from another one.
+        let joining_from = token.as_ref().and_then(|c| c.handoff_of.clone());
         let mut descriptors = self.admission.descriptors_for(targets.len()).into_iter();
         let links: Vec<Link> = targets
             .iter()
@@ -721,7 +857,10 @@ impl Session {
                     t,
                     fanout::Opening {
                         endpoint: self.hub.endpoint(t),
-                        start: wire::start(t.format, &raw, t.sample_rate),
+                        start: match &joining_from {
+                            Some(from) => wire::handoff_start(t.format, &raw, t.sample_rate, from),
+                            None => wire::start(t.format, &raw, t.sample_rate),
+                        },
                         toward: toward
                             .as_ref()
                             .filter(|_| t.speaks)
@@ -758,6 +897,22 @@ impl Session {
         });
         info!(backends = ?names, source = ?source, tracks = ?start.tracks, captured = capture.is_some(), "stream started");
 
+        // A call can move (server.handoff) unless a backend speaks: Twilio cannot restart a
+        // `<Connect><Stream>` by REST.
+        let movable = (self.hub.mover().is_some() && toward.is_none()).then(|| {
+            let names = |table: bool| -> Vec<String> {
+                targets
+                    .iter()
+                    .filter(|t| t.from_table == table)
+                    .map(|t| t.name.clone())
+                    .collect()
+            };
+            Box::new(Movable {
+                backend_ids: names(true),
+                backend_hosts: names(false),
+                caller: caller.clone(),
+            })
+        });
         let execution_id = start.param("executionId").map(str::to_string);
         let info = Arc::new(CallInfo {
             call_sid: start.call_sid.clone(),
@@ -767,8 +922,49 @@ impl Session {
             started_at: SystemTime::now(),
             links: links.iter().map(|l| l.shared.clone()).collect(),
             quality: Default::default(),
+            move_now: Default::default(),
+            handoff: Default::default(),
         });
         self.hub.register(&self.admission, info.clone());
+        let phase = match joining_from {
+            Some(from) => {
+                let mailbox = Arc::new(Mailbox::default());
+                let (first, arrival) = tokio::sync::oneshot::channel();
+                self.hub.tracker().spawn(
+                    handoff::join(
+                        self.hub.clone(),
+                        from.clone(),
+                        start.stream_sid.clone(),
+                        arrival,
+                        mailbox.clone(),
+                    )
+                    .instrument(Span::current()),
+                );
+                self.asks.push((Box::pin(mailbox.rung()), Watch::Handoff));
+                info.set_handoff(Some(format!(
+                    "moving in from {}",
+                    crate::logging::escape(&from)
+                )));
+                info!(from = %crate::logging::escape(&from), "hand-off: this stream takes the call over");
+                Phase::Joining(Box::new(Joining {
+                    from,
+                    held: Default::default(),
+                    first: Some(first),
+                    mailbox,
+                }))
+            }
+            None => Phase::Live,
+        };
+        if movable.is_some() {
+            self.asks.push((
+                Box::pin(info.move_now.clone().notified_owned()),
+                Watch::MoveNow,
+            ));
+            // A call that starts while the instance drains moves at once.
+            if self.hub.is_draining() {
+                info.move_now.notify_one();
+            }
+        }
         let caller_track = start
             .tracks
             .first()
@@ -797,8 +993,135 @@ impl Session {
             twilio: TwilioQuality::default(),
             pcm_made: Vec::new(),
             info,
+            phase,
+            movable,
+            last_forwarded: Instant::now(),
+            started_unix_ms: crate::clock::unix_now_ms(),
         });
         Step::Continue
+    }
+
+    /// Adds the watches the last step asked for.
+    fn add_asked(&mut self, watches: &mut Watches<Watch>) {
+        for (future, watch) in self.asks.drain(..) {
+            watches.add(future, watch);
+        }
+    }
+
+    /// A drain asks the call to move: Twilio is asked for a new stream on it, by a task of
+    /// its own, while the frames go on to the backends. Only a live, movable call moves; one
+    /// still joining moves once it has joined.
+    fn begin_leaving(&mut self) {
+        let hub = self.hub.clone();
+        let Some(call) = &mut self.streaming else {
+            return;
+        };
+        let Some(movable) = call.movable.as_deref().cloned() else {
+            return;
+        };
+        if !matches!(call.phase, Phase::Live) {
+            return;
+        }
+        let mailbox = Arc::new(Mailbox::default());
+        let (cut, told) = tokio::sync::oneshot::channel();
+        let start = Arc::new((*call.start).clone());
+        hub.tracker().spawn(
+            handoff::leave(hub.clone(), start, movable, mailbox.clone(), told)
+                .instrument(Span::current()),
+        );
+        self.asks.push((Box::pin(mailbox.rung()), Watch::Handoff));
+        call.phase = Phase::Leaving(Box::new(Leaving {
+            mailbox,
+            cut: Some(cut),
+        }));
+        call.info
+            .set_handoff(Some("moving to another instance".into()));
+        info!("hand-off: asking Twilio for a new stream on the call");
+    }
+
+    /// What a hand-off's task said, and the call's next phase; an end when there is one.
+    fn on_handoff_news(&mut self) -> Option<End> {
+        let call = self.streaming.as_mut()?;
+        let news = match &call.phase {
+            Phase::Joining(join) => join.mailbox.take(),
+            Phase::Leaving(leaving) => leaving.mailbox.take(),
+            _ => None,
+        }?;
+        match news {
+            News::Switch { to } => {
+                let last = call.unix_ms(call.last_forwarded);
+                if let Phase::Leaving(leaving) = &mut call.phase {
+                    if let Some(cut) = leaving.cut.take() {
+                        let _ = cut.send(last);
+                    }
+                }
+                let start = &call.start;
+                push_control(&mut call.links, Kind::Stop, |link| {
+                    Some(wire::handoff_stop(link.format, start, &to))
+                });
+                info!(to = %crate::logging::escape(&to), "hand-off: the backends have had their last frame from this stream");
+                call.info
+                    .set_handoff(Some(format!("moved to {}", crate::logging::escape(&to))));
+                call.phase = Phase::Left { to };
+                // Twilio stops this stream at the old instance's request; if it does not, the
+                // stream is closed from this side.
+                let wait = Duration::from_millis(self.hub.settings.server.handoff_timeout_ms)
+                    + Duration::from_secs(1);
+                self.asks
+                    .push((Box::pin(tokio::time::sleep(wait)), Watch::LeftDeadline));
+            }
+            News::Failed => {
+                call.phase = Phase::Live;
+                call.info.set_handoff(None);
+            }
+            News::Cut(after) => self.joined(Some(after)),
+            News::Orphaned => self.joined(None),
+            News::Abandoned => {
+                info!("hand-off: the old stream kept the call; this stream's frames are dropped until Twilio stops it");
+                call.phase = Phase::Abandoned;
+                call.info.set_handoff(None);
+            }
+        }
+        None
+    }
+
+    /// The new stream has the call: its held messages that arrived after the old stream's
+    /// cut (all of them without one) go to the backends, and it goes on live.
+    fn joined(&mut self, after: Option<u64>) {
+        let Some(call) = &mut self.streaming else {
+            return;
+        };
+        let Phase::Joining(join) = std::mem::replace(&mut call.phase, Phase::Live) else {
+            return;
+        };
+        let from = join.from;
+        call.info.set_handoff(Some(format!(
+            "moved in from {}",
+            crate::logging::escape(&from)
+        )));
+        let mut repeated = 0u64;
+        let mut released = 0u64;
+        for (text, at) in join.held {
+            let arrived_ms = self.streaming.as_ref().map_or(0, |c| c.unix_ms(at));
+            if after.is_some_and(|cut| arrived_ms <= cut) {
+                repeated += 1;
+                continue;
+            }
+            if let Ok(event) = messages::parse(text.as_str()) {
+                released += 1;
+                let _ = self.dispatch(&text, event, Some(at));
+            }
+        }
+        info!(
+            from = %from,
+            dropped = repeated,
+            released,
+            cut = after.is_some(),
+            "hand-off: this stream has the call"
+        );
+        if self.hub.is_draining() {
+            self.begin_leaving();
+        }
     }
 
     /// A stream refused for its route token: counted, logged with whose fault it is.
@@ -860,6 +1183,15 @@ impl Session {
             + Unpin
             + Send,
     {
+        let mut end = end;
+        // A call whose backends moved ended here by moving, however the old stream closed.
+        let moved_to = match self.streaming.as_ref().map(|c| &c.phase) {
+            Some(Phase::Left { to }) => Some(to.clone()),
+            _ => None,
+        };
+        if moved_to.is_some() {
+            end.outcome = Outcome::handed_off;
+        }
         self.report_frames();
         self.publish_quality();
         if let Some(call) = &mut self.streaming {
@@ -901,7 +1233,8 @@ impl Session {
         }
 
         if let Some(mut call) = self.streaming.take() {
-            if end.outcome != Outcome::completed {
+            // The backends of a call that moved have had their `stop` (with `handedOffTo`).
+            if end.outcome != Outcome::completed && moved_to.is_none() {
                 let start = &call.start;
                 push_control(&mut call.links, Kind::Stop, |link| {
                     Some(wire::synthetic_stop(link.format, start))
@@ -936,6 +1269,9 @@ impl Session {
                 outcome = ?end.outcome,
                 frames_in = self.frames_in,
                 seconds = call.started.elapsed().as_secs_f32(),
+                moved_to = moved_to
+                    .as_deref()
+                    .map(|t| tracing::field::display(crate::logging::escape(t))),
                 "call ended"
             );
         } else {

@@ -48,6 +48,16 @@ pub fn start(format: WireFormat, raw: &Utf8Bytes, sample_rate: u32) -> Message {
     }
 }
 
+/// `start` for a backend of a stream that takes a call over from the stream `from` (a live
+/// hand-off): Twilio's and pcm16's carry `handoffOf` in their stream parameters already; the
+/// compact form gains it as a field.
+pub fn handoff_start(format: WireFormat, raw: &Utf8Bytes, sample_rate: u32, from: &str) -> Message {
+    match format {
+        WireFormat::Compact => compact("start", "handoffOf", from),
+        _ => start(format, raw, sample_rate),
+    }
+}
+
 /// A media frame in compact form. `payload` is base64 the caller has already checked, so it
 /// needs no JSON escaping.
 pub fn compact_media(payload: &str) -> Message {
@@ -236,6 +246,26 @@ pub fn synthetic_stop(format: WireFormat, start: &Start) -> Message {
             outbound::stop(0, &start.account_sid, &start.call_sid, &start.stream_sid).into(),
         ),
         WireFormat::Compact => compact_stop(),
+    }
+}
+
+/// `stop` for a backend whose call moved to the stream `to` (a live hand-off): Twilio's `stop`
+/// with `stop.handedOffTo`, or the compact `{"event":"stop","handedOffTo":…}`. The same call
+/// goes on in a new connection whose `start` names this stream in `handoffOf`.
+pub fn handoff_stop(format: WireFormat, start: &Start, to: &str) -> Message {
+    match format {
+        WireFormat::Twilio | WireFormat::Pcm16 => Message::Text(
+            serde_json::json!({
+                "event": "stop", "sequenceNumber": "0", "streamSid": start.stream_sid,
+                "stop": {
+                    "accountSid": start.account_sid, "callSid": start.call_sid,
+                    "handedOffTo": to
+                }
+            })
+            .to_string()
+            .into(),
+        ),
+        WireFormat::Compact => compact("stop", "handedOffTo", to),
     }
 }
 
