@@ -24,6 +24,9 @@ pub struct TwilioQuality {
     /// RFC 3550's interarrival jitter, in milliseconds.
     jitter_ms: f64,
     longest_gap: Duration,
+    /// When Twilio's timestamp 0 would have arrived, from the least delayed frame so far:
+    /// where in the call a frame is, on this machine's clock, whatever delays its reading.
+    origin: Option<Instant>,
 }
 
 impl TwilioQuality {
@@ -57,8 +60,16 @@ impl TwilioQuality {
         if chunk.is_some() {
             self.last_chunk = chunk;
         }
+        if let Some(origin) = timestamp.and_then(|t| now.checked_sub(Duration::from_millis(t))) {
+            self.origin = Some(self.origin.map_or(origin, |o| o.min(origin)));
+        }
         self.last_timestamp = timestamp.or(self.last_timestamp);
         self.last_arrival = Some(now);
+    }
+
+    /// Where in the call the last frame is: when it would have arrived undelayed.
+    pub fn last_position(&self) -> Option<Instant> {
+        Some(self.origin? + Duration::from_millis(self.last_timestamp?))
     }
 
     pub fn view(&self) -> TwilioView {

@@ -112,8 +112,14 @@ struct Streaming {
 impl Streaming {
     /// An arrival on the wall clock, in Unix milliseconds.
     fn unix_ms(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.started).as_millis() as u64;
-        self.started_unix_ms + since
+        // A frame's undelayed arrival may be before the call started here (its `start` was
+        // routed while frames waited).
+        match at.checked_duration_since(self.started) {
+            Some(after) => self.started_unix_ms + after.as_millis() as u64,
+            None => self
+                .started_unix_ms
+                .saturating_sub(self.started.duration_since(at).as_millis() as u64),
+        }
     }
 }
 
@@ -149,7 +155,17 @@ struct Joining {
     /// Takes the first frame's arrival (unix ms) to the task that notes the switch.
     first: Option<tokio::sync::oneshot::Sender<u64>>,
     mailbox: Arc<Mailbox>,
+    /// Media messages held.
+    frames: usize,
+    /// The old stream's word, once it came: where it stopped forwarding (`None`: nowhere
+    /// known). Acted on once enough frames are held to place them.
+    decided: Option<Option<u64>>,
 }
+
+/// Frames a joining stream holds at least before it places them against the old stream's
+/// cut: the first ones may have been read late (they wait while `start` is routed), the later
+/// ones come in real time and show where in the call the stream is.
+const PLACED_AFTER: usize = 12;
 
 /// Held messages at most while joining: 2 x the hand-off timeout of both tracks is far less
 /// (the oldest beyond it are dropped, and counted).
@@ -564,6 +580,10 @@ impl Session {
                     self.hub.metrics.rejected(Rejection::held_too_long);
                 }
                 join.held.push_back((text.clone(), now));
+                join.frames += usize::from(matches!(event, Event::Media(_)));
+                if let Some(after) = join.decided.filter(|_| join.frames >= PLACED_AFTER) {
+                    self.joined(after);
+                }
                 Some(Step::Continue)
             }
             Phase::Left { .. } | Phase::Abandoned if held => Some(Step::Continue),
@@ -951,6 +971,8 @@ impl Session {
                     held: Default::default(),
                     first: Some(first),
                     mailbox,
+                    frames: 0,
+                    decided: None,
                 }))
             }
             None => Phase::Live,
@@ -1049,7 +1071,8 @@ impl Session {
         }?;
         match news {
             News::Switch { to } => {
-                let last = call.unix_ms(call.last_forwarded);
+                // Where in the call the last forwarded frame is: its undelayed arrival.
+                let last = call.unix_ms(call.twilio.last_position().unwrap_or(call.last_forwarded));
                 if let Phase::Leaving(leaving) = &mut call.phase {
                     if let Some(cut) = leaving.cut.take() {
                         let _ = cut.send(last);
@@ -1059,7 +1082,7 @@ impl Session {
                 push_control(&mut call.links, Kind::Stop, |link| {
                     Some(wire::handoff_stop(link.format, start, &to))
                 });
-                info!(to = %crate::logging::escape(&to), "hand-off: the backends have had their last frame from this stream");
+                info!(to = %crate::logging::escape(&to), last_ms = last, "hand-off: the backends have had their last frame from this stream");
                 call.info
                     .set_handoff(Some(format!("moved to {}", crate::logging::escape(&to))));
                 call.phase = Phase::Left { to };
@@ -1074,8 +1097,8 @@ impl Session {
                 call.phase = Phase::Live;
                 call.info.set_handoff(None);
             }
-            News::Cut(after) => self.joined(Some(after)),
-            News::Orphaned => self.joined(None),
+            News::Cut(after) => self.decided(Some(after)),
+            News::Orphaned => self.decided(None),
             News::Abandoned => {
                 info!("hand-off: the old stream kept the call; this stream's frames are dropped until Twilio stops it");
                 call.phase = Phase::Abandoned;
@@ -1083,6 +1106,22 @@ impl Session {
             }
         }
         None
+    }
+
+    /// The old stream's word has come: acted on now, or once enough frames are held.
+    fn decided(&mut self, after: Option<u64>) {
+        let Some(Streaming {
+            phase: Phase::Joining(join),
+            ..
+        }) = &mut self.streaming
+        else {
+            return;
+        };
+        if join.frames >= PLACED_AFTER {
+            self.joined(after);
+        } else {
+            join.decided = Some(after);
+        }
     }
 
     /// The new stream has the call: its held messages that arrived after the old stream's
@@ -1099,11 +1138,31 @@ impl Session {
             "moved in from {}",
             crate::logging::escape(&from)
         )));
+        // Where in the call each held frame is: the caller's frames are placed by Twilio's
+        // timestamps from the least delayed one (a backlog read late after `start` would
+        // otherwise look later than it is); anything else by its arrival.
+        let caller_track = call.caller_track.clone();
+        let position = |text: &Utf8Bytes| -> Option<u64> {
+            match messages::parse(text.as_str()) {
+                Ok(Event::Media(m)) if *m.track == *caller_track => m.timestamp.parse().ok(),
+                _ => None,
+            }
+        };
+        let origin = join
+            .held
+            .iter()
+            .filter_map(|(text, at)| at.checked_sub(Duration::from_millis(position(text)?)))
+            .min();
         let mut repeated = 0u64;
         let mut released = 0u64;
         for (text, at) in join.held {
-            let arrived_ms = self.streaming.as_ref().map_or(0, |c| c.unix_ms(at));
-            if after.is_some_and(|cut| arrived_ms <= cut) {
+            let placed = match (origin, position(&text)) {
+                (Some(origin), Some(ts)) => origin + Duration::from_millis(ts),
+                _ => at,
+            };
+            let placed_ms = self.streaming.as_ref().map_or(0, |c| c.unix_ms(placed));
+            // Within half a frame of the cut is the same frame.
+            if after.is_some_and(|cut| placed_ms <= cut + 10) {
                 repeated += 1;
                 continue;
             }
@@ -1116,7 +1175,8 @@ impl Session {
             from = %from,
             dropped = repeated,
             released,
-            cut = after.is_some(),
+            cut_ms = after,
+            origin_ms = origin.map(|o| self.streaming.as_ref().map_or(0, |c| c.unix_ms(o))),
             "hand-off: this stream has the call"
         );
         if self.hub.is_draining() {

@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod backend;
+pub mod fake_twilio;
 mod process;
 mod proxy;
 mod redis;
