@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fake_twilio::{self, FakeTwilio, LoadBalancer};
+use common::fake_twilio::{self, FakeTwilio, LoadBalancer, Mode};
 use common::*;
 use serde_json::Value;
 
@@ -53,6 +53,19 @@ fn env(
 async fn spawn(env: &[(String, String)]) -> ServiceProcess {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     ServiceProcess::start(&env).await
+}
+
+/// An operator route's JSON, with the API key the processes are given.
+async fn operator_json(p: &ServiceProcess, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(p.url(path))
+        .header("apiKey", "test-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// One connection's messages at the recording backend, parsed.
@@ -133,12 +146,57 @@ async fn a_draining_instance_moves_its_one_way_calls_and_the_backends_hear_one_c
     .await;
     let moved_in = began.elapsed();
     assert!(moved_in < Duration::from_secs(2), "moved in {moved_in:?}");
-    // A says so while it waits for the talking call.
+    // A says so while it waits for the talking call: counted, and each call it ended by moving
+    // names the stream that has it; B lists the calls it took over.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let recent = loop {
+        let recent = operator_json(&a, "/calls/recent").await;
+        let moved = recent["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["outcome"] == "handed_off")
+            .count();
+        if moved == 3 {
+            break recent;
+        }
+        assert!(Instant::now() < deadline, "{recent}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for c in recent["data"].as_array().unwrap() {
+        if c["outcome"] == "handed_off" {
+            assert!(
+                c["handoff"].as_str().unwrap().starts_with("moved to MZ"),
+                "{c}"
+            );
+        }
+    }
     let metrics = a.metrics().await;
     assert!(
         metrics.contains("call_proxy_handoffs_total{outcome=\"moved\"} 3"),
         "{metrics}"
     );
+    // B shows each call moving in (its frames held until it has placed them against A's
+    // cut), then moved in.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let live_on_b = operator_json(&b, "/calls").await;
+        let taken = live_on_b["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c["handoff"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with("moved in from MZ"))
+            })
+            .count();
+        if taken == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{live_on_b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A exits as soon as the talking call has ended: no one-way call holds it.
     spk.wait_for("the talking call's stop", |log| {
@@ -252,4 +310,182 @@ async fn a_draining_instance_moves_its_one_way_calls_and_the_backends_hear_one_c
         "A logged three calls ended by moving"
     );
     drop(b);
+}
+
+/// A hand-off that fails leaves the call where it is: Twilio's API answering 500, or a new
+/// stream that never reaches an instance. The call drains on A as it would have, its backend
+/// hears it whole on one connection, and the failure is counted by its reason. A stray new
+/// stream is stopped through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hand_off_leaves_the_call_to_drain_and_loses_nothing() {
+    for (mode, outcome) in [
+        (Mode::Fail, "rest_failed"),
+        (Mode::NeverConnect, "timed_out"),
+    ] {
+        let redis = RedisServer::start();
+        let fake = FakeTwilio::start().await;
+        fake.set_mode(mode);
+        let mut rec = Backend::start(Behaviour::Normal).await;
+        let spk = TalkingBackend::start().await;
+        let balancer = LoadBalancer::bind().await;
+        let env = env(&redis, &fake, balancer.addr, &rec.url(), &spk.url(), 1000);
+        let a = spawn(&env).await;
+        balancer.serve(vec![a.addr]);
+
+        const FRAMES: usize = 200;
+        let call = fake
+            .call(&a.ws_url(), &[("backendIds", "rec")], FRAMES)
+            .await;
+        rec.wait_for("the first frames", |log| payloads(&texts(log)).len() >= 20)
+            .await;
+        a.sigterm();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let metrics = loop {
+            let metrics = a.metrics().await;
+            if metrics.contains(&format!(
+                "call_proxy_handoffs_total{{outcome=\"{outcome}\"}} 1"
+            )) {
+                break metrics;
+            }
+            assert!(Instant::now() < deadline, "{mode:?}: {metrics}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!metrics.contains("outcome=\"moved\""), "{metrics}");
+        let (status, a) = a.exited(Duration::from_secs(20)).await;
+        assert!(status.success(), "{mode:?}: {status}");
+
+        rec.wait_for_stop().await;
+        assert_eq!(
+            rec.connections(),
+            1,
+            "{mode:?}: the call stayed on its connection"
+        );
+        let heard = frames(&connection(&rec, 1));
+        assert_eq!(
+            heard,
+            (0..FRAMES as u64).collect::<Vec<_>>(),
+            "{mode:?}: every frame, once"
+        );
+        let last = connection(&rec, 1).pop().unwrap();
+        assert_eq!(last["event"], "stop");
+        assert!(last["stop"].get("handedOffTo").is_none());
+        let requests = fake.requests();
+        let stops: Vec<_> = requests
+            .iter()
+            .filter(|r| r.field("Status") == Some("stopped"))
+            .collect();
+        match mode {
+            // Nothing was started, so nothing is stopped.
+            Mode::Fail => assert!(stops.is_empty(), "{requests:?}"),
+            // The stream Twilio started and no instance received is stopped, not billed on.
+            _ => {
+                assert_eq!(stops.len(), 1, "{requests:?}");
+                assert!(stops[0].path.contains(&call));
+            }
+        }
+        let log = a.lines().join("\n");
+        assert!(
+            log.contains("the call stays here"),
+            "{mode:?}: the reason is logged"
+        );
+    }
+}
+
+/// A hand-off token opens one stream, of its call, signed with the instances' secret: a
+/// replayed one, a forged one and a `handoffOf` without a token each take nothing over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_or_replayed_hand_off_token_opens_nothing() {
+    let redis = RedisServer::start();
+    let fake = FakeTwilio::start().await;
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let spk = TalkingBackend::start().await;
+    let balancer = LoadBalancer::bind().await;
+    let env = env(&redis, &fake, balancer.addr, &rec.url(), &spk.url(), 3000);
+    let a = spawn(&env).await;
+    let b = spawn(&env).await;
+    balancer.serve(vec![a.addr, b.addr]);
+    let call = fake
+        .call(
+            &a.ws_url(),
+            &[("backendIds", "rec"), ("callerId", "+15550009000")],
+            400,
+        )
+        .await;
+    rec.wait_for("the first frames", |log| payloads(&texts(log)).len() >= 10)
+        .await;
+    a.sigterm();
+    rec.wait_for("the hand-off", |log| {
+        let texts = texts(log);
+        texts.iter().any(|t| t.contains("handedOffTo"))
+            && texts.iter().any(|t| t.contains("handoffOf"))
+    })
+    .await;
+    let asked = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/Streams.json"))
+        .unwrap();
+    let params = asked.parameters();
+    let moved_to = connection(&rec, 2)[0]["start"]["streamSid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let connections = rec.connections();
+
+    // The same token again, for the same call: used up.
+    let call_name = call.strip_prefix("CA").unwrap();
+    let mut replayed = TwilioCall::connect_url(&b.ws_url(), call_name).await;
+    let pairs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    replayed.start(&pairs).await;
+    let close = replayed.closed().await.expect("a close frame");
+    assert!(close.reason.contains("already used"), "{}", close.reason);
+
+    // A token made with another secret, naming the stream that now has the call.
+    let forged = call_proxy::gate::route_token::issue(
+        "not-the-instances-secret",
+        &call_proxy::gate::route_token::Claims {
+            caller: "+15550009000".into(),
+            backend_ids: vec!["rec".into()],
+            backend_hosts: vec![],
+            expires_at: call_proxy::clock::unix_now() + 60,
+            call_sid: Some(call.clone()),
+            nonce: 1,
+            handoff_of: Some(moved_to.clone()),
+        },
+    );
+    let mut forger = TwilioCall::connect_url(&b.ws_url(), call_name).await;
+    forger
+        .start(&[("routeToken", &forged), ("handoffOf", &moved_to)])
+        .await;
+    let close = forger.closed().await.expect("a close frame");
+    assert!(close.reason.contains("signature"), "{}", close.reason);
+    assert_eq!(rec.connections(), connections, "neither opened a backend");
+
+    // `handoffOf` alone is a stream parameter like any other: the call it names stays put.
+    let mut plain = TwilioCall::connect_url(&b.ws_url(), "plain").await;
+    plain
+        .start(&[("backendIds", "rec"), ("handoffOf", &moved_to)])
+        .await;
+    plain.media(&payload(7)).await;
+    rec.wait_for("the plain stream's frame", |log| {
+        texts(log).iter().any(|t| t.contains("CAplain"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rec.drain();
+    let handed: usize = rec
+        .texts()
+        .iter()
+        .filter(|t| t.contains("handedOffTo"))
+        .count();
+    assert_eq!(handed, 1, "only A's own hand-off");
+    assert!(fake
+        .requests()
+        .iter()
+        .all(|r| r.field("Status").is_none() || !r.path.contains(&moved_to)));
+    plain.stop().await;
+    drop((a, b));
 }
