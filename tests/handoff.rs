@@ -171,6 +171,12 @@ async fn a_draining_instance_moves_its_one_way_calls_and_the_backends_hear_one_c
             );
         }
     }
+    let page = a.admin_page().await;
+    assert_eq!(
+        page.matches("<td class=\"handoff\">moved to MZ").count(),
+        3,
+        "the page's recent calls say where each went: {page}"
+    );
     let metrics = a.metrics().await;
     assert!(
         metrics.contains("call_proxy_handoffs_total{outcome=\"moved\"} 3"),

@@ -216,6 +216,8 @@ struct LiveCall {
     duration: String,
     backends: Vec<BackendSnapshot>,
     quality: crate::media::quality::CallQuality,
+    /// A live hand-off under way or done.
+    handoff: Option<String>,
 }
 
 struct RecentCall {
@@ -227,6 +229,8 @@ struct RecentCall {
     trouble: bool,
     /// What Twilio reported about the stream, when it sent status callbacks.
     twilio: String,
+    /// Where a live hand-off took the call (`moved to MZ…`, `moved in from MZ…`), or empty.
+    handoff: String,
 }
 
 /// A stream Twilio reported on, as the page lists it.
@@ -343,6 +347,7 @@ async fn live_view(state: &AppState) -> Live {
             stream_sid: c.stream_sid,
             backends: c.backends,
             quality: c.quality,
+            handoff: c.handoff,
         })
         .collect();
     let store_ok = state.store_answers().await;
@@ -377,8 +382,9 @@ fn recent_view(state: &AppState, recent: Vec<EndedCall>) -> Vec<RecentCall> {
             caller: masked(state, c.caller.as_deref()),
             started: rfc3339(c.started_at),
             duration: duration_text(c.seconds as u64),
-            trouble: c.outcome != "completed" && c.outcome != "twilio_closed",
+            trouble: !matches!(c.outcome.as_str(), "completed" | "twilio_closed" | "handed_off"),
             twilio: events_text(&c.twilio),
+            handoff: c.handoff.unwrap_or_default(),
             outcome: c.outcome,
             call_sid: c.call_sid,
         })

@@ -149,6 +149,32 @@ impl ServiceProcess {
             .unwrap()
     }
 
+    /// The operator page as an operator sees it, logged in with the test key.
+    pub async fn admin_page(&self) -> String {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let login = client
+            .post(self.url("/admin/login"))
+            .form(&[("key", "test-key")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), 303, "logged in");
+        let cookie = login.headers()["set-cookie"].to_str().unwrap();
+        let cookie = cookie.split(';').next().unwrap().to_string();
+        client
+            .get(self.url("/admin"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}/media", self.addr)
     }
