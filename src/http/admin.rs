@@ -382,7 +382,10 @@ fn recent_view(state: &AppState, recent: Vec<EndedCall>) -> Vec<RecentCall> {
             caller: masked(state, c.caller.as_deref()),
             started: rfc3339(c.started_at),
             duration: duration_text(c.seconds as u64),
-            trouble: !matches!(c.outcome.as_str(), "completed" | "twilio_closed" | "handed_off"),
+            trouble: !matches!(
+                c.outcome.as_str(),
+                "completed" | "twilio_closed" | "handed_off"
+            ),
             twilio: events_text(&c.twilio),
             handoff: c.handoff.unwrap_or_default(),
             outcome: c.outcome,

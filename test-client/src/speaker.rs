@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -94,13 +94,19 @@ pub async fn serve(
     let options = Arc::new(options);
     let report = Arc::new(report);
     let player = Arc::new(player::Player::new(options.play)?);
+    let recordings = Arc::new(Recordings::default());
     let mut n = 0u64;
     loop {
         let (stream, peer) = listener.accept().await?;
         n += 1;
-        let (options, report, player) = (options.clone(), report.clone(), player.clone());
+        let (options, report, player, recordings) = (
+            options.clone(),
+            report.clone(),
+            player.clone(),
+            recordings.clone(),
+        );
         tokio::spawn(async move {
-            match handle(stream, n, &options, &player).await {
+            match handle(stream, n, &options, &player, &recordings).await {
                 Ok(Some(summary)) => report(summary),
                 Ok(None) => {}
                 Err(e) => eprintln!("local-speaker: connection from {peer}: {e:#}"),
@@ -116,6 +122,7 @@ async fn handle(
     n: u64,
     options: &Options,
     player: &player::Player,
+    recordings: &Arc<Recordings>,
 ) -> Result<Option<CallSummary>> {
     let _ = stream.set_nodelay(true);
     let path = options.path.clone();
@@ -153,13 +160,14 @@ async fn handle(
                 };
                 match v["event"].as_str().unwrap_or("") {
                     "start" if call.is_none() => {
-                        call = Some(Call::start(&v, n, options)?);
+                        call = Some(Call::start(&v, n, options, recordings));
                         if let (Some(speak), Some(sink)) = (&options.speak, sink.take()) {
                             agent = Some(Agent::start(format_of(&v), speak.clone(), sink));
                         }
                     }
                     "media" => {
-                        let call = call.get_or_insert_with(|| Call::unannounced(n, options));
+                        let call =
+                            call.get_or_insert_with(|| Call::unannounced(n, options, recordings));
                         if let Some(codes) = call.media(&v, player)? {
                             if let Some(agent) = agent.as_mut() {
                                 agent.heard(&codes);
@@ -184,6 +192,9 @@ async fn handle(
                     "stop" => {
                         if let Some(call) = call.as_mut() {
                             call.summary.stopped = true;
+                            // The call goes on in another connection (a proxy's live hand-off).
+                            call.moving = v["stop"]["handedOffTo"].is_string()
+                                || v["handedOffTo"].is_string();
                         }
                         break;
                     }
@@ -191,7 +202,7 @@ async fn handle(
                 }
             }
             Message::Binary(pcm) => {
-                let call = call.get_or_insert_with(|| Call::unannounced(n, options));
+                let call = call.get_or_insert_with(|| Call::unannounced(n, options, recordings));
                 call.pcm16(&pcm, player)?;
                 if let Some(agent) = agent.as_mut() {
                     agent.heard_pcm(&pcm);
@@ -232,11 +243,22 @@ struct Call {
     last_chunk: Option<u64>,
     last_arrival: Option<Instant>,
     record_dir: Option<PathBuf>,
-    writer: Option<hound::WavWriter<std::io::BufWriter<std::fs::File>>>,
+    recordings: Arc<Recordings>,
+    /// The file this connection writes, shared with the other connection of a handed-off call.
+    recording: Option<Arc<Mutex<Recording>>>,
+    /// This connection takes the call over from another (`handoffOf` in its `start`).
+    joining: bool,
+    /// The call went on in another connection (`handedOffTo` in its `stop`).
+    moving: bool,
 }
 
 impl Call {
-    fn start(v: &serde_json::Value, n: u64, options: &Options) -> Result<Call> {
+    fn start(
+        v: &serde_json::Value,
+        n: u64,
+        options: &Options,
+        recordings: &Arc<Recordings>,
+    ) -> Call {
         let start = &v["start"];
         let twilio = start.is_object();
         let id = start["callSid"]
@@ -252,17 +274,44 @@ impl Call {
         let track = start["tracks"][0]
             .as_str()
             .map(|t| t.trim_end_matches("_track").to_string());
-        let mut call = Call::new(id, if twilio { "twilio" } else { "compact" }, rate, options);
+        let mut call = Call::new(
+            id,
+            if twilio { "twilio" } else { "compact" },
+            rate,
+            options,
+            recordings,
+        );
         call.track = track;
-        Ok(call)
+        call.joining = start["customParameters"]["handoffOf"].is_string();
+        if call.joining {
+            // Held from the start, so the connection it takes over from leaves the file open.
+            call.recording = recordings.join(&call.summary.id);
+            call.summary.recording = call
+                .recording
+                .as_ref()
+                .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).path.clone());
+        }
+        call
     }
 
     /// Media that came without a `start` (a backend connected mid-call by hand, say).
-    fn unannounced(n: u64, options: &Options) -> Call {
-        Call::new(format!("call-{n}"), "compact", SAMPLE_RATE, options)
+    fn unannounced(n: u64, options: &Options, recordings: &Arc<Recordings>) -> Call {
+        Call::new(
+            format!("call-{n}"),
+            "compact",
+            SAMPLE_RATE,
+            options,
+            recordings,
+        )
     }
 
-    fn new(id: String, format: &'static str, sample_rate: u32, options: &Options) -> Call {
+    fn new(
+        id: String,
+        format: &'static str,
+        sample_rate: u32,
+        options: &Options,
+        recordings: &Arc<Recordings>,
+    ) -> Call {
         Call {
             summary: CallSummary {
                 id,
@@ -274,7 +323,10 @@ impl Call {
             last_chunk: None,
             last_arrival: None,
             record_dir: options.record_dir.clone(),
-            writer: None,
+            recordings: recordings.clone(),
+            recording: None,
+            joining: false,
+            moving: false,
         }
     }
 
@@ -342,7 +394,20 @@ impl Call {
         self.summary.samples += samples.len() as u64;
         player.play(samples, self.summary.sample_rate);
         if let Some(dir) = &self.record_dir {
-            if self.writer.is_none() {
+            // A connection that takes a call over writes on in the call's file, if the
+            // connection it took over from had one open when this one started or has now.
+            if self.recording.is_none() && self.joining {
+                self.recording = self.recordings.join(&self.summary.id);
+                if let Some(recording) = &self.recording {
+                    let path = recording
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .path
+                        .clone();
+                    self.summary.recording = Some(path);
+                }
+            }
+            if self.recording.is_none() {
                 let path = free_path(dir, &self.summary.id);
                 let spec = hound::WavSpec {
                     channels: 1,
@@ -350,25 +415,120 @@ impl Call {
                     bits_per_sample: 16,
                     sample_format: hound::SampleFormat::Int,
                 };
-                self.writer = Some(
-                    hound::WavWriter::create(&path, spec)
-                        .with_context(|| format!("cannot record to {}", path.display()))?,
-                );
+                let writer = hound::WavWriter::create(&path, spec)
+                    .with_context(|| format!("cannot record to {}", path.display()))?;
+                self.recording = Some(self.recordings.open(&self.summary.id, writer, &path));
                 self.summary.recording = Some(path);
             }
-            let writer = self.writer.as_mut().expect("just created");
-            for &s in samples {
-                writer.write_sample(s)?;
+            let recording = self.recording.as_ref().expect("just opened");
+            let mut recording = recording.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(writer) = recording.writer.as_mut() {
+                for &s in samples {
+                    writer.write_sample(s)?;
+                }
             }
         }
         Ok(())
     }
 
     fn finish(mut self) -> Result<CallSummary> {
-        if let Some(writer) = self.writer.take() {
-            writer.finalize().context("finishing the recording")?;
+        if let Some(recording) = self.recording.take() {
+            self.recordings
+                .leave(&self.summary.id, recording, self.moving)?;
         }
         Ok(self.summary)
+    }
+}
+
+/// How long a recording a call left by a hand-off stays open for the connection that takes
+/// the call over.
+const HANDOFF_WAIT: Duration = Duration::from_secs(30);
+
+type Writer = hound::WavWriter<std::io::BufWriter<std::fs::File>>;
+
+/// One WAV file and the connections writing it.
+struct Recording {
+    writer: Option<Writer>,
+    path: PathBuf,
+    holders: usize,
+    /// When the last holder left by a hand-off.
+    left_at: Option<Instant>,
+}
+
+/// The recordings open now, by call id: a call a proxy hands from one instance to another
+/// comes on two connections (the new one's `start` names the old stream in `handoffOf`, the
+/// old one's `stop` names the new in `handedOffTo`), and both write one file.
+#[derive(Default)]
+struct Recordings {
+    open: Mutex<std::collections::HashMap<String, Arc<Mutex<Recording>>>>,
+}
+
+impl Recordings {
+    /// A new file for the call `id`, held by the connection that opened it.
+    fn open(&self, id: &str, writer: Writer, path: &Path) -> Arc<Mutex<Recording>> {
+        let recording = Arc::new(Mutex::new(Recording {
+            writer: Some(writer),
+            path: path.to_path_buf(),
+            holders: 1,
+            left_at: None,
+        }));
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        Self::sweep(&mut open);
+        open.insert(id.to_string(), recording.clone());
+        recording
+    }
+
+    /// The recording of the call `id` that a connection taking the call over writes on in,
+    /// when there is one.
+    fn join(&self, id: &str) -> Option<Arc<Mutex<Recording>>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let recording = open.get(id)?.clone();
+        {
+            let mut r = recording.lock().unwrap_or_else(|e| e.into_inner());
+            r.holders += 1;
+            r.left_at = None;
+        }
+        Some(recording)
+    }
+
+    /// A connection is done with its recording: the last one finishes the file, unless the
+    /// call moved to another connection, which has [`HANDOFF_WAIT`] to take it up.
+    fn leave(&self, id: &str, recording: Arc<Mutex<Recording>>, moving: bool) -> Result<()> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = recording.lock().unwrap_or_else(|e| e.into_inner());
+        r.holders = r.holders.saturating_sub(1);
+        if r.holders > 0 {
+            return Ok(());
+        }
+        if moving {
+            r.left_at = Some(Instant::now());
+            if let Some(writer) = r.writer.as_mut() {
+                // The header says what is written so far, in case no one takes the call up.
+                writer.flush().context("writing the recording")?;
+            }
+            return Ok(());
+        }
+        if let Some(writer) = r.writer.take() {
+            writer.finalize().context("finishing the recording")?;
+        }
+        if open.get(id).is_some_and(|o| Arc::ptr_eq(o, &recording)) {
+            open.remove(id);
+        }
+        Ok(())
+    }
+
+    /// Finishes the recordings a hand-off left that no connection took up in time.
+    fn sweep(open: &mut std::collections::HashMap<String, Arc<Mutex<Recording>>>) {
+        open.retain(|_, recording| {
+            let mut r = recording.lock().unwrap_or_else(|e| e.into_inner());
+            let stale = r.holders == 0 && r.left_at.is_some_and(|at| at.elapsed() > HANDOFF_WAIT);
+            if stale {
+                if let Some(writer) = r.writer.take() {
+                    let _ = writer.finalize();
+                }
+            }
+            !stale
+        });
     }
 }
 

@@ -145,3 +145,70 @@ async fn other_paths_are_not_found() {
         other => panic!("expected 404, got {other:?}"),
     }
 }
+
+/// A call a proxy hands from one instance to another comes on two connections that overlap:
+/// the new one's `start` names the old stream (`handoffOf`), the old one's `stop` the new
+/// (`handedOffTo`). `--record-dir` joins them into the call's one WAV, in the order heard.
+#[tokio::test]
+async fn a_handed_off_call_is_one_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, mut rx) = start(Some(dir.path().to_path_buf())).await;
+    let start = |stream: &str, params: &str| {
+        Message::Text(format!(
+            r#"{{"event":"start","sequenceNumber":"1","streamSid":"{stream}","start":{{"accountSid":"AC1","streamSid":"{stream}","callSid":"CAmoved","tracks":["inbound"],"customParameters":{{{params}}},"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}}}}"#
+        ).into())
+    };
+    let media = |stream: &str, chunk: u32, code: u8| {
+        Message::Text(
+            format!(
+                r#"{{"event":"media","streamSid":"{stream}","media":{{"track":"inbound","chunk":"{chunk}","timestamp":"{}","payload":"{}"}}}}"#,
+                (chunk - 1) * 20,
+                b64(&[code; 160])
+            )
+            .into(),
+        )
+    };
+    let connect = || async {
+        tokio_tungstenite::connect_async(format!("{url}/media"))
+            .await
+            .unwrap()
+            .0
+    };
+    let mut old = connect().await;
+    old.send(start("MZold", "")).await.unwrap();
+    for chunk in 1..=3 {
+        old.send(media("MZold", chunk, 0x10)).await.unwrap();
+    }
+    // The new connection opens before the old one stops, as a proxy's hand-off does.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut new = connect().await;
+    new.send(start("MZnew", r#""handoffOf":"MZold""#))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    old.send(Message::Text(
+        r#"{"event":"stop","sequenceNumber":"5","streamSid":"MZold","stop":{"accountSid":"AC1","callSid":"CAmoved","handedOffTo":"MZnew"}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let first = summary(&mut rx).await;
+    for chunk in 1..=2 {
+        new.send(media("MZnew", chunk, 0x20)).await.unwrap();
+    }
+    new.send(Message::Text(
+        r#"{"event":"stop","sequenceNumber":"4","streamSid":"MZnew","stop":{"accountSid":"AC1","callSid":"CAmoved"}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let second = summary(&mut rx).await;
+    assert_eq!(first.recording, second.recording, "one file");
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut r = hound::WavReader::open(second.recording.unwrap()).unwrap();
+    let samples: Vec<i16> = r.samples::<i16>().map(Result::unwrap).collect();
+    assert_eq!(samples.len(), 5 * 160, "both connections' audio");
+    let old_sample = call_proxy::audio::mulaw::decode(0x10);
+    let new_sample = call_proxy::audio::mulaw::decode(0x20);
+    assert!(samples[..480].iter().all(|s| *s == old_sample));
+    assert!(samples[480..].iter().all(|s| *s == new_sample));
+}

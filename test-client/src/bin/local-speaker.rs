@@ -21,7 +21,8 @@ struct Cli {
     #[arg(long, default_value = "/media")]
     path: String,
     /// Write each call to DIR/<call sid>.wav (16-bit PCM); the compact format's `start`
-    /// carries no call sid, so those calls are DIR/call-<n>.wav, numbered per connection.
+    /// carries no call sid, so those calls are DIR/call-<n>.wav, numbered per connection. A
+    /// call the proxy hands from one instance to another (`handoffOf`) is one file.
     #[arg(long)]
     record_dir: Option<PathBuf>,
     /// Do not play on the sound card (builds with the `speaker` feature play by default).
