@@ -67,9 +67,13 @@ impl TwilioQuality {
         self.last_arrival = Some(now);
     }
 
-    /// Where in the call the last frame is: when it would have arrived undelayed.
+    /// Where in the call the last frame is: when it would have arrived undelayed (without
+    /// Twilio's timestamps, when it did arrive).
     pub fn last_position(&self) -> Option<Instant> {
-        Some(self.origin? + Duration::from_millis(self.last_timestamp?))
+        match (self.origin, self.last_timestamp) {
+            (Some(origin), Some(ts)) => Some(origin + Duration::from_millis(ts)),
+            _ => self.last_arrival,
+        }
     }
 
     pub fn view(&self) -> TwilioView {

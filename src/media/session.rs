@@ -87,6 +87,8 @@ struct Streaming {
     any_compact: bool,
     any_twilio: bool,
     any_pcm: bool,
+    /// Read with every message: whether it goes to the backends now.
+    phase: Phase,
     start: Box<Start>,
     /// Compact and pcm16 backends carry one track: the call's first (the caller's voice).
     caller_track: Box<str>,
@@ -100,11 +102,8 @@ struct Streaming {
     pcm_made: Vec<(u32, Vec<Message>)>,
     /// The call as `/calls` lists it, where the quality figures are published.
     info: Arc<CallInfo>,
-    phase: Phase,
     /// What a hand-off needs, when `server.handoff` is on and the call has no speaker.
     movable: Option<Box<Movable>>,
-    /// The arrival of the last media frame the backends were given.
-    last_forwarded: Instant,
     /// The wall clock at `started`, so an arrival can be told to another instance.
     started_unix_ms: u64,
 }
@@ -623,7 +622,6 @@ impl Session {
                     return Step::Continue;
                 };
                 let now = arrived.unwrap_or_else(Instant::now);
-                call.last_forwarded = now;
                 if is_caller {
                     call.twilio.frame(&media.chunk, &media.timestamp, now);
                     if let Some(toward) = call.toward.as_deref_mut() {
@@ -1017,7 +1015,6 @@ impl Session {
             info,
             phase,
             movable,
-            last_forwarded: Instant::now(),
             started_unix_ms: crate::clock::unix_now_ms(),
         });
         Step::Continue
@@ -1072,7 +1069,7 @@ impl Session {
         match news {
             News::Switch { to } => {
                 // Where in the call the last forwarded frame is: its undelayed arrival.
-                let last = call.unix_ms(call.twilio.last_position().unwrap_or(call.last_forwarded));
+                let last = call.unix_ms(call.twilio.last_position().unwrap_or(call.started));
                 if let Phase::Leaving(leaving) = &mut call.phase {
                     if let Some(cut) = leaving.cut.take() {
                         let _ = cut.send(last);
