@@ -439,3 +439,55 @@ fn the_otlp_export_is_off_by_default_and_checked_when_on() {
     .unwrap();
     assert_eq!(s.log.otlp.headers["authorization"], "Bearer abc");
 }
+
+#[test]
+fn hand_off_needs_the_rest_apis_account_credentials_and_public_url() {
+    let s = Settings::defaults();
+    assert!(!s.server.handoff, "off until configured");
+    assert_eq!(s.twilio.api_base_url, "https://api.twilio.com");
+
+    let err = Settings::load(&with_env(&[("CALL_PROXY__SERVER__HANDOFF", "true")]))
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "twilio.account_sid",
+        "twilio.auth_token",
+        "twilio.public_url",
+        "store.kind",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+
+    // Half an API key, and an API base that is not a URL, are refused whether or not hand-off
+    // is on.
+    let err = Settings::load(&with_env(&[
+        ("CALL_PROXY__TWILIO__API_KEY_SID", "SK0123"),
+        ("CALL_PROXY__TWILIO__API_BASE_URL", "api.twilio.com"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("twilio.api_key_secret"), "{err}");
+    assert!(err.contains("twilio.api_base_url"), "{err}");
+
+    let s = Settings::load(&with_env(&[
+        ("CALL_PROXY__SERVER__HANDOFF", "true"),
+        ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+        (
+            "CALL_PROXY__TWILIO__API_KEY_SID",
+            "SK0123456789abcdef0123456789abcdef",
+        ),
+        ("CALL_PROXY__TWILIO__API_KEY_SECRET", "key-secret"),
+        (
+            "CALL_PROXY__TWILIO__PUBLIC_URL",
+            "https://proxy.example.com",
+        ),
+        ("CALL_PROXY__STORE__KIND", "redis"),
+    ]))
+    .unwrap();
+    assert!(s.server.handoff);
+    assert_eq!(s.twilio.account_sid, "AC0123456789abcdef0123456789abcdef");
+    assert!(
+        !format!("{s:?}").contains("key-secret"),
+        "the secret never shows"
+    );
+}

@@ -209,6 +209,13 @@ impl Settings {
                 "server.handoff starts each new stream on the public URL: set it (https://...)",
             ));
         }
+        // The new stream reaches another instance: the two meet only in a shared store.
+        if self.store.kind != StoreKind::Redis {
+            p.push(invalid(
+                "store.kind",
+                "server.handoff moves calls between instances, which meet in a shared store: use redis",
+            ));
+        }
     }
 
     /// The OTLP export: a URL the exporter can send to, in a build that has it.
