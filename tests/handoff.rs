@@ -495,3 +495,109 @@ async fn a_forged_or_replayed_hand_off_token_opens_nothing() {
     plain.stop().await;
     drop((a, b));
 }
+
+/// The benchmark (`bench/handoff.sh`, figures in BENCHMARKS.md): `HANDOFF_CALLS` one-way calls
+/// (200 by default) of 20 s on A, SIGTERM 5 s in, all moved to B at once. Prints how long the
+/// moves took, the frames lost or repeated, and how each join came out. Not a test of speed:
+/// it asserts nothing about time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/handoff.sh runs it in release mode"]
+async fn bench_many_calls_hand_off_at_once() {
+    let calls_wanted: usize = std::env::var("HANDOFF_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200);
+    const FRAMES: usize = 1000;
+    let redis = RedisServer::start();
+    let fake = FakeTwilio::start().await;
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let spk = TalkingBackend::start().await;
+    let balancer = LoadBalancer::bind().await;
+    let mut env = env(&redis, &fake, balancer.addr, &rec.url(), &spk.url(), 5000);
+    for (k, v) in [
+        ("CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE", "600000"),
+        ("CALL_PROXY__RATE_LIMITS__HTTP_BURST", "60000"),
+        (
+            "CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE",
+            "600000",
+        ),
+        ("CALL_PROXY__RATE_LIMITS__UPGRADES_BURST", "60000"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let a = spawn(&env).await;
+    let b = spawn(&env).await;
+    balancer.serve(vec![a.addr, b.addr]);
+
+    let mut calls = Vec::new();
+    for _ in 0..calls_wanted {
+        calls.push(
+            fake.call(&a.ws_url(), &[("backendIds", "rec")], FRAMES)
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let began = Instant::now();
+    a.sigterm();
+    rec.wait_for("every call handed off", |log| {
+        texts(log)
+            .iter()
+            .filter(|t| t.contains("handedOffTo"))
+            .count()
+            == calls_wanted
+    })
+    .await;
+    let moved_in = began.elapsed();
+    // A exits as soon as its moved calls' old streams are stopped: its log says what it did.
+    let (status, a) = a.exited(Duration::from_secs(60)).await;
+    assert!(status.success());
+    let a_moved = a
+        .lines()
+        .iter()
+        .filter(|l| l.contains("hand-off: the backends moved to the new stream"))
+        .count();
+    rec.wait_for("every call's end", |log| {
+        texts(log)
+            .iter()
+            .filter(|t| event(t) == "stop" && !t.contains("handedOffTo"))
+            .count()
+            == calls_wanted
+    })
+    .await;
+
+    let (mut exact, mut repeated, mut missed, mut worse) = (0, 0, 0, 0);
+    let (mut lost, mut twice, mut unmoved) = (0i64, 0i64, 0);
+    for call in &calls {
+        let conns = connections_of(&rec, call);
+        if conns.len() != 2 {
+            unmoved += 1;
+            continue;
+        }
+        let (before, after) = (frames(&conns[0]), frames(&conns[1]));
+        match after
+            .first()
+            .map(|f| *f as i64 - *before.last().unwrap() as i64)
+        {
+            Some(1) => exact += 1,
+            Some(0) => repeated += 1,
+            Some(2) => missed += 1,
+            _ => worse += 1,
+        }
+        let heard: std::collections::BTreeSet<u64> = before.iter().chain(&after).copied().collect();
+        lost += FRAMES as i64 - heard.len() as i64;
+        twice += (before.len() + after.len()) as i64 - heard.len() as i64;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "calls": calls_wanted,
+            "moved_all_in_ms": moved_in.as_millis() as u64,
+            "not_moved": unmoved,
+            "frames_lost": lost,
+            "frames_repeated": twice,
+            "joins": {"exact": exact, "one_repeated": repeated, "one_missing": missed, "worse": worse},
+            "a_logged_moved": a_moved,
+        })
+    );
+    drop(b);
+}
