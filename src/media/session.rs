@@ -756,33 +756,9 @@ impl Session {
             );
         }
 
-        let security = &self.hub.settings.security;
-        let token = match start.param("routeToken") {
-            Some(raw) => match route_token::check(
-                self.hub.store.as_ref(),
-                security.route_token_secret.expose(),
-                raw,
-                &start.call_sid,
-                unix_now(),
-            )
-            .await
-            {
-                Ok(claims) => Some(claims),
-                Err(e) => return self.token_refused(e),
-            },
-            None if security.require_route_token => {
-                self.hub.metrics.route_token_failures.inc();
-                warn!(
-                    fault = "twilio",
-                    "stream refused: no route token and security.require_route_token is on"
-                );
-                return Step::End(End::new(
-                    Outcome::refused_route_token,
-                    close::POLICY,
-                    "a route token from /validate-pin is required",
-                ));
-            }
-            None => None,
+        let token = match self.verify_token(&start).await {
+            Ok(token) => token,
+            Err(refused) => return refused,
         };
         if let (Some(claims), None) = (&token, &caller) {
             span.record(
@@ -838,26 +814,7 @@ impl Session {
             self.hub.metrics.rejected(Rejection::backend_entry);
         }
 
-        let backends = &self.hub.settings.backends;
-        let policy = Policy {
-            connect_timeout: Duration::from_millis(backends.connect_timeout_ms),
-            write_timeout: Duration::from_millis(backends.write_timeout_ms),
-            ping_interval: Duration::from_millis(backends.ping_interval_ms),
-            pong_timeout: Duration::from_millis(backends.pong_timeout_ms),
-            hop: self.hub.instance_id().to_string(),
-            queue_bytes: backends.queue_bytes,
-            reconnect_max_tries: backends.reconnect_max_tries,
-            reconnect_window: Duration::from_millis(backends.reconnect_window_ms),
-            max_message_bytes: self.hub.settings.media.max_message_bytes,
-            max_unsolicited: (
-                backends.max_unsolicited_messages_per_second,
-                backends.max_unsolicited_bytes_per_second,
-            ),
-            max_spoken: (
-                backends.max_speaker_messages_per_second,
-                backends.max_speaker_bytes_per_second,
-            ),
-        };
+        let policy = self.link_policy();
         // The route leaves at most one speaker; its words reach the caller through this.
         let toward = targets.iter().find(|t| t.speaks).map(|t| {
             (
@@ -892,17 +849,8 @@ impl Session {
                 )
             })
             .collect();
-        // One resampler per rate: each holds some 20 KiB of state and costs an FFT a frame,
-        // and links at the same rate would compute the same frames.
         let mut links = links;
-        let mut rates = Vec::new();
-        for link in &mut links {
-            match link.pcm.as_ref().map(|p| p.rate()) {
-                Some(rate) if rates.contains(&rate) => link.pcm = None,
-                Some(rate) => rates.push(rate),
-                None => {}
-            }
-        }
+        share_resamplers(&mut links);
         let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         let captures = &self.hub.settings.media.capture;
         let capture = capture::chosen(captures, names.iter().copied()).then(|| {
@@ -915,22 +863,8 @@ impl Session {
         });
         info!(backends = ?names, source = ?source, tracks = ?start.tracks, captured = capture.is_some(), "stream started");
 
-        // A call can move (server.handoff) unless a backend speaks: Twilio cannot restart a
-        // `<Connect><Stream>` by REST.
-        let movable = (self.hub.mover().is_some() && toward.is_none()).then(|| {
-            let names = |table: bool| -> Vec<String> {
-                targets
-                    .iter()
-                    .filter(|t| t.from_table == table)
-                    .map(|t| t.name.clone())
-                    .collect()
-            };
-            Box::new(Movable {
-                backend_ids: names(true),
-                backend_hosts: names(false),
-                caller: caller.clone(),
-            })
-        });
+        let movable = (self.hub.mover().is_some() && toward.is_none())
+            .then(|| movable(&targets, caller.clone()));
         let execution_id = start.param("executionId").map(str::to_string);
         let info = Arc::new(CallInfo {
             call_sid: start.call_sid.clone(),
@@ -945,45 +879,11 @@ impl Session {
         });
         self.hub.register(&self.admission, info.clone());
         let phase = match joining_from {
-            Some(from) => {
-                let mailbox = Arc::new(Mailbox::default());
-                let (first, arrival) = tokio::sync::oneshot::channel();
-                self.hub.tracker().spawn(
-                    handoff::join(
-                        self.hub.clone(),
-                        from.clone(),
-                        start.stream_sid.clone(),
-                        arrival,
-                        mailbox.clone(),
-                    )
-                    .instrument(Span::current()),
-                );
-                self.asks.push((Box::pin(mailbox.rung()), Watch::Handoff));
-                info.set_handoff(Some(format!(
-                    "moving in from {}",
-                    crate::logging::escape(&from)
-                )));
-                info!(from = %crate::logging::escape(&from), "hand-off: this stream takes the call over");
-                Phase::Joining(Box::new(Joining {
-                    from,
-                    held: Default::default(),
-                    first: Some(first),
-                    mailbox,
-                    frames: 0,
-                    decided: None,
-                }))
-            }
+            Some(from) => self.begin_joining(from, &start.stream_sid, &info),
             None => Phase::Live,
         };
         if movable.is_some() {
-            self.asks.push((
-                Box::pin(info.move_now.clone().notified_owned()),
-                Watch::MoveNow,
-            ));
-            // A call that starts while the instance drains moves at once.
-            if self.hub.is_draining() {
-                info.move_now.notify_one();
-            }
+            self.watch_for_moves(&info);
         }
         let caller_track = start
             .tracks
@@ -1018,6 +918,49 @@ impl Session {
             started_unix_ms: crate::clock::unix_now_ms(),
         });
         Step::Continue
+    }
+
+    /// The new stream of a hand-off: a task notes the switch at its first frame and waits for
+    /// the old stream's cut; until then its messages are held.
+    fn begin_joining(&mut self, from: String, stream_sid: &str, info: &CallInfo) -> Phase {
+        let mailbox = Arc::new(Mailbox::default());
+        let (first, arrival) = tokio::sync::oneshot::channel();
+        self.hub.tracker().spawn(
+            handoff::join(
+                self.hub.clone(),
+                from.clone(),
+                stream_sid.to_string(),
+                arrival,
+                mailbox.clone(),
+            )
+            .instrument(Span::current()),
+        );
+        self.asks.push((Box::pin(mailbox.rung()), Watch::Handoff));
+        info.set_handoff(Some(format!(
+            "moving in from {}",
+            crate::logging::escape(&from)
+        )));
+        info!(from = %crate::logging::escape(&from), "hand-off: this stream takes the call over");
+        Phase::Joining(Box::new(Joining {
+            from,
+            held: Default::default(),
+            first: Some(first),
+            mailbox,
+            frames: 0,
+            decided: None,
+        }))
+    }
+
+    /// A movable call waits for a drain to ask it to move; one that starts during a drain is
+    /// asked at once.
+    fn watch_for_moves(&mut self, info: &CallInfo) {
+        self.asks.push((
+            Box::pin(info.move_now.clone().notified_owned()),
+            Watch::MoveNow,
+        ));
+        if self.hub.is_draining() {
+            info.move_now.notify_one();
+        }
     }
 
     /// Adds the watches the last step asked for.
@@ -1181,6 +1124,61 @@ impl Session {
         }
     }
 
+    /// How this call's backend links behave: timeouts, pings, reconnects, limits.
+    fn link_policy(&self) -> Policy {
+        let backends = &self.hub.settings.backends;
+        Policy {
+            connect_timeout: Duration::from_millis(backends.connect_timeout_ms),
+            write_timeout: Duration::from_millis(backends.write_timeout_ms),
+            ping_interval: Duration::from_millis(backends.ping_interval_ms),
+            pong_timeout: Duration::from_millis(backends.pong_timeout_ms),
+            hop: self.hub.instance_id().to_string(),
+            queue_bytes: backends.queue_bytes,
+            reconnect_max_tries: backends.reconnect_max_tries,
+            reconnect_window: Duration::from_millis(backends.reconnect_window_ms),
+            max_message_bytes: self.hub.settings.media.max_message_bytes,
+            max_unsolicited: (
+                backends.max_unsolicited_messages_per_second,
+                backends.max_unsolicited_bytes_per_second,
+            ),
+            max_spoken: (
+                backends.max_speaker_messages_per_second,
+                backends.max_speaker_bytes_per_second,
+            ),
+        }
+    }
+
+    /// The stream's route token, verified (not yet used up); a stream without one where one is
+    /// required, or with one that does not verify, is refused.
+    async fn verify_token(&mut self, start: &Start) -> Result<Option<route_token::Claims>, Step> {
+        let security = &self.hub.settings.security;
+        match start.param("routeToken") {
+            Some(raw) => route_token::check(
+                self.hub.store.as_ref(),
+                security.route_token_secret.expose(),
+                raw,
+                &start.call_sid,
+                unix_now(),
+            )
+            .await
+            .map(Some)
+            .map_err(|e| self.token_refused(e)),
+            None if security.require_route_token => {
+                self.hub.metrics.route_token_failures.inc();
+                warn!(
+                    fault = "twilio",
+                    "stream refused: no route token and security.require_route_token is on"
+                );
+                Err(Step::End(End::new(
+                    Outcome::refused_route_token,
+                    close::POLICY,
+                    "a route token from /validate-pin is required",
+                )))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// A stream refused for its route token: counted, logged with whose fault it is.
     fn token_refused(&self, e: route_token::TokenError) -> Step {
         self.hub.metrics.route_token_failures.inc();
@@ -1333,6 +1331,37 @@ impl Session {
             );
         } else {
             info!(outcome = ?end.outcome, "stream ended before start");
+        }
+    }
+}
+
+/// What a call needs to move (`server.handoff`): the backends it has, whose call it is. Only
+/// a call without a speaking backend moves: Twilio cannot restart a `<Connect><Stream>` by
+/// REST.
+fn movable(targets: &[route::Target], caller: Option<String>) -> Box<Movable> {
+    let names = |table: bool| -> Vec<String> {
+        targets
+            .iter()
+            .filter(|t| t.from_table == table)
+            .map(|t| t.name.clone())
+            .collect()
+    };
+    Box::new(Movable {
+        backend_ids: names(true),
+        backend_hosts: names(false),
+        caller,
+    })
+}
+
+/// One resampler per rate: each holds some 20 KiB of state and costs an FFT a frame, and
+/// links at the same rate would compute the same frames.
+fn share_resamplers(links: &mut [Link]) {
+    let mut rates = Vec::new();
+    for link in links {
+        match link.pcm.as_ref().map(|p| p.rate()) {
+            Some(rate) if rates.contains(&rate) => link.pcm = None,
+            Some(rate) => rates.push(rate),
+            None => {}
         }
     }
 }
