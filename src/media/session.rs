@@ -565,6 +565,21 @@ impl Session {
 
     /// A message while the call is not forwarding: held while joining, dropped once moved.
     fn not_forwarding(&mut self, event: &Event<'_>, text: &Utf8Bytes) -> Option<Step> {
+        // Twilio stops a joining stream whose cut is known: what it held after the cut goes
+        // to the backends before their `stop`.
+        if let (
+            Some(Streaming {
+                phase: Phase::Joining(join),
+                ..
+            }),
+            Event::Stop(_),
+        ) = (&self.streaming, event)
+        {
+            if let Some(after) = join.decided {
+                self.joined(after);
+            }
+            return None;
+        }
         let call = self.streaming.as_mut()?;
         let held = matches!(event, Event::Media(_) | Event::Dtmf(_) | Event::Mark(_));
         let now = Instant::now();
@@ -581,7 +596,7 @@ impl Session {
                 join.held.push_back((text.clone(), now));
                 join.frames += usize::from(matches!(event, Event::Media(_)));
                 if let Some(after) = join.decided.filter(|_| join.frames >= PLACED_AFTER) {
-                    self.joined(after);
+                    self.joined_live(after);
                 }
                 Some(Step::Continue)
             }
@@ -1058,7 +1073,7 @@ impl Session {
             return;
         };
         if join.frames >= PLACED_AFTER {
-            self.joined(after);
+            self.joined_live(after);
         } else {
             join.decided = Some(after);
         }
@@ -1119,6 +1134,11 @@ impl Session {
             origin_ms = origin.map(|o| self.streaming.as_ref().map_or(0, |c| c.unix_ms(o))),
             "hand-off: this stream has the call"
         );
+    }
+
+    /// Joined during a drain of this instance too: the call moves on again.
+    fn joined_live(&mut self, after: Option<u64>) {
+        self.joined(after);
         if self.hub.is_draining() {
             self.begin_leaving();
         }
@@ -1239,6 +1259,17 @@ impl Session {
             + Send,
     {
         let mut end = end;
+        // A stream that ends while it holds frames the old one did not forward (its cut known,
+        // too few frames yet to place them by) gives them to the backends before their `stop`.
+        if let Some(Streaming {
+            phase: Phase::Joining(join),
+            ..
+        }) = &self.streaming
+        {
+            if let Some(after) = join.decided {
+                self.joined(after);
+            }
+        }
         // A call whose backends moved ended here by moving, however the old stream closed.
         let moved_to = match self.streaming.as_ref().map(|c| &c.phase) {
             Some(Phase::Left { to }) => Some(to.clone()),
