@@ -292,17 +292,32 @@ fn problem(status: StatusCode, code: u64, message: &str) -> Answer {
     )
 }
 
+/// A request recorded as it came, then let through only for the account, with its auth.
+fn received(
+    fake: &FakeTwilio,
+    uri: &axum::http::Uri,
+    account: &str,
+    headers: &HeaderMap,
+    body: &str,
+) -> Result<Request, Answer> {
+    let request = fake.record(uri.path().to_string(), headers, body);
+    if account != ACCOUNT || !FakeTwilio::authorized(&request) {
+        return Err(problem(StatusCode::UNAUTHORIZED, 20003, "Authenticate"));
+    }
+    Ok(request)
+}
+
 async fn create(
     State(fake): State<Arc<FakeTwilio>>,
     Path((account, call_sid)): Path<(String, String)>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: String,
 ) -> Answer {
-    let path = format!("/2010-04-01/Accounts/{account}/Calls/{call_sid}/Streams.json");
-    let request = fake.record(path, &headers, &body);
-    if account != ACCOUNT || !FakeTwilio::authorized(&request) {
-        return problem(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
-    }
+    let request = match received(&fake, &uri, &account, &headers, &body) {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
     let mode = *fake.mode.lock().unwrap();
     if mode == Mode::Fail {
         return problem(
@@ -342,14 +357,14 @@ async fn create(
 async fn update(
     State(fake): State<Arc<FakeTwilio>>,
     Path((account, call_sid, file)): Path<(String, String, String)>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: String,
 ) -> Answer {
-    let path = format!("/2010-04-01/Accounts/{account}/Calls/{call_sid}/Streams/{file}");
-    let request = fake.record(path, &headers, &body);
-    if account != ACCOUNT || !FakeTwilio::authorized(&request) {
-        return problem(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
-    }
+    let request = match received(&fake, &uri, &account, &headers, &body) {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
     let Some(sid) = file.strip_suffix(".json") else {
         return problem(StatusCode::NOT_FOUND, 20404, "not found");
     };
