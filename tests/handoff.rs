@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fake_twilio::{self, FakeTwilio, LoadBalancer, Mode};
@@ -48,6 +49,43 @@ fn env(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// Two instances on one Redis behind the balancer (A first), the fake Twilio they call, and
+/// the backends of their table: `rec` records, `spk` speaks.
+struct Pair {
+    redis: RedisServer,
+    fake: Arc<FakeTwilio>,
+    rec: Backend,
+    spk: TalkingBackend,
+    a: ServiceProcess,
+    b: ServiceProcess,
+    /// The balancer: the instances' public address.
+    lb: std::net::SocketAddr,
+}
+
+async fn pair(timeout_ms: u64, extra: &[(&str, &str)]) -> Pair {
+    let redis = RedisServer::start();
+    let fake = FakeTwilio::start().await;
+    let rec = Backend::start(Behaviour::Normal).await;
+    let spk = TalkingBackend::start().await;
+    // The public URL is the balancer's; it serves once the instances listen.
+    let balancer = LoadBalancer::bind().await;
+    let lb = balancer.addr;
+    let mut env = env(&redis, &fake, lb, &rec.url(), &spk.url(), timeout_ms);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let a = spawn(&env).await;
+    let b = spawn(&env).await;
+    balancer.serve(vec![a.addr, b.addr]);
+    Pair {
+        redis,
+        fake,
+        rec,
+        spk,
+        a,
+        b,
+        lb,
+    }
 }
 
 async fn spawn(env: &[(String, String)]) -> ServiceProcess {
@@ -95,17 +133,15 @@ fn frames(messages: &[Value]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_instance_moves_its_one_way_calls_and_the_backends_hear_one_call() {
-    let redis = RedisServer::start();
-    let fake = FakeTwilio::start().await;
-    let mut rec = Backend::start(Behaviour::Normal).await;
-    let mut spk = TalkingBackend::start().await;
-    // The public URL is the balancer's; it serves once the instances listen.
-    let balancer = LoadBalancer::bind().await;
-    let lb = balancer.addr;
-    let env = env(&redis, &fake, lb, &rec.url(), &spk.url(), 3000);
-    let a = spawn(&env).await;
-    let b = spawn(&env).await;
-    balancer.serve(vec![a.addr, b.addr]);
+    let Pair {
+        redis: _redis,
+        fake,
+        mut rec,
+        mut spk,
+        a,
+        b,
+        lb,
+    } = pair(3000, &[]).await;
 
     // Three one-way calls and one with a voice agent, on A, 8 s each.
     const FRAMES: usize = 400;
@@ -401,15 +437,14 @@ async fn a_failed_hand_off_leaves_the_call_to_drain_and_loses_nothing() {
 /// replayed one, a forged one and a `handoffOf` without a token each take nothing over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_or_replayed_hand_off_token_opens_nothing() {
-    let redis = RedisServer::start();
-    let fake = FakeTwilio::start().await;
-    let mut rec = Backend::start(Behaviour::Normal).await;
-    let spk = TalkingBackend::start().await;
-    let balancer = LoadBalancer::bind().await;
-    let env = env(&redis, &fake, balancer.addr, &rec.url(), &spk.url(), 3000);
-    let a = spawn(&env).await;
-    let b = spawn(&env).await;
-    balancer.serve(vec![a.addr, b.addr]);
+    let Pair {
+        redis: _redis,
+        fake,
+        mut rec,
+        a,
+        b,
+        ..
+    } = pair(3000, &[]).await;
     let call = fake
         .call(
             &a.ws_url(),
@@ -529,26 +564,26 @@ async fn bench_many_calls_hand_off_at_once() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
     const FRAMES: usize = 1000;
-    let redis = RedisServer::start();
-    let fake = FakeTwilio::start().await;
-    let mut rec = Backend::start(Behaviour::Normal).await;
-    let spk = TalkingBackend::start().await;
-    let balancer = LoadBalancer::bind().await;
-    let mut env = env(&redis, &fake, balancer.addr, &rec.url(), &spk.url(), 5000);
-    for (k, v) in [
-        ("CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE", "600000"),
-        ("CALL_PROXY__RATE_LIMITS__HTTP_BURST", "60000"),
-        (
-            "CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE",
-            "600000",
-        ),
-        ("CALL_PROXY__RATE_LIMITS__UPGRADES_BURST", "60000"),
-    ] {
-        env.push((k.to_string(), v.to_string()));
-    }
-    let a = spawn(&env).await;
-    let b = spawn(&env).await;
-    balancer.serve(vec![a.addr, b.addr]);
+    let Pair {
+        redis: _redis,
+        fake,
+        mut rec,
+        a,
+        b,
+        ..
+    } = pair(
+        5000,
+        &[
+            ("CALL_PROXY__RATE_LIMITS__HTTP_PER_IP_PER_MINUTE", "600000"),
+            ("CALL_PROXY__RATE_LIMITS__HTTP_BURST", "60000"),
+            (
+                "CALL_PROXY__RATE_LIMITS__UPGRADES_PER_IP_PER_MINUTE",
+                "600000",
+            ),
+            ("CALL_PROXY__RATE_LIMITS__UPGRADES_BURST", "60000"),
+        ],
+    )
+    .await;
 
     let mut calls = Vec::new();
     for _ in 0..calls_wanted {
@@ -625,5 +660,78 @@ async fn bench_many_calls_hand_off_at_once() {
             "a_logged_moved": a_moved,
         })
     );
+    drop(b);
+}
+
+/// The original's calls move too: `backendHosts` (allowlisted, the compact form the original's
+/// backends speak) beside `backendIds` the table does not know, as its Studio Flow sends
+/// them. The hand-off token carries the hosts; the compact backend hears `stop` with
+/// `handedOffTo`, then `start` with `handoffOf`, and the call's audio once across both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_originals_backend_hosts_call_moves_in_the_compact_form() {
+    let mut original = Backend::start(Behaviour::Normal).await;
+    let Pair {
+        redis: _redis,
+        fake,
+        a,
+        b,
+        ..
+    } = pair(3000, &[]).await;
+
+    const FRAMES: usize = 250;
+    let hosts = format!(r#"["{}"]"#, original.addr);
+    fake.call(
+        &a.ws_url(),
+        &[("backendIds", r#"["12","34"]"#), ("backendHosts", &hosts)],
+        FRAMES,
+    )
+    .await;
+    original
+        .wait_for("the first frames", |log| payloads(&texts(log)).len() >= 25)
+        .await;
+    a.sigterm();
+    original
+        .wait_for("the call's end on the new connection", |log| {
+            texts(log).iter().any(|t| t.contains("handedOffTo"))
+                && texts(log)
+                    .iter()
+                    .filter(|t| event(t) == "stop" && !t.contains("handedOffTo"))
+                    .count()
+                    == 1
+        })
+        .await;
+    let (status, _a) = a.exited(Duration::from_secs(10)).await;
+    assert!(status.success());
+
+    assert_eq!(original.connections(), 2);
+    let (old, new) = (connection(&original, 1), connection(&original, 2));
+    assert_eq!(old[0], serde_json::json!({"event": "start"}));
+    let stop = old.last().unwrap();
+    assert_eq!(stop["event"], "stop");
+    let moved_to = stop["handedOffTo"].as_str().unwrap();
+    assert!(moved_to.starts_with("MZ"));
+    assert_eq!(new[0]["event"], "start");
+    assert!(new[0]["handoffOf"].as_str().unwrap().starts_with("MZ"));
+    assert_ne!(new[0]["handoffOf"], moved_to);
+    assert_eq!(*new.last().unwrap(), serde_json::json!({"event": "stop"}));
+    let compact_frames = |messages: &[Value]| -> Vec<u64> {
+        messages
+            .iter()
+            .filter(|m| m["event"] == "media")
+            .map(|m| frame_number(m["media"].as_str().unwrap()))
+            .collect()
+    };
+    let (before, after) = (compact_frames(&old), compact_frames(&new));
+    let heard: Vec<u64> = before.iter().chain(&after).copied().collect();
+    assert_eq!(heard[0], 0);
+    assert_eq!(*heard.last().unwrap(), FRAMES as u64 - 1);
+    let step = *after.first().unwrap() as i64 - *before.last().unwrap() as i64;
+    assert!(
+        (0..=2).contains(&step),
+        "at the join {before:?} then {after:?}"
+    );
+    for pair in before.windows(2).chain(after.windows(2)) {
+        assert_eq!(pair[1], pair[0] + 1);
+    }
     drop(b);
 }
