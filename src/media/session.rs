@@ -172,7 +172,8 @@ const MAX_HELD: usize = 2000;
 
 struct Leaving {
     mailbox: Arc<Mailbox>,
-    /// Takes the arrival (unix ms) of the last frame forwarded to the hand-off's task.
+    /// Takes where in the call the last forwarded frame is (its undelayed arrival, unix ms)
+    /// to the hand-off's task.
     cut: Option<tokio::sync::oneshot::Sender<u64>>,
 }
 
