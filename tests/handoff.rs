@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use call_proxy::config::WireFormat;
 use common::fake_twilio::{self, FakeTwilio, LoadBalancer, Mode};
 use common::*;
 use serde_json::Value;
@@ -734,4 +735,75 @@ async fn the_originals_backend_hosts_call_moves_in_the_compact_form() {
         assert_eq!(pair[1], pair[0] + 1);
     }
     drop(b);
+}
+
+/// A new stream that Twilio stops while it still holds frames (the old stream's cut has come,
+/// but too few frames to place them by yet) gives its backends the frames after the cut
+/// before their `stop`: a caller who hangs up during a hand-off loses nothing at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_stream_stopped_while_it_holds_frames_gives_them_to_its_backends_first() {
+    let redis = RedisServer::start();
+    let mut rec = Backend::start(Behaviour::Normal).await;
+    let mut settings = settings(&[("rec", &rec.url(), WireFormat::Twilio)]);
+    settings.store.kind = call_proxy::config::StoreKind::Redis;
+    settings.store.redis_url = redis.url();
+    let store = call_proxy::store::from_settings(&settings.store).unwrap();
+    let token = call_proxy::gate::route_token::issue(
+        settings.security.route_token_secret.expose(),
+        &call_proxy::gate::route_token::Claims {
+            caller: String::new(),
+            backend_ids: vec!["rec".into()],
+            backend_hosts: vec![],
+            expires_at: call_proxy::clock::unix_now() + 60,
+            call_sid: Some("CAheld".into()),
+            nonce: 7,
+            handoff_of: Some("MZold".into()),
+        },
+    );
+    let proxy = Proxy::start(settings).await;
+
+    let mut call = TwilioCall::connect_url(&proxy.ws_url(), "held").await;
+    call.start(&[("routeToken", &token), ("handoffOf", "MZold")])
+        .await;
+    for i in 0..6 {
+        call.media(&payload(i)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The new stream has noted the switch at its first frame; the old instance answers that it
+    // forwarded up to the third frame.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let switch = loop {
+        if let Some(note) = store.noted("handoff:MZold").await.unwrap() {
+            break note;
+        }
+        assert!(Instant::now() < deadline, "no switch noted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let first_ms: u64 = switch.split(' ').nth(1).unwrap().parse().unwrap();
+    let cut = first_ms + 2 * 20;
+    assert!(store
+        .note_once(
+            "handoff-cut:MZold",
+            &cut.to_string(),
+            Duration::from_secs(60)
+        )
+        .await
+        .unwrap());
+    // The session has the cut (a poll or two), but six frames are too few to place by.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rec.drain();
+    assert!(payloads(&rec.texts()).is_empty(), "still held");
+    call.stop().await;
+    rec.wait_for_stop().await;
+
+    let texts = rec.texts();
+    let heard: Vec<u64> = payloads(&texts).iter().map(|p| frame_number(p)).collect();
+    assert!(
+        !heard.is_empty() && heard.iter().all(|f| *f >= 2) && *heard.last().unwrap() == 5,
+        "the frames after the cut, then stop: {heard:?}"
+    );
+    for pair in heard.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1);
+    }
+    assert_eq!(event(texts.last().unwrap()), "stop");
 }
