@@ -32,7 +32,6 @@ pub fn init(settings: &LogSettings, runtime: &tokio::runtime::Handle) -> Result<
         .or_else(|_| EnvFilter::try_new(&settings.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     if settings.otlp.endpoint.is_empty() {
-        let _ = runtime;
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(std::io::stderr().is_terminal())

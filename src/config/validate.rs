@@ -172,11 +172,7 @@ impl Settings {
     fn validate_handoff(&self, p: &mut Problems) {
         let t = &self.twilio;
         let base = &t.api_base_url;
-        if !(base.starts_with("https://") || base.starts_with("http://"))
-            || base
-                .parse::<tokio_tungstenite::tungstenite::http::Uri>()
-                .is_err()
-        {
+        if !is_http_url(base) {
             p.push(invalid(
                 "twilio.api_base_url",
                 "must be an https:// URL (Twilio's is https://api.twilio.com)",
@@ -230,12 +226,7 @@ impl Settings {
                 "log.otlp.endpoint",
                 "this build has no OTLP export (it was built without the `otlp` feature)",
             ));
-        } else if !(otlp.endpoint.starts_with("http://") || otlp.endpoint.starts_with("https://"))
-            || otlp
-                .endpoint
-                .parse::<tokio_tungstenite::tungstenite::http::Uri>()
-                .is_err()
-        {
+        } else if !is_http_url(&otlp.endpoint) {
             p.push(invalid(
                 "log.otlp.endpoint",
                 "must be an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces",
@@ -507,6 +498,14 @@ impl Settings {
             ));
         }
     }
+}
+
+/// An `http://` or `https://` URL that parses as one (the REST API's base, a collector's).
+fn is_http_url(text: &str) -> bool {
+    (text.starts_with("https://") || text.starts_with("http://"))
+        && text
+            .parse::<tokio_tungstenite::tungstenite::http::Uri>()
+            .is_ok()
 }
 
 /// HTTP headers from config (a backend's upgrade, the OTLP export): valid names, and values

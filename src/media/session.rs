@@ -1104,15 +1104,18 @@ impl Session {
                 _ => None,
             }
         };
+        let timestamps: Vec<Option<u64>> =
+            join.held.iter().map(|(text, _)| position(text)).collect();
         let origin = join
             .held
             .iter()
-            .filter_map(|(text, at)| at.checked_sub(Duration::from_millis(position(text)?)))
+            .zip(&timestamps)
+            .filter_map(|((_, at), ts)| at.checked_sub(Duration::from_millis((*ts)?)))
             .min();
         let mut repeated = 0u64;
         let mut released = 0u64;
-        for (text, at) in join.held {
-            let placed = match (origin, position(&text)) {
+        for ((text, at), ts) in join.held.into_iter().zip(timestamps) {
+            let placed = match (origin, ts) {
                 (Some(origin), Some(ts)) => origin + Duration::from_millis(ts),
                 _ => at,
             };

@@ -285,13 +285,22 @@ impl Call {
         call.joining = start["customParameters"]["handoffOf"].is_string();
         if call.joining {
             // Held from the start, so the connection it takes over from leaves the file open.
-            call.recording = recordings.join(&call.summary.id);
-            call.summary.recording = call
-                .recording
-                .as_ref()
-                .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).path.clone());
+            call.join_recording();
         }
         call
+    }
+
+    /// Writes on in the call's file that the connection this one takes over from has open.
+    fn join_recording(&mut self) {
+        self.recording = self.recordings.join(&self.summary.id);
+        if let Some(recording) = &self.recording {
+            let path = recording
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .path
+                .clone();
+            self.summary.recording = Some(path);
+        }
     }
 
     /// Media that came without a `start` (a backend connected mid-call by hand, say).
@@ -393,20 +402,12 @@ impl Call {
         self.summary.frames += 1;
         self.summary.samples += samples.len() as u64;
         player.play(samples, self.summary.sample_rate);
+        // A connection that takes a call over writes on in the call's file, if the
+        // connection it took over from had one open when this one started or has now.
+        if self.record_dir.is_some() && self.recording.is_none() && self.joining {
+            self.join_recording();
+        }
         if let Some(dir) = &self.record_dir {
-            // A connection that takes a call over writes on in the call's file, if the
-            // connection it took over from had one open when this one started or has now.
-            if self.recording.is_none() && self.joining {
-                self.recording = self.recordings.join(&self.summary.id);
-                if let Some(recording) = &self.recording {
-                    let path = recording
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .path
-                        .clone();
-                    self.summary.recording = Some(path);
-                }
-            }
             if self.recording.is_none() {
                 let path = free_path(dir, &self.summary.id);
                 let spec = hound::WavSpec {
